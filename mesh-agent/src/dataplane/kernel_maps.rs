@@ -1,0 +1,106 @@
+//! Typed handles on the pinned maps: the reconciler writes through them, `status` reads them.
+
+use std::collections::BTreeMap;
+
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    Ebpf,
+};
+use mesh_common::{
+    counters::Counter,
+    maps,
+    service::{Backend, Service, ServiceKey, SlotKey},
+};
+
+use super::DataPlaneError;
+use crate::reconcile::{KernelState, MapOp, MapWriteError, MapWriter};
+
+/// The maps the agent writes and reads.
+pub struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, Service>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DataPlaneError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataPlaneError::MissingMap(name))?;
+    T::try_from(map).map_err(|cause| DataPlaneError::Map { name, cause })
+}
+
+impl KernelMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DataPlaneError> {
+        Ok(Self {
+            services: take(ebpf, maps::SERVICES)?,
+            slots: take(ebpf, maps::SLOTS)?,
+            backends: take(ebpf, maps::BACKENDS)?,
+            counters: take(ebpf, maps::COUNTERS)?,
+        })
+    }
+
+    /// Everything the load-balancing maps hold now: what a previous agent left, on start.
+    pub fn read_state(&self) -> Result<KernelState, DataPlaneError> {
+        fn collect<K: aya::Pod + Ord, V: aya::Pod>(
+            map: &HashMap<MapData, K, V>,
+            name: &'static str,
+        ) -> Result<BTreeMap<K, V>, DataPlaneError> {
+            map.iter()
+                .collect::<Result<_, _>>()
+                .map_err(|cause| DataPlaneError::Map { name, cause })
+        }
+        Ok(KernelState {
+            services: collect(&self.services, maps::SERVICES)?,
+            slots: collect(&self.slots, maps::SLOTS)?,
+            backends: collect(&self.backends, maps::BACKENDS)?,
+        })
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DataPlaneError> {
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let per_cpu = self
+                    .counters
+                    .get(&(counter as u32), 0)
+                    .map_err(|cause| DataPlaneError::Map {
+                        name: maps::COUNTERS,
+                        cause,
+                    })?;
+                Ok((counter, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+/// Deleting what is already gone is success: the goal state holds.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapWriter for KernelMaps {
+    fn write(&mut self, op: &MapOp) -> Result<(), MapWriteError> {
+        let (name, result) = match op {
+            MapOp::PutBackend(id, backend) => {
+                (maps::BACKENDS, self.backends.insert(id, backend, 0))
+            }
+            MapOp::PutSlot(key, id) => (maps::SLOTS, self.slots.insert(key, id, 0)),
+            MapOp::PutService(key, service) => {
+                (maps::SERVICES, self.services.insert(key, service, 0))
+            }
+            MapOp::DeleteService(key) => (maps::SERVICES, ignore_missing(self.services.remove(key))),
+            MapOp::DeleteSlot(key) => (maps::SLOTS, ignore_missing(self.slots.remove(key))),
+            MapOp::DeleteBackend(id) => (maps::BACKENDS, ignore_missing(self.backends.remove(id))),
+        };
+        result.map_err(|cause| MapWriteError::new(format!("{name}: {cause}")))
+    }
+}

@@ -1,0 +1,170 @@
+//! The kernel side of the agent: loading the programs, attaching them to the cgroup, pinning
+//! maps and links so the data plane outlives the agent, and adopting that state on restart.
+//!
+//! A restart never duplicates attachments: each hook's new link is attached beside the old one,
+//! pinned, and only then is the old link's pin removed, which detaches it. There is no moment
+//! without a program on the hook, and at rest exactly one link per hook remains. Running both
+//! for an instant is harmless: after the first rewrites a VIP, the second sees a backend address
+//! and passes.
+
+mod kernel_maps;
+mod pins;
+
+use std::{
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr},
+    Ebpf, EbpfLoader,
+};
+pub use kernel_maps::KernelMaps;
+pub use pins::{PinDir, PinError};
+
+/// The programs, compiled by `build.rs` from `mesh-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+/// (program function, hook name used for its link pin).
+const HOOKS: [(&str, &str); 8] = [
+    ("mesh_connect4", "connect4"),
+    ("mesh_connect6", "connect6"),
+    ("mesh_sendmsg4", "sendmsg4"),
+    ("mesh_sendmsg6", "sendmsg6"),
+    ("mesh_recvmsg4", "recvmsg4"),
+    ("mesh_recvmsg6", "recvmsg6"),
+    ("mesh_getpeername4", "getpeername4"),
+    ("mesh_getpeername6", "getpeername6"),
+];
+
+/// Why the data plane could not be installed or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error("cannot load the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        cause: aya::programs::ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {cause}")]
+    Cgroup { path: PathBuf, cause: io::Error },
+    #[error("cannot pin or unpin link {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        cause: aya::maps::MapError,
+    },
+}
+
+/// The installed data plane: programs attached, state pinned, maps open for writing.
+pub struct DataPlane {
+    pub maps: KernelMaps,
+    pins: PinDir,
+    /// True when maps of a previous agent were found and reused.
+    pub adopted: bool,
+}
+
+impl DataPlane {
+    /// Loads the programs into the kernel, adopting pinned maps if present, attaches them to
+    /// `cgroup` and pins everything under `pins`.
+    pub fn install(cgroup: &Path, pins: PinDir) -> Result<Self, DataPlaneError> {
+        pins.validate()?;
+        let adopted = pins.has_maps();
+        pins.create()?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .load(OBJECT)
+            .map_err(|e| DataPlaneError::Load(Box::new(e)))?;
+        let cgroup_dir = File::open(cgroup).map_err(|cause| DataPlaneError::Cgroup {
+            path: cgroup.to_owned(),
+            cause,
+        })?;
+        for (name, hook) in HOOKS {
+            let link = attach(&mut ebpf, name, &cgroup_dir)?;
+            replace_pinned_link(&pins.link(hook), link)?;
+        }
+        let maps = KernelMaps::take(&mut ebpf)?;
+        Ok(Self {
+            maps,
+            pins,
+            adopted,
+        })
+    }
+
+    /// Detaches every program and removes every pin of this node.
+    pub fn uninstall(&self) -> Result<(), DataPlaneError> {
+        uninstall(&self.pins)
+    }
+}
+
+/// Detaches and unpins a node's data plane without loading anything (`mesh-agent uninstall`).
+pub fn uninstall(pins: &PinDir) -> Result<(), DataPlaneError> {
+    pins.remove_all().map_err(DataPlaneError::from)
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, DataPlaneError> {
+    let err = |cause| DataPlaneError::Program { name, cause };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(DataPlaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(err)?;
+    program.load().map_err(err)?;
+    // aya attaches through a BPF link here (kernel >= 5.7). Cgroup links always coexist with
+    // other programs on the hook and the kernel rejects any attach flag on them with EINVAL,
+    // so the mode must be `Single` (no flags), which does not make the link exclusive.
+    let id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(err)?;
+    let link = program.take_link(id).map_err(err)?;
+    FdLink::try_from(link).map_err(|e| DataPlaneError::Link {
+        path: PathBuf::from(name),
+        reason: e.to_string(),
+    })
+}
+
+/// Pins `link` at `path`, detaching whatever link was pinned there before.
+fn replace_pinned_link(path: &Path, link: FdLink) -> Result<(), DataPlaneError> {
+    let link_err = |step: &str, reason: String| DataPlaneError::Link {
+        path: path.to_owned(),
+        reason: format!("{step}: {reason}"),
+    };
+    // bpffs refuses names with a dot (EPERM), so no `.new` suffix.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push("_new");
+    let staging = PathBuf::from(staging);
+    match fs::remove_file(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(link_err("removing a stale staging pin", e.to_string())),
+    }
+    let staged = link
+        .pin(&staging)
+        .map_err(|e| link_err("pinning the new link", format!("{e:?}")))?;
+    if path.exists() {
+        let old = PinnedLink::from_pin(path)
+            .map_err(|e| link_err("opening the old link", e.to_string()))?;
+        // Dropping the unpinned link closes its last descriptor, which detaches it.
+        drop(
+            old.unpin()
+                .map_err(|e| link_err("unpinning the old link", e.to_string()))?,
+        );
+    }
+    let link = staged
+        .unpin()
+        .map_err(|e| link_err("unpinning the staged link", e.to_string()))?;
+    link.pin(path)
+        .map_err(|e| link_err("pinning the link", format!("{e:?}")))?;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! What `mesh-agent status` shows: the report the admin API serves and its table rendering.
+//!
+//! The report is built from two sources: the desired state (names, weights, as configured) and
+//! the kernel (slot counts actually installed, counters). Showing both lets an operator see a
+//! service whose kernel state lags or failed to apply.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use mesh_common::service::{SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS};
+use serde::{Deserialize, Serialize};
+
+use crate::{desired::Desired, reconcile::KernelState};
+
+/// The whole status of one agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub node: String,
+    /// Config file the agent follows.
+    pub config: String,
+    /// The cgroup the programs are attached to.
+    pub cgroup: String,
+    /// True when this agent adopted maps pinned by an earlier run.
+    pub adopted: bool,
+    /// The last rejected config change, if the newest file is not the one in force.
+    pub config_error: Option<String>,
+    pub services: Vec<ServiceStatus>,
+    /// Kernel counters by reason, summed over CPUs.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// One service, as configured and as installed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub lb: String,
+    /// `none`, `cgroup` or `netns`.
+    pub affinity: String,
+    pub backends: Vec<BackendStatus>,
+    /// Slots in the kernel's active table (0: connects are refused).
+    pub slots: u32,
+}
+
+/// One backend of a service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendStatus {
+    pub address: String,
+    pub weight: u32,
+}
+
+impl StatusReport {
+    /// Human-readable tables.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "node {}  cgroup {}  config {}{}",
+            self.node,
+            self.cgroup,
+            self.config,
+            if self.adopted { "  (adopted pinned state)" } else { "" }
+        );
+        if let Some(error) = &self.config_error {
+            let _ = writeln!(out, "config change rejected, previous config in force: {error}");
+        }
+        let mut services = Table::new();
+        services.load_preset(UTF8_BORDERS_ONLY).set_header([
+            "SERVICE", "FRONTEND", "PROTO", "LB", "AFFINITY", "SLOTS", "BACKENDS",
+        ]);
+        for service in &self.services {
+            let backends = if service.backends.is_empty() {
+                "(none: connects refused)".to_owned()
+            } else {
+                service
+                    .backends
+                    .iter()
+                    .map(|b| format!("{} w={}", b.address, b.weight))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            services.add_row([
+                service.name.clone(),
+                frontend(&service.vip, service.port),
+                service.protocol.clone(),
+                service.lb.clone(),
+                service.affinity.clone(),
+                service.slots.to_string(),
+                backends,
+            ]);
+        }
+        let _ = writeln!(out, "{services}");
+        let mut counters = Table::new();
+        counters
+            .load_preset(UTF8_BORDERS_ONLY)
+            .set_header(["COUNTER", "VALUE"]);
+        for (name, value) in &self.counters {
+            counters.add_row([name.clone(), value.to_string()]);
+        }
+        let _ = writeln!(out, "{counters}");
+        out
+    }
+}
+
+/// `10.0.0.1:80` or `[fd00::1]:80`.
+fn frontend(vip: &str, port: u16) -> String {
+    if vip.contains(':') {
+        format!("[{vip}]:{port}")
+    } else {
+        format!("{vip}:{port}")
+    }
+}
+
+/// Each desired service with the slot count the kernel actually holds for it.
+pub fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
+    desired
+        .services
+        .iter()
+        .map(|(key, service)| ServiceStatus {
+            name: service.name.clone(),
+            vip: service.vip.to_string(),
+            port: service.port,
+            protocol: service.protocol.to_string(),
+            lb: service.policy.to_string(),
+            affinity: affinity_name(service.flags).to_owned(),
+            backends: service
+                .backends
+                .iter()
+                .map(|b| BackendStatus {
+                    address: b.addr.to_string(),
+                    weight: b.weight,
+                })
+                .collect(),
+            slots: kernel.services.get(key).map_or(0, |s| s.count),
+        })
+        .collect()
+}
+
+fn affinity_name(flags: u32) -> &'static str {
+    if flags & SERVICE_FLAG_AFFINITY_NETNS != 0 {
+        "netns"
+    } else if flags & SERVICE_FLAG_AFFINITY_CGROUP != 0 {
+        "cgroup"
+    } else {
+        "none"
+    }
+}

@@ -1,0 +1,61 @@
+//! Per-reason counters of the kernel programs.
+//!
+//! The programs bump one per-CPU `u64` per decision; the agent sums the CPUs and shows them in
+//! `mesh-agent status`. The index is the reason, so adding one appends to [`Counter::ALL`].
+
+/// Why a program did what it did. The discriminant is the index in the counters map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A connect or sendmsg to a VIP was sent to a backend.
+    Rewritten = 0,
+    /// The service exists but has no backend: refused with `ECONNREFUSED`.
+    NoBackend = 1,
+    /// The address is a VIP but no service listens on that port and protocol: refused.
+    NoServicePort = 2,
+    /// The destination is no VIP: left alone.
+    Passthrough = 3,
+    /// A client with affinity went back to its remembered backend.
+    AffinityHit = 4,
+    /// A client with affinity had no usable remembered backend and got a new one.
+    AffinityMiss = 5,
+    /// `getpeername` or `recvmsg` showed the VIP instead of the backend.
+    ReverseHit = 6,
+    /// A slot or backend entry that the header promised was missing (an update raced).
+    SlotMissing = 7,
+    /// A map update failed (a full map); the socket went on without the reverse record.
+    MapUpdateFailed = 8,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 9] = [
+        Counter::Rewritten,
+        Counter::NoBackend,
+        Counter::NoServicePort,
+        Counter::Passthrough,
+        Counter::AffinityHit,
+        Counter::AffinityMiss,
+        Counter::ReverseHit,
+        Counter::SlotMissing,
+        Counter::MapUpdateFailed,
+    ];
+
+    /// Size of the counters array.
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The name shown by `mesh-agent status` and used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Rewritten => "rewritten",
+            Counter::NoBackend => "no_backend",
+            Counter::NoServicePort => "no_service_port",
+            Counter::Passthrough => "passthrough",
+            Counter::AffinityHit => "affinity_hit",
+            Counter::AffinityMiss => "affinity_miss",
+            Counter::ReverseHit => "reverse_hit",
+            Counter::SlotMissing => "slot_missing",
+            Counter::MapUpdateFailed => "map_update_failed",
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Map names and capacities.
+//!
+//! The layout version is part of every map name (`_V1`), so a pin left by an agent with another
+//! layout is never mistaken for ours: the agent refuses to adopt it with a clear message instead
+//! of reading foreign bytes. Bump [`LAYOUT_VERSION`] and the suffix together whenever a key or
+//! value changes shape.
+
+/// Version of the map layout, carried in every map name.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Frontends: (VIP, port, protocol) → service header. See [`crate::service::ServiceKey`].
+pub const SERVICES: &str = "MESH_SVC_V1";
+/// Backend slots: (service id, generation, slot) → backend id.
+pub const SLOTS: &str = "MESH_SLOT_V1";
+/// Backends: backend id → address and port.
+pub const BACKENDS: &str = "MESH_BE_V1";
+/// Reverse translation: (socket cookie, backend address, port) → VIP and port.
+pub const REVERSE: &str = "MESH_REV_V1";
+/// Session affinity: (client key, service id) → backend id.
+pub const AFFINITY: &str = "MESH_AFF_V1";
+/// Per-CPU counters, indexed by [`crate::counters::Counter`].
+pub const COUNTERS: &str = "MESH_CNT_V1";
+
+/// Every map the programs define, for pin adoption and uninstall.
+pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, REVERSE, AFFINITY, COUNTERS];
+
+/// Frontend entries: services plus one VIP marker per distinct VIP address.
+pub const SERVICES_MAX: u32 = 65_536;
+/// Backend entries, mesh-wide on this host.
+pub const BACKENDS_MAX: u32 = 262_144;
+/// Slot entries. A service holds one slot per backend (`random`), its weighted share
+/// (`weighted`) or a Maglev table (`maglev`); twice that while an update switches generations.
+pub const SLOTS_MAX: u32 = 1_048_576;
+/// Sockets that talked to a VIP and may ask for their peer name.
+pub const REVERSE_MAX: u32 = 262_144;
+/// Clients with a remembered backend.
+pub const AFFINITY_MAX: u32 = 131_072;

@@ -1,0 +1,111 @@
+//! The mesh data plane's kernel programs: socket-level load balancing for service VIPs.
+//!
+//! * `connect4`/`connect6`: TCP and connected UDP to a VIP are connected straight to a backend.
+//! * `sendmsg4`/`sendmsg6`: each unconnected UDP datagram to a VIP goes to a backend.
+//! * `recvmsg4`/`recvmsg6`: replies from that backend appear to come from the VIP.
+//! * `getpeername4`/`getpeername6`: the application sees the VIP as its peer.
+//!
+//! Entry points are thin: [`balance::decide`] returns a verdict and this file turns it into the
+//! program's return code. Every decision bumps a per-reason counter.
+#![no_std]
+#![no_main]
+
+mod balance;
+mod maps;
+mod sockaddr;
+
+use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
+use balance::Verdict;
+use mesh_common::service::{PROTO_TCP, PROTO_UDP};
+
+/// Return code that lets the call proceed.
+const ALLOW: i32 = 1;
+/// Return code that fails the call; the error is the one set with `bpf_set_retval`.
+const REJECT: i32 = 0;
+/// `ECONNREFUSED`, what a client expects from a service with nobody listening.
+const ECONNREFUSED: i32 = 111;
+
+/// Writes an address of the hook's own family into the context.
+type Writer = fn(&SockAddrContext, &sockaddr::Dest);
+
+#[inline(always)]
+fn on_send(ctx: &SockAddrContext, dest: sockaddr::Dest, write: Writer) -> i32 {
+    let proto = sockaddr::protocol(ctx);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    match balance::decide(ctx, &dest, proto) {
+        Verdict::Pass => ALLOW,
+        Verdict::Rewrite(to) if to.family == dest.family => {
+            write(ctx, &to);
+            ALLOW
+        }
+        // A backend of the other family cannot be reached from this socket (the agent's
+        // config validation prevents it); refuse rather than leak the VIP.
+        Verdict::Rewrite(_) | Verdict::Refuse => {
+            // SAFETY: bpf_set_retval is allowed in connect and sendmsg hooks.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
+    }
+}
+
+#[inline(always)]
+fn on_receive(ctx: &SockAddrContext, peer: sockaddr::Dest, write: Writer) -> i32 {
+    if let Some(vip) = balance::vip_for_peer(ctx, &peer) {
+        if vip.family == peer.family {
+            write(ctx, &vip);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    on_send(&ctx, sockaddr::read_v4(&ctx), sockaddr::write_v4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    on_send(&ctx, sockaddr::read_v6(&ctx), sockaddr::write_v6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_send(&ctx, sockaddr::read_v4(&ctx), sockaddr::write_v4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_send(&ctx, sockaddr::read_v6(&ctx), sockaddr::write_v6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    on_receive(&ctx, sockaddr::read_v4(&ctx), sockaddr::write_v4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    on_receive(&ctx, sockaddr::read_v6(&ctx), sockaddr::write_v6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    on_receive(&ctx, sockaddr::read_v4(&ctx), sockaddr::write_v4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    on_receive(&ctx, sockaddr::read_v6(&ctx), sockaddr::write_v6)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,50 @@
+//! The maps the programs share with the agent, pinned by name under the agent's pin directory.
+//!
+//! Names, sizes and layouts come from `mesh_common`; this module only declares them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use mesh_common::{
+    counters::Counter,
+    maps as limits,
+    service::{
+        AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey,
+        SlotKey,
+    },
+};
+
+/// `BPF_F_NO_PREALLOC`: allocate entries on insert. The slot and backend maps are large and
+/// written only by the agent, so they need not reserve their full capacity up front.
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "MESH_SVC_V1")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(limits::SERVICES_MAX, 0);
+
+#[map(name = "MESH_SLOT_V1")]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(limits::SLOTS_MAX, NO_PREALLOC);
+
+#[map(name = "MESH_BE_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(limits::BACKENDS_MAX, NO_PREALLOC);
+
+#[map(name = "MESH_REV_V1")]
+pub static REVERSE: LruHashMap<ReverseKey, ReverseValue> =
+    LruHashMap::pinned(limits::REVERSE_MAX, 0);
+
+#[map(name = "MESH_AFF_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(limits::AFFINITY_MAX, 0);
+
+#[map(name = "MESH_CNT_V1")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+/// Adds one to `counter` on this CPU.
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup and is only touched
+        // by this CPU while the program runs with preemption disabled.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,94 @@
+//! Reading and writing the destination of a `bpf_sock_addr` context, per address family.
+//!
+//! The context exposes the user's address as `user_ip4` / `user_ip6` (network byte order) and
+//! `user_port` (the network-order port in the low 16 bits). [`Dest`] holds them in the same
+//! encoding as the map keys, so lookups need no conversion.
+
+use aya_ebpf::programs::SockAddrContext;
+use mesh_common::service::{FAMILY_V4, FAMILY_V6};
+
+/// An address and port as the maps store them.
+#[derive(Clone, Copy)]
+pub struct Dest {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+}
+
+/// The IP protocol of the socket (`IPPROTO_TCP`, `IPPROTO_UDP`, ...).
+#[inline(always)]
+pub fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: the kernel hands every cgroup/sock_addr program a valid context.
+    #[expect(clippy::cast_possible_truncation, reason = "IP protocol numbers are 8 bits")]
+    unsafe {
+        (*ctx.sock_addr).protocol as u8
+    }
+}
+
+#[expect(clippy::cast_possible_truncation, reason = "user_port keeps the port in 16 bits")]
+#[inline(always)]
+fn port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: as in `protocol`.
+    unsafe { (*ctx.sock_addr).user_port as u16 }
+}
+
+/// The IPv4 destination (connect4, sendmsg4) or peer (getpeername4, recvmsg4).
+#[inline(always)]
+pub fn read_v4(ctx: &SockAddrContext) -> Dest {
+    // SAFETY: as in `protocol`.
+    let ip = unsafe { (*ctx.sock_addr).user_ip4 };
+    Dest {
+        addr: [ip, 0, 0, 0],
+        port: port(ctx),
+        family: FAMILY_V4,
+    }
+}
+
+/// The IPv6 destination or peer. The verifier only allows 4-byte reads of `user_ip6`.
+#[inline(always)]
+pub fn read_v6(ctx: &SockAddrContext) -> Dest {
+    // SAFETY: as in `protocol`.
+    let addr = unsafe {
+        let sa = ctx.sock_addr;
+        [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ]
+    };
+    Dest {
+        addr,
+        port: port(ctx),
+        family: FAMILY_V6,
+    }
+}
+
+/// Overwrites the IPv4 destination (or the peer shown to the user) with `dest`.
+///
+/// The v4 and v6 writers are separate because the verifier rejects any access to
+/// `user_ip6` from a v4 hook ("invalid bpf_context access off=20"), even on a branch that
+/// never runs.
+#[inline(always)]
+pub fn write_v4(ctx: &SockAddrContext, dest: &Dest) {
+    // SAFETY: as in `protocol`; these fields are writable in every v4 hook we use.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (*sa).user_ip4 = dest.addr[0];
+        (*sa).user_port = u32::from(dest.port);
+    }
+}
+
+/// Overwrites the IPv6 destination (or peer) with `dest`; 4-byte writes only.
+#[inline(always)]
+pub fn write_v6(ctx: &SockAddrContext, dest: &Dest) {
+    // SAFETY: as in `protocol`; these fields are writable in every v6 hook we use.
+    unsafe {
+        let sa = ctx.sock_addr;
+        (*sa).user_ip6[0] = dest.addr[0];
+        (*sa).user_ip6[1] = dest.addr[1];
+        (*sa).user_ip6[2] = dest.addr[2];
+        (*sa).user_ip6[3] = dest.addr[3];
+        (*sa).user_port = u32::from(dest.port);
+    }
+}

@@ -1,0 +1,308 @@
+//! Driving the `mesh-agent` binary for one node.
+//!
+//! [`Agent::start`] writes the config to `<tmpdir>/<node>.toml` and runs
+//!
+//! ```text
+//! mesh-agent run --config <tmpdir>/<node>.toml --cgroup <node cgroup>
+//!     --bpffs /sys/fs/bpf/mesh-test-<prefix> --admin-socket <tmpdir>/<node>.sock
+//!     --node <prefix>-<node>
+//! ```
+//!
+//! inside the node's network namespace but in the test runner's own cgroup (the agent's
+//! sockets must not go through the hooks it attaches). Its stdout and stderr are appended to
+//! `<tmpdir>/<node>.agent.log`, printed to stderr if the test panics. Start and restart wait
+//! (at most [`READY_TIMEOUT`]) until `mesh-agent status` answers.
+//!
+//! This module knows the agent's command line and the shape of `status --output json`; it does
+//! not know how the agent works.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::bed::Node;
+use crate::host;
+use crate::process::{self, Capture, Finished, Proc, Signal};
+
+/// How long start and restart wait for the admin socket to answer.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one CLI call (`status`, `check`) may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A `mesh-agent` serving one node; SIGKILLed on drop (and at bed teardown).
+#[derive(Debug)]
+pub struct Agent {
+    node: Node,
+    bin: PathBuf,
+    config_path: PathBuf,
+    socket: PathBuf,
+    log_path: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Writes `config_toml` and starts the agent (found by [`host::agent_bin`]) for `node`,
+    /// waiting until it is ready.
+    pub fn start(node: &Node, config_toml: &str) -> Result<Self> {
+        Self::start_with(node, host::agent_bin()?, config_toml)
+    }
+
+    /// [`Agent::start`] with an explicit binary (the harness self-test uses a stand-in).
+    pub fn start_with(node: &Node, bin: PathBuf, config_toml: &str) -> Result<Self> {
+        let dir = node.tmpdir();
+        let mut agent = Self {
+            node: node.clone(),
+            bin,
+            config_path: dir.join(format!("{}.toml", node.name())),
+            socket: dir.join(format!("{}.sock", node.name())),
+            log_path: dir.join(format!("{}.agent.log", node.name())),
+            proc: None,
+        };
+        agent.write_config(config_toml)?;
+        agent.launch()?;
+        Ok(agent)
+    }
+
+    fn run_args(&self) -> Vec<OsString> {
+        vec![
+            "run".into(),
+            "--config".into(),
+            self.config_path.clone().into(),
+            "--cgroup".into(),
+            self.node.cgroup().path().into(),
+            "--bpffs".into(),
+            self.node.bpffs_dir().into(),
+            "--admin-socket".into(),
+            self.socket.clone().into(),
+            "--node".into(),
+            self.node.full_name().into(),
+        ]
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(self.run_args());
+        // Keep the logs readable and complete; the agent may honour either.
+        cmd.env("RUST_BACKTRACE", "1");
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        append(
+            &self.log_path,
+            &format!("=== mesh-tests: starting {cmd:?} ===\n"),
+        )?;
+        let label = format!("mesh-agent on {}", self.node.name());
+        let p = self
+            .node
+            .spawn_with(&label, cmd, None, Capture::File(self.log_path.clone()))?;
+        self.proc = Some(p);
+        self.wait_ready(READY_TIMEOUT)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = &self.proc {
+                if let Some(st) = p.wait_timeout(Duration::ZERO)? {
+                    bail!(
+                        "mesh-agent on {} exited ({st}) before it was ready\n--- agent log ---\n{}",
+                        self.node.name(),
+                        self.log()
+                    );
+                }
+            }
+            let err = match self.status_json() {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "mesh-agent on {} not ready within {timeout:?}: {err:#}\n--- agent log ---\n{}",
+                    self.node.name(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `mesh-agent ARGS…` (a CLI subcommand) in the test runner's namespace and waits
+    /// for it, returning what it printed whatever its exit status.
+    pub fn cli(&self, args: &[&std::ffi::OsStr]) -> Result<Finished> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args);
+        process::spawn("mesh-agent cli", cmd, None, None, Capture::Lines)?.finish(CLI_TIMEOUT)
+    }
+
+    /// `mesh-agent status --admin-socket S --output json`, parsed.
+    pub fn status_json(&self) -> Result<Value> {
+        let out = self
+            .cli(&[
+                "status".as_ref(),
+                "--admin-socket".as_ref(),
+                self.socket.as_os_str(),
+                "--output".as_ref(),
+                "json".as_ref(),
+            ])?
+            .ok("mesh-agent status")?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("mesh-agent status printed non-JSON: {:?}", out.stdout))
+    }
+
+    /// Polls the status (every 10 ms, up to `timeout`) until `pred` holds; returns it.
+    pub fn wait_status(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status_json();
+            if let Ok(v) = &st {
+                if pred(v) {
+                    return st;
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "agent status on {} did not reach the expected state within {timeout:?}; last: {}\n--- agent log ---\n{}",
+                    self.node.name(),
+                    match st {
+                        Ok(v) => v.to_string(),
+                        Err(e) => format!("{e:#}"),
+                    },
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `counters.<name>` from the status.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let st = self.status_json()?;
+        st["counters"][name]
+            .as_u64()
+            .with_context(|| format!("status has no counters.{name}: {st}"))
+    }
+
+    /// The backend addresses of service `service` in a status document.
+    pub fn backends_in(status: &Value, service: &str) -> Vec<String> {
+        let mut v: Vec<String> = status["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == service)
+            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b["address"].as_str().map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Sends `sig`. For SIGKILL, SIGTERM and SIGINT, also waits (up to 5 s) for the agent to
+    /// exit, so a following [`Agent::restart`] starts from a dead agent.
+    pub fn kill(&mut self, sig: Signal) -> Result<()> {
+        let Some(p) = &self.proc else {
+            bail!("agent on {} is not running", self.node.name())
+        };
+        p.signal(sig)?;
+        if matches!(sig, Signal::Kill | Signal::Term | Signal::Int) {
+            let timeout = Duration::from_secs(5);
+            if p.wait_timeout(timeout)?.is_none() {
+                bail!(
+                    "agent on {} still running {timeout:?} after {sig:?}\n--- agent log ---\n{}",
+                    self.node.name(),
+                    self.log()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the agent process is alive.
+    pub fn is_running(&self) -> bool {
+        self.proc.as_ref().is_some_and(Proc::is_running)
+    }
+
+    /// The agent's pid, if started.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Starts the agent again with the same arguments (stopping it with SIGTERM first if it is
+    /// still running) and waits until it is ready.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.is_running() {
+            self.kill(Signal::Term)?;
+        }
+        self.proc = None;
+        self.launch()
+    }
+
+    /// Replaces the config file atomically (write a sibling, then rename over it), as an
+    /// editor or a config manager would; a running agent sees one complete file.
+    pub fn write_config(&self, config_toml: &str) -> Result<()> {
+        let tmp = self.config_path.with_extension("toml.tmp");
+        std::fs::write(&tmp, config_toml).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.config_path)
+            .with_context(|| format!("renaming to {}", self.config_path.display()))
+    }
+
+    /// `mesh-agent check --config PATH`, whatever its exit status.
+    pub fn check(&self, config: &Path) -> Result<Finished> {
+        self.cli(&["check".as_ref(), "--config".as_ref(), config.as_os_str()])
+    }
+
+    /// Everything the agent has logged so far (all runs, separated by marker lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
+    }
+
+    /// The config file the agent watches.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The admin socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The node this agent serves.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- mesh-agent log for node {} ({}) ---\n{}\n--- end of agent log ---",
+                self.node.name(),
+                self.log_path.display(),
+                self.log()
+            );
+        }
+        // Proc's drop SIGKILLs and reaps it.
+    }
+}

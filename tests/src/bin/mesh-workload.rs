@@ -1,0 +1,443 @@
+//! `mesh-workload`: the clients and servers the end-to-end tests run inside nodes.
+//!
+//! Servers announce their name so a client can tell which backend it reached:
+//!
+//! | command | does |
+//! | --- | --- |
+//! | `tcp-server --listen ADDR:PORT --name NAME` | per connection (one thread each): writes `NAME\n`, then echoes every line until EOF; prints `ready` once listening |
+//! | `udp-server --listen ADDR:PORT --name NAME` | answers each datagram with `NAME:<payload>`; prints `ready` once bound |
+//! | `tcp-client --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N sequential connections, reads each one's name line; prints a JSON [`TcpClientReport`] |
+//! | `tcp-hold --connect ADDR:PORT [--interval-ms I] [--duration-ms D] [--want NAME --max-attempts M]` | one long-lived connection (reconnecting until it reaches NAME if asked), prints `connected NAME`, then sends a line every I ms and checks the echo; prints a JSON [`HoldReport`] |
+//! | `udp-client --target ADDR:PORT --count N [--connected] [--timeout-ms T]` | one datagram at a time, waiting for each reply; prints a JSON [`UdpClientReport`] |
+//!
+//! Every loop and wait is bounded: clients by count and timeouts, servers exit by themselves
+//! after `--max-lifetime-ms` (default 10 minutes) in case nobody kills them. Errors are counted
+//! by errno name; any timeout counts as `ETIMEDOUT`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mesh_tests::workload::{HoldReport, TcpClientReport, UdpClientReport};
+
+const USAGE: &str = "usage: mesh-workload (tcp-server|udp-server|tcp-client|tcp-hold|udp-client) [--option value]... (see the module docs)";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mesh-workload: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let mut argv = std::env::args().skip(1);
+    let cmd = argv.next().context(USAGE)?;
+    let args = Args::parse(argv)?;
+    match cmd.as_str() {
+        "tcp-server" => tcp_server(&args),
+        "udp-server" => udp_server(&args),
+        "tcp-client" => tcp_client(&args),
+        "tcp-hold" => tcp_hold(&args),
+        "udp-client" => udp_client(&args),
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+/// `--key value` options and `--flag` switches, parsed by hand (no clap needed for five
+/// commands).
+struct Args {
+    values: HashMap<String, String>,
+    flags: Vec<String>,
+}
+
+/// Options that take no value.
+const FLAGS: &[&str] = &["connected"];
+
+impl Args {
+    fn parse(mut argv: impl Iterator<Item = String>) -> Result<Self> {
+        let mut values = HashMap::new();
+        let mut flags = Vec::new();
+        while let Some(a) = argv.next() {
+            let key = a
+                .strip_prefix("--")
+                .with_context(|| format!("unexpected argument {a:?}\n{USAGE}"))?;
+            if FLAGS.contains(&key) {
+                flags.push(key.to_string());
+            } else {
+                let v = argv
+                    .next()
+                    .with_context(|| format!("--{key} needs a value"))?;
+                values.insert(key.to_string(), v);
+            }
+        }
+        Ok(Self { values, flags })
+    }
+
+    fn str(&self, key: &str) -> Result<&str> {
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .with_context(|| format!("missing --{key}\n{USAGE}"))
+    }
+
+    fn opt_str(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    fn addr(&self, key: &str) -> Result<SocketAddr> {
+        let s = self.str(key)?;
+        s.parse()
+            .with_context(|| format!("--{key} {s:?} is not ADDR:PORT ([v6]:PORT for IPv6)"))
+    }
+
+    fn num(&self, key: &str, default: u64) -> Result<u64> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(s) => s
+                .parse()
+                .with_context(|| format!("--{key} {s:?} is not a number")),
+        }
+    }
+
+    fn ms(&self, key: &str, default: u64) -> Result<Duration> {
+        self.num(key, default).map(Duration::from_millis)
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        self.flags.iter().any(|f| f == key)
+    }
+}
+
+/// The errno name of an I/O error, for counting errors by kind.
+fn errno_name(e: &io::Error) -> String {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    ) {
+        return "ETIMEDOUT".into();
+    }
+    let Some(n) = e.raw_os_error() else {
+        return format!("{:?}", e.kind());
+    };
+    let name = match n {
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::EADDRINUSE => "EADDRINUSE",
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::EINVAL => "EINVAL",
+        libc::EPIPE => "EPIPE",
+        libc::ENOENT => "ENOENT",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
+        libc::EINPROGRESS => "EINPROGRESS",
+        libc::EAGAIN => "ETIMEDOUT",
+        other => return format!("E{other}"),
+    };
+    name.into()
+}
+
+/// Exits the process after `--max-lifetime-ms`, so a forgotten server cannot outlive its test
+/// by much.
+fn exit_after_lifetime(args: &Args) -> Result<()> {
+    let lifetime = args.ms("max-lifetime-ms", 600_000)?;
+    std::thread::spawn(move || {
+        std::thread::sleep(lifetime);
+        eprintln!("mesh-workload: max lifetime {lifetime:?} reached, exiting");
+        std::process::exit(0);
+    });
+    Ok(())
+}
+
+fn ready() -> Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(v)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+fn tcp_server(args: &Args) -> Result<ExitCode> {
+    let listen = args.addr("listen")?;
+    let name = args.str("name")?.to_string();
+    anyhow::ensure!(
+        !name.contains('\n') && !name.contains(':'),
+        "--name must not contain newline or ':'"
+    );
+    // An idle connection is dropped after this, so threads cannot pile up forever.
+    let idle = args.ms("idle-timeout-ms", 120_000)?;
+    exit_after_lifetime(args)?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    ready()?;
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let _ = serve_tcp(stream, &name, idle);
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve_tcp(mut stream: TcpStream, name: &str, idle: Duration) -> io::Result<()> {
+    stream.set_read_timeout(Some(idle))?;
+    stream.set_nodelay(true)?;
+    stream.write_all(format!("{name}\n").as_bytes())?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        stream.write_all(&line)?;
+    }
+}
+
+fn udp_server(args: &Args) -> Result<ExitCode> {
+    let listen = args.addr("listen")?;
+    let name = args.str("name")?.to_string();
+    exit_after_lifetime(args)?;
+    let sock = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    ready()?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("udp-server: recv_from: {e}");
+                continue;
+            }
+        };
+        let mut reply = format!("{name}:").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        if let Err(e) = sock.send_to(&reply, from) {
+            eprintln!("udp-server: send_to {from}: {e}");
+        }
+    }
+}
+
+/// Connects with a timeout and reads the server's name line (bounded by the same timeout).
+fn connect_and_name(target: SocketAddr, timeout: Duration) -> io::Result<(TcpStream, String)> {
+    let stream = TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    let mut line = String::new();
+    // One byte at a time so nothing after the name line is swallowed by a buffer.
+    let mut byte = [0u8; 1];
+    loop {
+        match io::Read::read(&mut &stream, &mut byte)? {
+            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF")),
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(char::from(byte[0])),
+        }
+        if line.len() > 256 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "name too long"));
+        }
+    }
+    Ok((stream, line))
+}
+
+fn error_kind(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => "EOF".into(),
+        io::ErrorKind::InvalidData => "BAD_NAME".into(),
+        _ => errno_name(e),
+    }
+}
+
+fn tcp_client(args: &Args) -> Result<ExitCode> {
+    let target = args.addr("connect")?;
+    let count = args.num("count", 1)?;
+    let timeout = args.ms("timeout-ms", 1000)?;
+    let hold = args.ms("hold-ms", 0)?;
+    let mut report = TcpClientReport::default();
+    for _ in 0..count {
+        match connect_and_name(target, timeout) {
+            Ok((stream, name)) => {
+                let peer = match stream.peer_addr() {
+                    Ok(p) => p.to_string(),
+                    Err(e) => format!("getpeername: {}", errno_name(&e)),
+                };
+                if !report.peer.contains(&peer) {
+                    report.peer.push(peer);
+                }
+                *report.backends.entry(name).or_default() += 1;
+                if !hold.is_zero() {
+                    std::thread::sleep(hold);
+                }
+            }
+            Err(e) => *report.errors.entry(error_kind(&e)).or_default() += 1,
+        }
+    }
+    print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tcp_hold(args: &Args) -> Result<ExitCode> {
+    let target = args.addr("connect")?;
+    let interval = args.ms("interval-ms", 50)?;
+    let duration = args.ms("duration-ms", 2000)?;
+    let want = args.opt_str("want");
+    let max_attempts = args.num("max-attempts", 1)?.max(1);
+    let timeout = Duration::from_secs(1);
+    let mut report = HoldReport::default();
+
+    let mut conn = None;
+    let mut last_err = String::new();
+    while report.attempts < max_attempts {
+        report.attempts += 1;
+        match connect_and_name(target, timeout) {
+            Ok((s, name)) if want.is_none_or(|w| w == name) => {
+                conn = Some((s, name));
+                break;
+            }
+            Ok((_, name)) => last_err = format!("reached {name}"),
+            Err(e) => last_err = error_kind(&e),
+        }
+    }
+    let Some((mut stream, name)) = conn else {
+        report.errors.push(format!(
+            "no connection{} after {} attempts (last: {last_err})",
+            want.map(|w| format!(" to {w}")).unwrap_or_default(),
+            report.attempts
+        ));
+        print_json(&report)?;
+        return Ok(ExitCode::from(1));
+    };
+    report.backend = name.clone();
+    {
+        let mut out = io::stdout().lock();
+        writeln!(out, "connected {name}")?;
+        out.flush()?;
+    }
+
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let start = Instant::now();
+    let mut line = String::new();
+    while start.elapsed() < duration {
+        let msg = format!("ping {}\n", report.sent);
+        if let Err(e) = stream.write_all(msg.as_bytes()) {
+            report
+                .errors
+                .push(format!("write #{}: {}", report.sent, errno_name(&e)));
+            break;
+        }
+        report.sent += 1;
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                report
+                    .errors
+                    .push(format!("EOF after #{}", report.sent - 1));
+                break;
+            }
+            Ok(_) if line == msg => report.echoed += 1,
+            Ok(_) => report.errors.push(format!(
+                "echo #{}: got {:?}, want {:?}",
+                report.sent - 1,
+                line,
+                msg
+            )),
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("read #{}: {}", report.sent - 1, errno_name(&e)));
+                break;
+            }
+        }
+        std::thread::sleep(interval);
+    }
+    print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn udp_client(args: &Args) -> Result<ExitCode> {
+    let target = args.addr("target")?;
+    let count = args.num("count", 1)?;
+    let timeout = args.ms("timeout-ms", 1000)?;
+    let connected = args.flag("connected");
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = UdpSocket::bind(bind).context("binding the client socket")?;
+    sock.set_read_timeout(Some(timeout))?;
+    let mut report = UdpClientReport::default();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    if connected {
+        if let Err(e) = sock.connect(target) {
+            *errors.entry(errno_name(&e)).or_default() += 1;
+            report.errors = errors;
+            print_json(&report)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        match sock.peer_addr() {
+            Ok(p) => report.peer.push(p.to_string()),
+            Err(e) => report.peer.push(format!("getpeername: {}", errno_name(&e))),
+        }
+    }
+    let mut buf = vec![0u8; 65536];
+    for i in 0..count {
+        let payload = format!("req-{i}");
+        let sent = if connected {
+            sock.send(payload.as_bytes())
+        } else {
+            sock.send_to(payload.as_bytes(), target)
+        };
+        if let Err(e) = sent {
+            *errors.entry(errno_name(&e)).or_default() += 1;
+            continue;
+        }
+        // Skip late replies to earlier requests; stop at the first timeout.
+        let deadline = Instant::now() + timeout;
+        loop {
+            match sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    let from = from.to_string();
+                    if !report.sources.contains(&from) {
+                        report.sources.push(from);
+                    }
+                    match text.split_once(':') {
+                        Some((name, p)) if p == payload => {
+                            *report.backends.entry(name.to_string()).or_default() += 1;
+                            break;
+                        }
+                        _ if Instant::now() < deadline => continue,
+                        _ => {
+                            *errors.entry("BAD_REPLY".into()).or_default() += 1;
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    *errors.entry(errno_name(&e)).or_default() += 1;
+                    break;
+                }
+            }
+        }
+    }
+    report.errors = errors;
+    print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}

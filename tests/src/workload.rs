@@ -1,0 +1,261 @@
+//! Typed drivers for the `mesh-workload` binary, and the reports it prints.
+//!
+//! The report structs are shared with the binary (`src/bin/mesh-workload.rs`), so the JSON it
+//! prints and the JSON the tests parse cannot drift apart. The drivers spawn the workload
+//! inside a node (namespace + workload cgroup) with every wait bounded.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::bed::Node;
+use crate::host;
+use crate::process::Proc;
+
+/// How long a server may take to print `ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `tcp-client` saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpClientReport {
+    /// Backend name (first line the server sent) → connections that reached it.
+    pub backends: BTreeMap<String, u64>,
+    /// Errno name (`ECONNREFUSED`, `ETIMEDOUT` for any timeout, `EOF` for a connection closed
+    /// before the name line) → count.
+    pub errors: BTreeMap<String, u64>,
+    /// Distinct `getpeername()` results of the successful connections, first one first.
+    pub peer: Vec<String>,
+}
+
+impl TcpClientReport {
+    /// Connections that reached a backend.
+    pub fn ok(&self) -> u64 {
+        self.backends.values().sum()
+    }
+
+    /// Connections that failed.
+    pub fn failed(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// Fraction of successful connections that reached `backend`.
+    pub fn share(&self, backend: &str) -> f64 {
+        let ok = self.ok();
+        if ok == 0 {
+            return 0.0;
+        }
+        self.backends.get(backend).copied().unwrap_or(0) as f64 / ok as f64
+    }
+}
+
+/// What `tcp-hold` saw over its one long-lived connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReport {
+    /// The backend the connection reached (empty if it never connected as asked).
+    pub backend: String,
+    /// Connections made to land on the wanted backend.
+    pub attempts: u64,
+    /// Lines sent.
+    pub sent: u64,
+    /// Lines echoed back correctly.
+    pub echoed: u64,
+    /// Anything that went wrong, in order.
+    pub errors: Vec<String>,
+}
+
+/// What `udp-client` saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpClientReport {
+    /// Backend name (before the `:` of a reply) → replies.
+    pub backends: BTreeMap<String, u64>,
+    /// Errno name (`ETIMEDOUT` for a reply that did not come) → count.
+    pub errors: BTreeMap<String, u64>,
+    /// Distinct source addresses `recv_from` reported for replies.
+    pub sources: Vec<String>,
+    /// `getpeername()` of the socket when `--connected`.
+    pub peer: Vec<String>,
+}
+
+impl UdpClientReport {
+    /// Replies received.
+    pub fn ok(&self) -> u64 {
+        self.backends.values().sum()
+    }
+}
+
+/// A running `tcp-hold`: connected to [`Hold::backend`], exchanging lines until its duration
+/// ends.
+#[derive(Debug)]
+pub struct Hold {
+    proc: Proc,
+    /// The backend the connection reached.
+    pub backend: String,
+    timeout: Duration,
+}
+
+impl Hold {
+    /// Whether the hold is still exchanging lines.
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// Waits for the hold to end by itself and returns its report.
+    pub fn finish(self) -> Result<HoldReport> {
+        let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
+        parse_last_json(&out.stdout)
+    }
+}
+
+/// A `mesh-workload` command with `args`.
+pub fn command(args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new(host::workload_bin()?);
+    cmd.args(args);
+    Ok(cmd)
+}
+
+fn parse_last_json<T: serde::de::DeserializeOwned>(stdout: &str) -> Result<T> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no JSON report in output {stdout:?}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing report {line:?}"))
+}
+
+fn ms(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+impl Node {
+    /// Starts a TCP server named `name` on `listen` in workload cgroup `workload`; returns
+    /// once it listens.
+    pub fn tcp_server(&self, workload: &str, listen: SocketAddr, name: &str) -> Result<Proc> {
+        let addr = listen.to_string();
+        let p = self.spawn(
+            workload,
+            command(&["tcp-server", "--listen", &addr, "--name", name])?,
+        )?;
+        p.wait_line(READY_TIMEOUT, |l| l == "ready")?;
+        Ok(p)
+    }
+
+    /// Starts a UDP server named `name` on `listen`; returns once it is bound.
+    pub fn udp_server(&self, workload: &str, listen: SocketAddr, name: &str) -> Result<Proc> {
+        let addr = listen.to_string();
+        let p = self.spawn(
+            workload,
+            command(&["udp-server", "--listen", &addr, "--name", name])?,
+        )?;
+        p.wait_line(READY_TIMEOUT, |l| l == "ready")?;
+        Ok(p)
+    }
+
+    /// Makes `count` sequential TCP connections to `target` from workload cgroup `workload`,
+    /// each bounded by `timeout`, and reports which backends answered.
+    pub fn tcp_client(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        count: u32,
+        timeout: Duration,
+    ) -> Result<TcpClientReport> {
+        self.tcp_client_hold(workload, target, count, timeout, Duration::ZERO)
+    }
+
+    /// [`Node::tcp_client`], keeping each connection open for `hold` before closing it.
+    pub fn tcp_client_hold(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        count: u32,
+        timeout: Duration,
+        hold: Duration,
+    ) -> Result<TcpClientReport> {
+        let (addr, n) = (target.to_string(), count.to_string());
+        let cmd = command(&[
+            "tcp-client",
+            "--connect",
+            &addr,
+            "--count",
+            &n,
+            "--timeout-ms",
+            &ms(timeout),
+            "--hold-ms",
+            &ms(hold),
+        ])?;
+        // Each connection: connect + read, each bounded by timeout, then the hold.
+        let bound = (timeout * 2 + hold) * count + Duration::from_secs(5);
+        let out = self.run(workload, cmd, bound)?.ok("tcp-client")?;
+        parse_last_json(&out.stdout)
+    }
+
+    /// Starts a `tcp-hold` to `target`: one connection sending a line every `interval` for
+    /// `duration`, checking each echo. With `want`, reconnects (up to 200 times) until the
+    /// connection lands on that backend. Returns once connected.
+    pub fn tcp_hold(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        interval: Duration,
+        duration: Duration,
+        want: Option<&str>,
+    ) -> Result<Hold> {
+        let addr = target.to_string();
+        let (interval_ms, duration_ms) = (ms(interval), ms(duration));
+        let mut args = vec![
+            "tcp-hold",
+            "--connect",
+            &addr,
+            "--interval-ms",
+            &interval_ms,
+            "--duration-ms",
+            &duration_ms,
+        ];
+        if let Some(w) = want {
+            args.extend(["--want", w, "--max-attempts", "200"]);
+        }
+        let p = self.spawn(workload, command(&args)?)?;
+        let line = p.wait_line(Duration::from_secs(10), |l| l.starts_with("connected "))?;
+        let backend = line["connected ".len()..].to_string();
+        Ok(Hold {
+            proc: p,
+            backend,
+            timeout: duration + Duration::from_secs(10),
+        })
+    }
+
+    /// Sends `count` datagrams to `target` (one at a time, each waiting up to `timeout` for
+    /// its reply) from an unconnected socket, or a connected one if `connected`.
+    pub fn udp_client(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        count: u32,
+        connected: bool,
+        timeout: Duration,
+    ) -> Result<UdpClientReport> {
+        let (addr, n) = (target.to_string(), count.to_string());
+        let t = ms(timeout);
+        let mut args = vec![
+            "udp-client",
+            "--target",
+            &addr,
+            "--count",
+            &n,
+            "--timeout-ms",
+            &t,
+        ];
+        if connected {
+            args.push("--connected");
+        }
+        let bound = timeout * count + Duration::from_secs(5);
+        let out = self
+            .run(workload, command(&args)?, bound)?
+            .ok("udp-client")?;
+        parse_last_json(&out.stdout)
+    }
+}

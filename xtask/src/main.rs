@@ -1,0 +1,101 @@
+//! `cargo xtask` — the project's task runner.
+//!
+//! Every task that builds or runs anything first runs [`setup`], which is idempotent and cheap
+//! when the machine is already prepared, so there is no marker file and no separate "first run".
+//!
+//! | subcommand | what it does |
+//! | --- | --- |
+//! | `setup` | install Debian packages, nightly + rust-src, bpf-linker; mount bpffs; check cgroup2 |
+//! | `build [--debug]` | setup, then build every binary of the workspace (eBPF object included) |
+//! | `run [-- ARGS]` | setup, build, then exec `mesh-agent run --config config/mesh.toml ARGS` |
+//! | `test [-- ARGS]` | setup, build, then `cargo test --release` over the workspace (e2e included) |
+//! | `lint` | rustfmt check, clippy for the host crates and for the eBPF crate |
+//! | `bench SUITE` | setup, build, then run a benchmark suite |
+
+mod artifacts;
+mod bench;
+mod lint;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Set up, build, run, test, lint and benchmark mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Prepare this machine (idempotent; needs root).
+    Setup,
+    /// Set up, then build all binaries of the workspace (release unless --debug).
+    Build {
+        /// Build with the dev profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Set up, build, then run the agent with config/mesh.toml.
+    Run {
+        /// Extra arguments for `mesh-agent run` (after `--`).
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up, build, then run all tests, including the privileged end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter (after `--`).
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Check formatting and run clippy on the host crates and the eBPF crate.
+    Lint,
+    /// Set up, build, then run a benchmark suite.
+    Bench {
+        /// The benchmark suite to run.
+        suite: bench::Suite,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line, without a backtrace.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    let root = util::workspace_root();
+    match command {
+        Command::Setup => setup::run(),
+        Command::Build { debug } => {
+            setup::run()?;
+            let profile = if debug {
+                artifacts::Profile::Debug
+            } else {
+                artifacts::Profile::Release
+            };
+            artifacts::build(&root, profile).map(drop)
+        }
+        Command::Run { args } => run::run(&root, &args),
+        Command::Test { args } => test::run(&root, &args),
+        Command::Lint => lint::run(&root),
+        Command::Bench { suite } => bench::run(&root, suite),
+    }
+}
