@@ -7,7 +7,9 @@ use std::{convert::Infallible, io, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -81,7 +83,10 @@ fn route(request: &Request<Incoming>, cause: &dyn StatusSource) -> Response<Full
         ("GET", "/v1/status") => match cause.status() {
             Ok(report) => match serde_json::to_vec(&report) {
                 Ok(body) => respond(StatusCode::OK, body),
-                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, e.to_string().into_bytes()),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string().into_bytes(),
+                ),
             },
             Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, e.into_bytes()),
         },
@@ -103,7 +108,8 @@ pub async fn fetch_status(socket: &Path) -> Result<StatusReport, AdminError> {
             path: socket.display().to_string(),
             cause,
         })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let request = Request::get("/v1/status")
         .header("host", "mesh-agent")

@@ -74,6 +74,9 @@ mod tests {
     fn unescapes_spaces_and_reports_absence() {
         let table = "41 31 0:38 / /mnt/my\\040cg rw shared:1 - cgroup2 none rw";
         assert_eq!(cgroup2_mount(table), Some(PathBuf::from("/mnt/my cg")));
-        assert_eq!(cgroup2_mount("25 30 0:22 / /sys tmpfs - sysfs sysfs rw"), None);
+        assert_eq!(
+            cgroup2_mount("25 30 0:22 / /sys tmpfs - sysfs sysfs rw"),
+            None
+        );
     }
 }

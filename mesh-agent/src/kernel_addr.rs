@@ -9,9 +9,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use mesh_common::service::{
-    Backend, ServiceKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP,
-};
+use mesh_common::service::{Backend, ServiceKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 /// A map entry carried an address family that is neither [`FAMILY_V4`] nor [`FAMILY_V6`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -66,12 +64,6 @@ pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {
     }
 }
 
-/// The VIP marker key of `vip` (see [`ServiceKey::vip_marker`]).
-pub fn vip_marker_key(vip: IpAddr) -> ServiceKey {
-    let (addr, family) = encode_ip(vip);
-    ServiceKey::vip_marker(addr, family)
-}
-
 /// True when `key` is a VIP marker rather than a service (port and protocol are both 0).
 pub const fn is_vip_marker_key(key: &ServiceKey) -> bool {
     key.port == 0 && key.proto == 0
@@ -112,19 +104,13 @@ pub struct DisplayKey<'a>(pub &'a ServiceKey);
 impl fmt::Display for DisplayKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let key = self.0;
-        let ip = match decode_ip(key.addr, key.family) {
-            Ok(ip) => ip,
-            Err(e) => return write!(f, "<{e}>"),
-        };
-        if is_vip_marker_key(key) {
-            return write!(f, "{ip} (VIP)");
+        match decode_service_key(key) {
+            Err(e) => write!(f, "<{e}>"),
+            Ok((ip, _, _)) if is_vip_marker_key(key) => write!(f, "{ip} (VIP)"),
+            Ok((ip, port, proto)) => {
+                write!(f, "{}/{}", SocketAddr::new(ip, port), proto_name(proto))
+            }
         }
-        write!(
-            f,
-            "{}/{}",
-            SocketAddr::new(ip, decode_port(key.port)),
-            proto_name(key.proto)
-        )
     }
 }
 
@@ -169,7 +155,12 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for text in ["10.200.0.2:8080", "[fd00::2]:443", "127.0.0.1:1", "[::1]:65535"] {
+        for text in [
+            "10.200.0.2:8080",
+            "[fd00::2]:443",
+            "127.0.0.1:1",
+            "[::1]:65535",
+        ] {
             let sa: SocketAddr = text.parse().unwrap();
             let be = backend(sa, 7);
             assert_eq!(be.service_id, 7);
@@ -191,7 +182,8 @@ mod tests {
     #[test]
     fn markers_and_display() {
         let vip: IpAddr = "10.96.0.10".parse().unwrap();
-        let marker = vip_marker_key(vip);
+        let (addr, family) = encode_ip(vip);
+        let marker = ServiceKey::vip_marker(addr, family);
         assert!(is_vip_marker_key(&marker));
         assert_eq!(DisplayKey(&marker).to_string(), "10.96.0.10 (VIP)");
         let key = service_key(vip, 80, PROTO_TCP);

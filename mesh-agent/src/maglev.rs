@@ -175,7 +175,9 @@ mod tests {
     use super::*;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.200.{}.{}:8080", i / 250, i % 250 + 1)).collect()
+        (0..n)
+            .map(|i| format!("10.200.{}.{}:8080", i / 250, i % 250 + 1))
+            .collect()
     }
 
     fn backends<'a>(names: &'a [String], weights: &[u32]) -> Vec<MaglevBackend<'a>> {
@@ -215,7 +217,10 @@ mod tests {
         assert!(table.iter().all(|&e| (e as usize) < 30 && e != 4));
         // All of them own something.
         let counts = shares(&table, 30);
-        assert!(counts.iter().enumerate().all(|(i, &c)| (i == 4) == (c == 0)));
+        assert!(counts
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| (i == 4) == (c == 0)));
     }
 
     #[test]
@@ -243,7 +248,10 @@ mod tests {
             let table = build(&backends(&n, &vec![1; count]));
             let ideal = table.len() as f64 / count as f64;
             for (i, &c) in shares(&table, count).iter().enumerate() {
-                assert!((c as f64 - ideal).abs() < 1.0, "{count} backends: #{i} has {c}, ideal {ideal}");
+                assert!(
+                    (c as f64 - ideal).abs() < 1.0,
+                    "{count} backends: #{i} has {c}, ideal {ideal}"
+                );
             }
         }
     }
@@ -316,7 +324,11 @@ mod tests {
                 trials += 1.0;
             }
         }
-        assert!(total / trials <= 0.17, "on average {} moved", total / trials);
+        assert!(
+            total / trials <= 0.17,
+            "on average {} moved",
+            total / trials
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod run;
 mod status;
 mod watch;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -87,6 +87,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match execute(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -142,14 +143,14 @@ fn execute(command: Command) -> anyhow::Result<()> {
             config,
             bpffs,
         } => {
-            let node = match (node, config) {
-                (Some(node), _) => node,
-                (None, Some(path)) => run::node_name(None, &config::Config::load(&path)?)?,
-                (None, None) => run::host_name()?,
-            };
+            let config = config.map(|path| config::Config::load(&path)).transpose()?;
+            let node = run::node_name(node.as_deref(), config.as_ref())?;
             let pins = dataplane::PinDir::new(&bpffs, &node);
             dataplane::uninstall(&pins)?;
-            println!("removed the data plane of node {node} ({})", pins.root().display());
+            println!(
+                "removed the data plane of node {node} ({})",
+                pins.root().display()
+            );
             Ok(())
         }
     }

@@ -18,7 +18,7 @@
 //!
 //! # Failure
 //!
-//! The plan is a list of groups, one per service (plus VIP markers and garbage). [`apply`]
+//! The plan is a list of groups, one per service (plus VIP markers and garbage). [`apply()`]
 //! makes each group all-or-nothing: if a write fails before the group's commit, the puts the
 //! group already made are deleted again and apply stops with an [`ApplyError`](apply::ApplyError) naming the
 //! service and the cause; that service keeps its previous state. Groups applied before it
@@ -117,7 +117,11 @@ impl fmt::Display for MapOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MapOp::PutBackend(id, be) => match kernel_addr::decode_backend(be) {
-                Ok(addr) => write!(f, "put backend {id} = {addr} (service id {})", be.service_id),
+                Ok(addr) => write!(
+                    f,
+                    "put backend {id} = {addr} (service id {})",
+                    be.service_id
+                ),
                 Err(e) => write!(f, "put backend {id} = <{e}>"),
             },
             MapOp::PutSlot(k, id) => write!(

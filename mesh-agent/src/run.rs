@@ -55,7 +55,9 @@ struct SharedAgent(Mutex<Agent>);
 impl SharedAgent {
     fn lock(&self) -> MutexGuard<'_, Agent> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -68,7 +70,7 @@ impl StatusSource for SharedAgent {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
-    let node = node_name(options.node.as_deref(), &config)?;
+    let node = node_name(options.node.as_deref(), Some(&config))?;
     let cgroup = match options.cgroup {
         Some(path) => path,
         None => cgroup::unified_root()?,
@@ -130,15 +132,21 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 }
 
 /// `--node`, else `[node] name`, else the host name.
-pub fn node_name(flag: Option<&str>, config: &Config) -> anyhow::Result<String> {
-    match flag.or(config.node.name.as_deref()) {
-        Some(name) => Ok(name.to_owned()),
-        None => host_name(),
-    }
+///
+/// The name becomes a directory under bpffs, so it is checked like the config's.
+pub fn node_name(flag: Option<&str>, config: Option<&Config>) -> anyhow::Result<String> {
+    let configured = config.and_then(|c| c.node.name.as_deref());
+    let name = match flag.or(configured) {
+        Some(name) => name.to_owned(),
+        None => host_name()?,
+    };
+    crate::config::check_node_name(&name)
+        .map_err(|cause| anyhow::anyhow!("node name {name:?}: {cause}"))?;
+    Ok(name)
 }
 
 /// This host's name, the default node name.
-pub fn host_name() -> anyhow::Result<String> {
+fn host_name() -> anyhow::Result<String> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("reading the host name (pass --node)")?;
     Ok(host.trim().to_owned())
@@ -152,7 +160,7 @@ impl Agent {
         let report = reconcile::apply(&plan, &mut self.dataplane.maps, &mut self.kernel)?;
         self.desired = desired;
         tracing::info!(
-            ?report,
+            %report,
             elapsed_us = started.elapsed().as_micros(),
             "config applied to the kernel"
         );

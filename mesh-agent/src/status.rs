@@ -61,10 +61,17 @@ impl StatusReport {
             self.node,
             self.cgroup,
             self.config,
-            if self.adopted { "  (adopted pinned state)" } else { "" }
+            if self.adopted {
+                "  (adopted pinned state)"
+            } else {
+                ""
+            }
         );
         if let Some(error) = &self.config_error {
-            let _ = writeln!(out, "config change rejected, previous config in force: {error}");
+            let _ = writeln!(
+                out,
+                "config change rejected, previous config in force: {error}"
+            );
         }
         let mut services = Table::new();
         services.load_preset(UTF8_BORDERS_ONLY).set_header([

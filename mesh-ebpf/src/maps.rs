@@ -10,8 +10,7 @@ use mesh_common::{
     counters::Counter,
     maps as limits,
     service::{
-        AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey,
-        SlotKey,
+        AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
     },
 };
 

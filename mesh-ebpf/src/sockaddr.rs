@@ -19,13 +19,19 @@ pub struct Dest {
 #[inline(always)]
 pub fn protocol(ctx: &SockAddrContext) -> u8 {
     // SAFETY: the kernel hands every cgroup/sock_addr program a valid context.
-    #[expect(clippy::cast_possible_truncation, reason = "IP protocol numbers are 8 bits")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "IP protocol numbers are 8 bits"
+    )]
     unsafe {
         (*ctx.sock_addr).protocol as u8
     }
 }
 
-#[expect(clippy::cast_possible_truncation, reason = "user_port keeps the port in 16 bits")]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "user_port keeps the port in 16 bits"
+)]
 #[inline(always)]
 fn port(ctx: &SockAddrContext) -> u16 {
     // SAFETY: as in `protocol`.

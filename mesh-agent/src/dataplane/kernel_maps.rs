@@ -65,13 +65,12 @@ impl KernelMaps {
         Counter::ALL
             .iter()
             .map(|&counter| {
-                let per_cpu = self
-                    .counters
-                    .get(&(counter as u32), 0)
-                    .map_err(|cause| DataPlaneError::Map {
+                let per_cpu = self.counters.get(&(counter as u32), 0).map_err(|cause| {
+                    DataPlaneError::Map {
                         name: maps::COUNTERS,
                         cause,
-                    })?;
+                    }
+                })?;
                 Ok((counter, per_cpu.iter().sum()))
             })
             .collect()
@@ -97,7 +96,9 @@ impl MapWriter for KernelMaps {
             MapOp::PutService(key, service) => {
                 (maps::SERVICES, self.services.insert(key, service, 0))
             }
-            MapOp::DeleteService(key) => (maps::SERVICES, ignore_missing(self.services.remove(key))),
+            MapOp::DeleteService(key) => {
+                (maps::SERVICES, ignore_missing(self.services.remove(key)))
+            }
             MapOp::DeleteSlot(key) => (maps::SLOTS, ignore_missing(self.slots.remove(key))),
             MapOp::DeleteBackend(id) => (maps::BACKENDS, ignore_missing(self.backends.remove(id))),
         };

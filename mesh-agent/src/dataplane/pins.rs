@@ -15,8 +15,7 @@ use mesh_common::{
     counters::Counter,
     maps,
     service::{
-        AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey,
-        SlotKey,
+        AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
     },
 };
 

@@ -3,9 +3,8 @@
 //! Owns id assignment and op order; see the parent module for the protocol. Deterministic: the
 //! same inputs give the same plan, group for group and op for op.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::SocketAddr;
 
 use mesh_common::service::{Service, ServiceKey, SlotKey, SERVICE_FLAG_VIP_MARKER};
 
@@ -13,27 +12,11 @@ use super::{KernelState, MapOp};
 use crate::desired::{Desired, DesiredService};
 use crate::kernel_addr::{self, DisplayKey};
 
-/// The ops of one reconcile, grouped so each group can be applied all-or-nothing.
+/// The ops of one reconcile, grouped so each group can be applied all-or-nothing. No groups:
+/// the maps already hold the desired state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub groups: Vec<OpGroup>,
-}
-
-impl Plan {
-    /// True when the maps already hold the desired state.
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
-    }
-
-    /// Number of ops in all groups.
-    pub fn op_count(&self) -> usize {
-        self.groups.iter().map(|g| g.ops.len()).sum()
-    }
-
-    /// Every op, in order.
-    pub fn ops(&self) -> impl Iterator<Item = &MapOp> {
-        self.groups.iter().flat_map(|g| g.ops.iter())
-    }
 }
 
 /// The ops for one service (or one VIP marker, or garbage).
@@ -85,8 +68,11 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
     let mut groups = Vec::new();
 
     // Removed services, and the VIP markers they leave unused.
-    let desired_vips: BTreeSet<([u32; 4], u8)> =
-        desired.services.keys().map(|k| (k.addr, k.family)).collect();
+    let desired_vips: BTreeSet<([u32; 4], u8)> = desired
+        .services
+        .keys()
+        .map(|k| (k.addr, k.family))
+        .collect();
     let removed: Vec<&ServiceKey> = planner
         .services
         .keys()
@@ -102,7 +88,12 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
         let mut ops = vec![MapOp::DeleteService(*key)];
         if let Some(sid) = planner.owned_id(key) {
             ops.extend(planner.slots_of(sid).map(|(k, _)| MapOp::DeleteSlot(k)));
-            ops.extend(planner.backends_of(sid).iter().map(|&id| MapOp::DeleteBackend(id)));
+            ops.extend(
+                planner
+                    .backends_of(sid)
+                    .iter()
+                    .map(|b| MapOp::DeleteBackend(b.2)),
+            );
         }
         if last_removed_on_vip.get(&vip) == Some(&i) && !desired_vips.contains(&vip) {
             let marker = ServiceKey::vip_marker(key.addr, key.family);
@@ -146,21 +137,23 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
             ops.push(MapOp::DeleteService(*key));
         }
     }
-    let owners: BTreeSet<u32> = planner.owners.keys().copied().collect();
+    // Both lists come sorted by service id, so one lookup per service id is enough.
+    let mut owned = RunCache::new(|sid| planner.owners.contains_key(&sid));
     ops.extend(
         current
             .slots
             .keys()
-            .filter(|k| !owners.contains(&k.service_id))
+            .filter(|k| !owned.get(k.service_id))
             .map(|&k| MapOp::DeleteSlot(k)),
     );
-    ops.extend(
-        current
-            .backends
-            .iter()
-            .filter(|(_, b)| !owners.contains(&b.service_id))
-            .map(|(&id, _)| MapOp::DeleteBackend(id)),
-    );
+    let mut orphans: Vec<u32> = planner
+        .backends_by_service
+        .iter()
+        .filter(|&&(sid, _, _)| !owned.get(sid))
+        .map(|&(_, _, id)| id)
+        .collect();
+    orphans.sort_unstable();
+    ops.extend(orphans.into_iter().map(MapOp::DeleteBackend));
     if !ops.is_empty() {
         groups.push(OpGroup {
             subject: "entries of no service".into(),
@@ -170,6 +163,36 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
         });
     }
     Plan { groups }
+}
+
+/// The range of `all` (sorted by service id) that belongs to service `sid`.
+fn backends_of(all: &[(u32, BackendAddr, u32)], sid: u32) -> &[(u32, BackendAddr, u32)] {
+    let start = all.partition_point(|&(s, _, _)| s < sid);
+    let end = all.partition_point(|&(s, _, _)| s <= sid);
+    &all[start..end]
+}
+
+/// Remembers the answer for the last key, for keys that come in runs.
+struct RunCache<F> {
+    last: Option<(u32, bool)>,
+    f: F,
+}
+
+impl<F: Fn(u32) -> bool> RunCache<F> {
+    fn new(f: F) -> Self {
+        RunCache { last: None, f }
+    }
+
+    fn get(&mut self, key: u32) -> bool {
+        match self.last {
+            Some((k, v)) if k == key => v,
+            _ => {
+                let v = (self.f)(key);
+                self.last = Some((key, v));
+                v
+            }
+        }
+    }
 }
 
 /// The header of a VIP marker.
@@ -184,69 +207,61 @@ pub(crate) const fn vip_marker() -> Service {
     }
 }
 
+/// A backend's address as the maps hold it: words, port, family.
+type BackendAddr = ([u32; 4], u16, u8);
+
 /// Index of the current state, and the ids handed out so far.
 struct Planner<'a> {
     current: &'a KernelState,
-    /// Current services (markers excluded).
-    services: BTreeMap<ServiceKey, Service>,
+    /// Current services (markers excluded), and whether each owns its id.
+    services: BTreeMap<ServiceKey, (Service, bool)>,
     /// Service id → the key that owns it: current services with a valid, unique id, then the
     /// services this plan creates or re-ids.
     owners: BTreeMap<u32, ServiceKey>,
-    /// Service id → its backend ids, ascending.
-    backends_by_service: HashMap<u32, Vec<u32>>,
+    /// (service id, address, backend id) of every backend, sorted: a service's backends are a
+    /// range, sorted by address, the smallest id first among equal addresses.
+    backends_by_service: Vec<(u32, BackendAddr, u32)>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
 }
 
 impl<'a> Planner<'a> {
     fn new(current: &'a KernelState) -> Self {
-        let services: BTreeMap<ServiceKey, Service> = current
-            .services
-            .iter()
-            .filter(|(k, _)| !kernel_addr::is_vip_marker_key(k))
-            .map(|(k, v)| (*k, *v))
-            .collect();
         // Adopt each service's id unless it is 0 or another service already has it (neither
         // happens unless the maps were written by something else; such a service is given a
         // fresh id and rewritten).
         let mut owners = BTreeMap::new();
-        for (key, svc) in &services {
-            if svc.id != 0 {
-                owners.entry(svc.id).or_insert(*key);
-            }
-        }
-        let mut backends_by_service: HashMap<u32, Vec<u32>> = HashMap::new();
-        for (&id, backend) in &current.backends {
-            backends_by_service.entry(backend.service_id).or_default().push(id);
-        }
-        let service_ids = IdAllocator::new(
-            services
-                .values()
-                .map(|s| s.id)
-                .chain(current.slots.keys().map(|k| k.service_id))
-                .chain(current.backends.values().map(|b| b.service_id)),
-        );
-        let backend_ids = IdAllocator::new(
-            current
-                .backends
-                .keys()
-                .copied()
-                .chain(current.slots.values().copied()),
-        );
+        let services: BTreeMap<ServiceKey, (Service, bool)> = current
+            .services
+            .iter()
+            .filter(|(k, _)| !kernel_addr::is_vip_marker_key(k))
+            .map(|(k, v)| {
+                let owns = v.id != 0 && owners.insert(v.id, *k).is_none();
+                (*k, (*v, owns))
+            })
+            .collect();
+        let mut backends_by_service: Vec<(u32, BackendAddr, u32)> = current
+            .backends
+            .iter()
+            .map(|(&id, b)| (b.service_id, (b.addr, b.port, b.family), id))
+            .collect();
+        backends_by_service.sort_unstable();
         Planner {
             current,
             services,
             owners,
             backends_by_service,
-            service_ids,
-            backend_ids,
+            service_ids: IdAllocator::new(),
+            backend_ids: IdAllocator::new(),
         }
     }
 
     /// The id `key` owns in the current state, if it owns one.
     fn owned_id(&self, key: &ServiceKey) -> Option<u32> {
-        let id = self.services.get(key)?.id;
-        (self.owners.get(&id) == Some(key)).then_some(id)
+        match self.services.get(key) {
+            Some(&(svc, true)) => Some(svc.id),
+            _ => None,
+        }
     }
 
     /// Slots of service `sid`, both generations, in key order.
@@ -264,51 +279,62 @@ impl<'a> Planner<'a> {
         self.current.slots.range(lo..=hi).map(|(k, v)| (*k, *v))
     }
 
-    fn backends_of(&self, sid: u32) -> &[u32] {
-        self.backends_by_service.get(&sid).map_or(&[], Vec::as_slice)
+    /// (service id, address, backend id) of the backends of service `sid`, by address.
+    fn backends_of(&self, sid: u32) -> &[(u32, BackendAddr, u32)] {
+        backends_of(&self.backends_by_service, sid)
     }
 
     /// The group for a desired service, or `None` when the maps already hold it exactly.
     fn service(&mut self, key: &ServiceKey, want: &DesiredService) -> Option<OpGroup> {
-        let subject = format!("service {:?} ({})", want.name, DisplayKey(key));
-        let current = self.services.get(key).copied();
-        let adopted = self.owned_id(key);
+        let (current, adopted) = match self.services.get(key) {
+            Some(&(svc, owns)) => (Some(svc), owns.then_some(svc.id)),
+            None => (None, None),
+        };
         let (sid, kind) = match (current, adopted) {
             (Some(_), Some(sid)) => (sid, GroupKind::ChangeService),
             (Some(_), None) => (self.new_service_id(key), GroupKind::ChangeService),
             (None, _) => (self.new_service_id(key), GroupKind::AddService),
         };
 
-        // Backend ids: reuse this service's entry for the same address, else a new id.
-        let mut existing: HashMap<SocketAddr, u32> = HashMap::new();
-        if adopted.is_some() {
-            for &id in self.backends_of(sid) {
-                if let Some(addr) = self
-                    .current
-                    .backends
-                    .get(&id)
-                    .and_then(|b| kernel_addr::decode_backend(b).ok())
-                {
-                    existing.entry(addr).or_insert(id);
-                }
-            }
-        }
+        // Backend ids: reuse this service's entry for the same address (the smallest id if
+        // there are several), else a new id. Sorted slices, not maps: this runs for every
+        // service on every reconcile.
+        let existing = match adopted {
+            // A free function, not the method: the loop below allocates ids meanwhile.
+            Some(sid) => backends_of(&self.backends_by_service, sid),
+            None => &[],
+        };
         let mut ops = Vec::new();
-        let mut ids: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+        // Id of each of `want.backends`, once known.
+        let mut ids: Vec<Option<u32>> = vec![None; want.backends.len()];
         let mut slots: Vec<u32> = Vec::with_capacity(want.table.len());
-        for addr in want.table_addrs() {
-            let id = match ids.get(&addr) {
-                Some(&id) => id,
+        for &index in &want.table {
+            let index = index as usize;
+            let Some(backend) = want.backends.get(index) else {
+                continue;
+            };
+            let id = match ids[index] {
+                Some(id) => id,
                 None => {
-                    let id = match existing.get(&addr) {
-                        Some(&id) => id,
-                        None => {
-                            let id = self.backend_ids.allocate();
-                            ops.push(MapOp::PutBackend(id, kernel_addr::backend(addr, sid)));
+                    let entry = kernel_addr::backend(backend.addr, sid);
+                    let addr = (entry.addr, entry.port, entry.family);
+                    let at = existing.partition_point(|&(_, a, _)| a < addr);
+                    let id = match existing.get(at) {
+                        Some(&(_, a, id)) if a == addr => id,
+                        _ => {
+                            let current = self.current;
+                            let id = self.backend_ids.allocate(|| {
+                                current
+                                    .backends
+                                    .keys()
+                                    .copied()
+                                    .chain(current.slots.values().copied())
+                            });
+                            ops.push(MapOp::PutBackend(id, entry));
                             id
                         }
                     };
-                    ids.insert(addr, id);
+                    ids[index] = Some(id);
                     id
                 }
             };
@@ -319,14 +345,20 @@ impl<'a> Planner<'a> {
         // Does the active generation already hold exactly these slots?
         let active_gen = match (current, adopted) {
             (Some(cur), Some(_)) if cur.generation <= 1 => {
+                // Slots 0..count of one generation are contiguous keys: one range scan.
+                let from = SlotKey {
+                    service_id: sid,
+                    generation: cur.generation,
+                    slot: 0,
+                };
+                let mut held = self.current.slots.range(from..).map(|(k, &id)| (*k, id));
                 let same = cur.count == count
                     && slots.iter().enumerate().all(|(i, &id)| {
                         let k = SlotKey {
-                            service_id: sid,
-                            generation: cur.generation,
                             slot: i as u32,
+                            ..from
                         };
-                        self.current.slots.get(&k) == Some(&id)
+                        held.next() == Some((k, id))
                     });
                 same.then_some(cur.generation)
             }
@@ -366,7 +398,9 @@ impl<'a> Planner<'a> {
 
         // Then delete whatever this service owned that the new header does not reach.
         if adopted.is_some() {
-            let keep: BTreeSet<u32> = slots.iter().copied().collect();
+            let mut keep = slots.clone();
+            keep.sort_unstable();
+            keep.dedup();
             ops.extend(
                 self.slots_of(sid)
                     .filter(|(k, _)| k.generation != generation || k.slot >= count)
@@ -375,8 +409,9 @@ impl<'a> Planner<'a> {
             ops.extend(
                 self.backends_of(sid)
                     .iter()
-                    .filter(|id| !keep.contains(id))
-                    .map(|&id| MapOp::DeleteBackend(id)),
+                    .map(|b| b.2)
+                    .filter(|id| keep.binary_search(id).is_err())
+                    .map(MapOp::DeleteBackend),
             );
         }
         if ops.is_empty() {
@@ -388,7 +423,7 @@ impl<'a> Planner<'a> {
             kind
         };
         Some(OpGroup {
-            subject,
+            subject: format!("service {:?} ({})", want.name, DisplayKey(key)),
             kind,
             ops,
             commit,
@@ -396,32 +431,60 @@ impl<'a> Planner<'a> {
     }
 
     fn new_service_id(&mut self, key: &ServiceKey) -> u32 {
-        let id = self.service_ids.allocate();
+        let current = self.current;
+        let id = self.service_ids.allocate(|| {
+            current
+                .services
+                .values()
+                .map(|s| s.id)
+                .chain(current.slots.keys().map(|k| k.service_id))
+                .chain(current.backends.values().map(|b| b.service_id))
+        });
         self.owners.insert(id, *key);
         id
     }
 }
 
-/// Hands out the smallest ids ≥ 1 not in use.
+/// Hands out the smallest ids ≥ 1 that no entry uses. The ids in use are collected on the
+/// first allocation only, so planning an unchanged state costs nothing here.
 struct IdAllocator {
-    used: BTreeSet<u32>,
+    /// Sorted, deduplicated ids in use; `None` until the first allocation.
+    used: Option<Vec<u32>>,
+    /// Index in `used` of the first id ≥ `next`.
+    pos: usize,
     next: u32,
 }
 
 impl IdAllocator {
-    fn new(used: impl IntoIterator<Item = u32>) -> Self {
+    fn new() -> Self {
         IdAllocator {
-            used: used.into_iter().collect(),
+            used: None,
+            pos: 0,
             next: 1,
         }
     }
 
-    fn allocate(&mut self) -> u32 {
+    /// The smallest id ≥ 1 not in `in_use()` and not handed out before. Ids handed out are
+    /// increasing, so one pass over the sorted ids in use serves every allocation.
+    fn allocate<I: Iterator<Item = u32>>(&mut self, in_use: impl FnOnce() -> I) -> u32 {
+        let used = self.used.get_or_insert_with(|| {
+            let mut v: Vec<u32> = in_use().collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        });
         // Map capacities (at most 2^18 entries) keep this far from u32::MAX.
-        while self.used.contains(&self.next) {
+        loop {
+            while used.get(self.pos).is_some_and(|&u| u < self.next) {
+                self.pos += 1;
+            }
+            if used.get(self.pos) == Some(&self.next) {
+                self.next = self.next.saturating_add(1);
+                continue;
+            }
+            let id = self.next;
             self.next = self.next.saturating_add(1);
+            return id;
         }
-        self.used.insert(self.next);
-        self.next
     }
 }

@@ -9,7 +9,7 @@ use mesh_common::service::{
 };
 
 use super::apply::ApplyReport;
-use super::plan::GroupKind;
+use super::plan::{GroupKind, Plan};
 use super::*;
 use crate::config::{Affinity, BackendConfig, LbPolicy, Protocol, ServiceConfig};
 use crate::desired::{Desired, DesiredService};
@@ -36,7 +36,10 @@ fn resolve(state: &KernelState, key: &ServiceKey) -> Option<Result<Vec<SocketAdd
             return Some(Err(format!("dangling slot {sk:?}: backend {id} missing")));
         };
         if be.service_id != svc.id {
-            return Some(Err(format!("backend {id} belongs to service {}", be.service_id)));
+            return Some(Err(format!(
+                "backend {id} belongs to service {}",
+                be.service_id
+            )));
         }
         out.push(kernel_addr::decode_backend(be).unwrap());
     }
@@ -65,7 +68,12 @@ struct FakeKernel {
 
 impl FakeKernel {
     fn watch(&mut self, old: &Desired, new: &Desired) {
-        let mut keys: Vec<ServiceKey> = old.services.keys().chain(new.services.keys()).copied().collect();
+        let mut keys: Vec<ServiceKey> = old
+            .services
+            .keys()
+            .chain(new.services.keys())
+            .copied()
+            .collect();
         keys.sort();
         keys.dedup();
         self.watches = keys
@@ -104,7 +112,9 @@ impl MapWriter for FakeKernel {
         let n = self.attempts;
         self.attempts += 1;
         if self.fail_at == Some(n) || self.fail_after.is_some_and(|f| n >= f) {
-            return Err(MapWriteError::new(format!("injected failure of write #{n}")));
+            return Err(MapWriteError::new(format!(
+                "injected failure of write #{n}"
+            )));
         }
         self.state.record(op);
         self.check(op);
@@ -113,11 +123,19 @@ impl MapWriter for FakeKernel {
 }
 
 /// Plan and apply `to` over a kernel at `from`, checking every write; returns the report.
-fn transition(kernel: &mut FakeKernel, agent: &mut KernelState, from: &Desired, to: &Desired) -> ApplyReport {
+fn transition(
+    kernel: &mut FakeKernel,
+    agent: &mut KernelState,
+    from: &Desired,
+    to: &Desired,
+) -> ApplyReport {
     kernel.watch(from, to);
     let p = plan(agent, to);
     let report = apply(&p, kernel, agent).unwrap_or_else(|e| panic!("apply failed: {e}"));
-    assert_eq!(*agent, kernel.state, "agent's state differs from the kernel's");
+    assert_eq!(
+        *agent, kernel.state,
+        "agent's state differs from the kernel's"
+    );
     assert!(kernel.violations.is_empty(), "{:#?}", kernel.violations);
     assert_converged(&kernel.state, to);
     report
@@ -133,12 +151,19 @@ fn assert_converged(state: &KernelState, desired: &Desired) {
         let want: Vec<SocketAddr> = svc.table_addrs().collect();
         assert_eq!(resolve(state, key), Some(Ok(want)), "{}", svc.name);
         let header = state.services[key];
-        assert_eq!((header.lb, header.flags, header.affinity_timeout_s), (svc.lb, svc.flags, svc.affinity_timeout_s));
+        assert_eq!(
+            (header.lb, header.flags, header.affinity_timeout_s),
+            (svc.lb, svc.flags, svc.affinity_timeout_s)
+        );
         markers.insert(ServiceKey::vip_marker(key.addr, key.family), ());
     }
     for (key, svc) in &state.services {
         if kernel_addr::is_vip_marker_key(key) {
-            assert!(markers.contains_key(key), "stray marker {}", kernel_addr::DisplayKey(key));
+            assert!(
+                markers.contains_key(key),
+                "stray marker {}",
+                kernel_addr::DisplayKey(key)
+            );
             assert_eq!(svc.flags, SERVICE_FLAG_VIP_MARKER);
         } else {
             assert!(desired.services.contains_key(key), "stray service");
@@ -168,6 +193,23 @@ fn assert_converged(state: &KernelState, desired: &Desired) {
 // ---------------------------------------------------------------------------------------------
 // Building desired states.
 
+fn marker_key(vip: IpAddr) -> ServiceKey {
+    let (addr, family) = kernel_addr::encode_ip(vip);
+    ServiceKey::vip_marker(addr, family)
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+    fn op_count(&self) -> usize {
+        self.groups.iter().map(|g| g.ops.len()).sum()
+    }
+    fn ops(&self) -> impl Iterator<Item = &MapOp> {
+        self.groups.iter().flat_map(|g| g.ops.iter())
+    }
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -187,7 +229,10 @@ fn svc(name: &str, vip: &str, port: u16, lb: LbPolicy, backends: &[(&str, u32)])
         affinity_timeout_s: 10_800,
         backends: backends
             .iter()
-            .map(|&(a, weight)| BackendConfig { address: be(a), weight })
+            .map(|&(a, weight)| BackendConfig {
+                address: be(a),
+                weight,
+            })
             .collect(),
     })
 }
@@ -251,16 +296,27 @@ fn random_desired(rng: &mut Rng, maglev: bool) -> Desired {
                     } else {
                         SocketAddr::new(ip(&format!("10.200.0.{b}")), 8080)
                     };
-                    backends.push(BackendConfig { address: addr, weight });
+                    backends.push(BackendConfig {
+                        address: addr,
+                        weight,
+                    });
                 }
             }
             let mut s = DesiredService::from_config(&ServiceConfig {
                 name: format!("s{v}-{port}"),
                 vip: ip(vip),
                 port,
-                protocol: if rng.below(4) == 0 { Protocol::Udp } else { Protocol::Tcp },
+                protocol: if rng.below(4) == 0 {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
                 lb,
-                affinity: if rng.below(3) == 0 { Affinity::Cgroup } else { Affinity::None },
+                affinity: if rng.below(3) == 0 {
+                    Affinity::Cgroup
+                } else {
+                    Affinity::None
+                },
                 affinity_timeout_s: 60,
                 backends,
             });
@@ -279,12 +335,16 @@ fn new_service_writes_backends_slots_header_then_marker() {
     let d = desired([web(&[("10.200.0.2:8080", 1), ("10.200.0.3:8080", 1)])]);
     let p = plan(&KernelState::default(), &d);
     let key = key_of(&d.services.values().next().unwrap().clone());
-    let marker = kernel_addr::vip_marker_key(ip("10.96.0.10"));
+    let marker = marker_key(ip("10.96.0.10"));
     assert_eq!(p.groups.len(), 2);
     assert_eq!(p.groups[0].kind, GroupKind::AddService);
     assert_eq!(p.groups[0].commit, Some(4));
     let b = |a: &str| kernel_addr::backend(be(a), 1);
-    let slot = |slot| SlotKey { service_id: 1, generation: 0, slot };
+    let slot = |slot| SlotKey {
+        service_id: 1,
+        generation: 0,
+        slot,
+    };
     assert_eq!(
         p.groups[0].ops,
         vec![
@@ -294,7 +354,14 @@ fn new_service_writes_backends_slots_header_then_marker() {
             MapOp::PutSlot(slot(1), 2),
             MapOp::PutService(
                 key,
-                Service { id: 1, count: 2, generation: 0, lb: LB_RANDOM, flags: 0, affinity_timeout_s: 10_800 }
+                Service {
+                    id: 1,
+                    count: 2,
+                    generation: 0,
+                    lb: LB_RANDOM,
+                    flags: 0,
+                    affinity_timeout_s: 10_800
+                }
             ),
         ]
     );
@@ -303,7 +370,14 @@ fn new_service_writes_backends_slots_header_then_marker() {
         p.groups[1].ops,
         vec![MapOp::PutService(
             marker,
-            Service { id: 0, count: 0, generation: 0, lb: 0, flags: SERVICE_FLAG_VIP_MARKER, affinity_timeout_s: 0 }
+            Service {
+                id: 0,
+                count: 0,
+                generation: 0,
+                lb: 0,
+                flags: SERVICE_FLAG_VIP_MARKER,
+                affinity_timeout_s: 0
+            }
         )]
     );
 }
@@ -317,7 +391,11 @@ fn changed_service_flips_generation_then_deletes_old() {
     transition(&mut kernel, &mut agent, &Desired::default(), &a);
     let p = plan(&agent, &b);
     let key = *b.services.keys().next().unwrap();
-    let slot = |generation, slot| SlotKey { service_id: 1, generation, slot };
+    let slot = |generation, slot| SlotKey {
+        service_id: 1,
+        generation,
+        slot,
+    };
     assert_eq!(p.groups.len(), 1);
     assert_eq!(p.groups[0].kind, GroupKind::ChangeService);
     assert_eq!(p.groups[0].commit, Some(3));
@@ -330,7 +408,14 @@ fn changed_service_flips_generation_then_deletes_old() {
             MapOp::PutSlot(slot(1, 1), 3),
             MapOp::PutService(
                 key,
-                Service { id: 1, count: 2, generation: 1, lb: LB_RANDOM, flags: 0, affinity_timeout_s: 10_800 }
+                Service {
+                    id: 1,
+                    count: 2,
+                    generation: 1,
+                    lb: LB_RANDOM,
+                    flags: 0,
+                    affinity_timeout_s: 10_800
+                }
             ),
             MapOp::DeleteSlot(slot(0, 0)),
             MapOp::DeleteSlot(slot(0, 1)),
@@ -360,7 +445,17 @@ fn unchanged_service_emits_nothing_and_header_change_is_one_write() {
     }
     let p = plan(&agent, &b);
     assert_eq!(p.op_count(), 1);
-    assert!(matches!(p.groups[0].ops[0], MapOp::PutService(_, Service { generation: 0, count: 1, .. })));
+    assert!(matches!(
+        p.groups[0].ops[0],
+        MapOp::PutService(
+            _,
+            Service {
+                generation: 0,
+                count: 1,
+                ..
+            }
+        )
+    ));
     transition(&mut kernel, &mut agent, &a, &b);
 }
 
@@ -388,7 +483,10 @@ fn service_without_backends_has_count_zero() {
     assert_eq!(agent.services[&key].count, 1);
     transition(&mut kernel, &mut agent, &a, &drained);
     assert_eq!(agent.services[&key].count, 0);
-    assert!(agent.backends.is_empty(), "a drained backend is not in the kernel");
+    assert!(
+        agent.backends.is_empty(),
+        "a drained backend is not in the kernel"
+    );
     assert!(agent.slots.is_empty());
 }
 
@@ -397,15 +495,28 @@ fn markers_follow_the_last_service_of_a_vip() {
     let mut kernel = FakeKernel::default();
     let mut agent = KernelState::default();
     let http = web(&[("10.200.0.2:8080", 1)]);
-    let https = svc("web-tls", "10.96.0.10", 443, LbPolicy::Random, &[("10.200.0.2:8443", 1)]);
-    let marker = kernel_addr::vip_marker_key(ip("10.96.0.10"));
+    let https = svc(
+        "web-tls",
+        "10.96.0.10",
+        443,
+        LbPolicy::Random,
+        &[("10.200.0.2:8443", 1)],
+    );
+    let marker = marker_key(ip("10.96.0.10"));
     let both = desired([http.clone(), https.clone()]);
     let one = desired([https.clone()]);
     transition(&mut kernel, &mut agent, &Desired::default(), &both);
     let p = plan(&agent, &one);
     assert_eq!(p.groups.len(), 1);
-    assert!(!p.ops().any(|op| *op == MapOp::DeleteService(marker)), "marker still needed");
-    assert_eq!(p.groups[0].ops[0], MapOp::DeleteService(http.key()), "header goes first");
+    assert!(
+        !p.ops().any(|op| *op == MapOp::DeleteService(marker)),
+        "marker still needed"
+    );
+    assert_eq!(
+        p.groups[0].ops[0],
+        MapOp::DeleteService(http.key()),
+        "header goes first"
+    );
     transition(&mut kernel, &mut agent, &both, &one);
     assert!(agent.services.contains_key(&marker));
 
@@ -419,9 +530,16 @@ fn markers_follow_the_last_service_of_a_vip() {
     assert_eq!(kernel.state, KernelState::default());
 
     // Move a service to another port of the same VIP: the marker stays throughout.
-    transition(&mut kernel, &mut agent, &Desired::default(), &desired([http.clone()]));
+    transition(
+        &mut kernel,
+        &mut agent,
+        &Desired::default(),
+        &desired([http.clone()]),
+    );
     let p = plan(&agent, &desired([https.clone()]));
-    assert!(!p.ops().any(|op| matches!(op, MapOp::DeleteService(k) | MapOp::PutService(k, _) if *k == marker)));
+    assert!(!p
+        .ops()
+        .any(|op| matches!(op, MapOp::DeleteService(k) | MapOp::PutService(k, _) if *k == marker)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -432,11 +550,22 @@ fn ids_are_stable_and_smallest_free() {
     let mut kernel = FakeKernel::default();
     let mut agent = KernelState::default();
     let a_web = web(&[("10.200.0.2:8080", 1), ("10.200.0.3:8080", 1)]);
-    let a_dns = svc("dns", "10.96.0.53", 53, LbPolicy::Random, &[("10.200.0.9:53", 1)]);
+    let a_dns = svc(
+        "dns",
+        "10.96.0.53",
+        53,
+        LbPolicy::Random,
+        &[("10.200.0.9:53", 1)],
+    );
     let a = desired([a_web.clone(), a_dns.clone()]);
     transition(&mut kernel, &mut agent, &Desired::default(), &a);
     let ids = |state: &KernelState| -> BTreeMap<ServiceKey, u32> {
-        state.services.iter().filter(|(_, s)| s.id != 0).map(|(k, s)| (*k, s.id)).collect()
+        state
+            .services
+            .iter()
+            .filter(|(_, s)| s.id != 0)
+            .map(|(k, s)| (*k, s.id))
+            .collect()
     };
     let backend_id = |state: &KernelState, addr: &str| -> Vec<u32> {
         state
@@ -451,7 +580,10 @@ fn ids_are_stable_and_smallest_free() {
     let kept = backend_id(&agent, "10.200.0.3:8080");
 
     // Change web: ids of both services and of the kept backend survive.
-    let b = desired([web(&[("10.200.0.3:8080", 1), ("10.200.0.4:8080", 2)]), a_dns.clone()]);
+    let b = desired([
+        web(&[("10.200.0.3:8080", 1), ("10.200.0.4:8080", 2)]),
+        a_dns.clone(),
+    ]);
     transition(&mut kernel, &mut agent, &a, &b);
     assert_eq!(ids(&agent), before);
     assert_eq!(backend_id(&agent, "10.200.0.3:8080"), kept);
@@ -467,10 +599,7 @@ fn ids_are_stable_and_smallest_free() {
     assert_eq!(backend_ids, vec![1, 2, 3]);
 
     // The same address in two services is two backends, one per service.
-    let d = desired([
-        web(&[("10.200.0.9:53", 1)]),
-        a_dns,
-    ]);
+    let d = desired([web(&[("10.200.0.9:53", 1)]), a_dns]);
     transition(&mut kernel, &mut agent, &a, &d);
     let owners: Vec<u32> = backend_id(&agent, "10.200.0.9:53")
         .iter()
@@ -510,11 +639,32 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
     let mut state = kernel.state.clone();
     let extra = [
         MapOp::PutBackend(40, kernel_addr::backend(be("10.200.0.7:8080"), 1)),
-        MapOp::PutSlot(SlotKey { service_id: 1, generation: 1, slot: 0 }, 40),
-        MapOp::PutSlot(SlotKey { service_id: 1, generation: 0, slot: 9 }, 40),
+        MapOp::PutSlot(
+            SlotKey {
+                service_id: 1,
+                generation: 1,
+                slot: 0,
+            },
+            40,
+        ),
+        MapOp::PutSlot(
+            SlotKey {
+                service_id: 1,
+                generation: 0,
+                slot: 9,
+            },
+            40,
+        ),
         MapOp::PutBackend(41, kernel_addr::backend(be("10.200.0.8:8080"), 7)),
-        MapOp::PutSlot(SlotKey { service_id: 7, generation: 0, slot: 0 }, 41),
-        MapOp::PutService(kernel_addr::vip_marker_key(ip("10.96.0.99")), super::plan::vip_marker()),
+        MapOp::PutSlot(
+            SlotKey {
+                service_id: 7,
+                generation: 0,
+                slot: 0,
+            },
+            41,
+        ),
+        MapOp::PutService(marker_key(ip("10.96.0.99")), super::plan::vip_marker()),
     ];
     for op in &extra {
         kernel.write(op).unwrap();
@@ -529,7 +679,10 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
     assert_eq!(resolve(&kernel.state, &key), live);
     assert_converged(&kernel.state, &a);
     // Ids that were in use are not handed out while their garbage may still be there.
-    let b = desired([web(&[("10.200.0.2:8080", 1)]), svc("x", "10.96.0.11", 80, LbPolicy::Random, &[])]);
+    let b = desired([
+        web(&[("10.200.0.2:8080", 1)]),
+        svc("x", "10.96.0.11", 80, LbPolicy::Random, &[]),
+    ]);
     let p = plan(&agent_with(&kernel.state, &extra), &b);
     let new_ids: Vec<u32> = p
         .ops()
@@ -553,14 +706,27 @@ fn agent_with(state: &KernelState, extra: &[MapOp]) -> KernelState {
 fn header_with_a_broken_id_is_rewritten_under_a_fresh_one() {
     // Two frontends claiming service id 1 (written by something else): the second gets its own.
     let a_web = web(&[("10.200.0.2:8080", 1)]);
-    let a_other = svc("other", "10.96.0.11", 80, LbPolicy::Random, &[("10.200.0.5:8080", 1)]);
+    let a_other = svc(
+        "other",
+        "10.96.0.11",
+        80,
+        LbPolicy::Random,
+        &[("10.200.0.5:8080", 1)],
+    );
     let a = desired([a_web.clone(), a_other.clone()]);
     let mut kernel = FakeKernel::default();
     let mut agent = KernelState::default();
-    transition(&mut kernel, &mut agent, &Desired::default(), &desired([a_web.clone()]));
+    transition(
+        &mut kernel,
+        &mut agent,
+        &Desired::default(),
+        &desired([a_web.clone()]),
+    );
     let mut header = agent.services[&a_web.key()];
     header.count = 1;
-    kernel.write(&MapOp::PutService(a_other.key(), header)).unwrap();
+    kernel
+        .write(&MapOp::PutService(a_other.key(), header))
+        .unwrap();
     agent.record(&MapOp::PutService(a_other.key(), header));
     let p = plan(&agent, &a);
     kernel.watch(&desired([a_web.clone()]), &a);
@@ -570,7 +736,10 @@ fn header_with_a_broken_id_is_rewritten_under_a_fresh_one() {
     apply(&p, &mut kernel, &mut agent).unwrap();
     assert!(kernel.violations.is_empty(), "{:#?}", kernel.violations);
     assert_converged(&kernel.state, &a);
-    assert_ne!(agent.services[&a_other.key()].id, agent.services[&a_web.key()].id);
+    assert_ne!(
+        agent.services[&a_other.key()].id,
+        agent.services[&a_web.key()].id
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -589,7 +758,10 @@ fn every_write_leaves_each_service_whole_old_or_whole_new() {
         ops += r.ops_written;
         prev = next;
     }
-    assert!(ops > 1000, "the scenarios should exercise something ({ops} writes)");
+    assert!(
+        ops > 1000,
+        "the scenarios should exercise something ({ops} writes)"
+    );
     // And to nothing.
     transition(&mut kernel, &mut agent, &prev, &Desired::default());
     assert_eq!(kernel.state, KernelState::default());
@@ -599,9 +771,31 @@ fn every_write_leaves_each_service_whole_old_or_whole_new() {
 fn maglev_and_weighted_tables_flip_atomically() {
     let mut kernel = FakeKernel::default();
     let mut agent = KernelState::default();
-    let a = desired([svc("m", "10.96.0.20", 80, LbPolicy::Maglev, &[("10.200.0.1:80", 1), ("10.200.0.2:80", 1)])]);
-    let b = desired([svc("m", "10.96.0.20", 80, LbPolicy::Maglev, &[("10.200.0.1:80", 1), ("10.200.0.2:80", 1), ("10.200.0.3:80", 2)])]);
-    let c = desired([svc("m", "10.96.0.20", 80, LbPolicy::Weighted, &[("10.200.0.1:80", 3), ("10.200.0.3:80", 1)])]);
+    let a = desired([svc(
+        "m",
+        "10.96.0.20",
+        80,
+        LbPolicy::Maglev,
+        &[("10.200.0.1:80", 1), ("10.200.0.2:80", 1)],
+    )]);
+    let b = desired([svc(
+        "m",
+        "10.96.0.20",
+        80,
+        LbPolicy::Maglev,
+        &[
+            ("10.200.0.1:80", 1),
+            ("10.200.0.2:80", 1),
+            ("10.200.0.3:80", 2),
+        ],
+    )]);
+    let c = desired([svc(
+        "m",
+        "10.96.0.20",
+        80,
+        LbPolicy::Weighted,
+        &[("10.200.0.1:80", 3), ("10.200.0.3:80", 1)],
+    )]);
     transition(&mut kernel, &mut agent, &Desired::default(), &a);
     let key = *a.services.keys().next().unwrap();
     assert_eq!(agent.services[&key].lb, LB_MAGLEV);
@@ -627,16 +821,32 @@ fn a_failed_write_leaves_the_service_as_it_was() {
         // Converge on `from`.
         let mut base_kernel = FakeKernel::default();
         let mut base_agent = KernelState::default();
-        transition(&mut base_kernel, &mut base_agent, &Desired::default(), &from);
+        transition(
+            &mut base_kernel,
+            &mut base_agent,
+            &Desired::default(),
+            &from,
+        );
         let p = plan(&base_agent, &to);
         for fail in 0..p.op_count() {
             scenarios += 1;
-            let mut kernel = FakeKernel { state: base_kernel.state.clone(), fail_at: Some(fail), ..Default::default() };
+            let mut kernel = FakeKernel {
+                state: base_kernel.state.clone(),
+                fail_at: Some(fail),
+                ..Default::default()
+            };
             let mut agent = base_agent.clone();
             kernel.watch(&from, &to);
             let result = apply(&p, &mut kernel, &mut agent);
-            assert_eq!(agent, kernel.state, "state must mirror the kernel (fail at {fail})");
-            assert!(kernel.violations.is_empty(), "fail at {fail}: {:#?}", kernel.violations);
+            assert_eq!(
+                agent, kernel.state,
+                "state must mirror the kernel (fail at {fail})"
+            );
+            assert!(
+                kernel.violations.is_empty(),
+                "fail at {fail}: {:#?}",
+                kernel.violations
+            );
             let failed_op = *p.ops().nth(fail).unwrap();
             match result {
                 Ok(report) => {
@@ -649,10 +859,16 @@ fn a_failed_write_leaves_the_service_as_it_was() {
                     assert_eq!(e.op, failed_op);
                     assert!(e.undo_failures.is_empty());
                     // The failed group's service shows its old table (or is still absent).
-                    if let Some(MapOp::PutService(key, _) | MapOp::DeleteService(key)) =
-                        p.groups.iter().find(|g| g.subject == e.subject).and_then(|g| g.commit.map(|c| g.ops[c]))
+                    if let Some(MapOp::PutService(key, _) | MapOp::DeleteService(key)) = p
+                        .groups
+                        .iter()
+                        .find(|g| g.subject == e.subject)
+                        .and_then(|g| g.commit.map(|c| g.ops[c]))
                     {
-                        let old = from.services.get(&key).map(|s| Ok(s.table_addrs().collect::<Vec<_>>()));
+                        let old = from
+                            .services
+                            .get(&key)
+                            .map(|s| Ok(s.table_addrs().collect::<Vec<_>>()));
                         if !kernel_addr::is_vip_marker_key(&key) {
                             assert_eq!(resolve(&kernel.state, &key), old, "{e}");
                         }
@@ -706,7 +922,12 @@ fn failing_undo_is_reported_and_cleaned_next_time() {
     let e = apply(&p, &mut kernel, &mut agent).unwrap_err();
     assert_eq!(agent, kernel.state);
     assert_eq!(e.undo_failures.len(), 1);
-    assert!(e.to_string().ends_with("(1 unreferenced entries could not be removed and are retried on the next reconcile)"), "{e}");
+    assert!(
+        e.to_string().ends_with(
+            "(1 unreferenced entries could not be removed and are retried on the next reconcile)"
+        ),
+        "{e}"
+    );
     assert!(kernel.violations.is_empty());
     // The map recovers; the next reconcile converges (and reuses the stranded backend).
     kernel.fail_after = None;
@@ -726,7 +947,9 @@ fn a_failed_delete_after_commit_is_a_warning() {
     let report = apply(&p, &mut kernel, &mut agent).unwrap();
     assert_eq!(report.services_removed, 1);
     assert_eq!(report.warnings.len(), 1);
-    assert!(report.warnings[0].to_string().contains("delete slot 1/0/0 failed"));
+    assert!(report.warnings[0]
+        .to_string()
+        .contains("delete slot 1/0/0 failed"));
     assert_eq!(agent, kernel.state);
     assert_eq!(agent.slots.len(), 1, "the slot is still there");
     // Next plan deletes it as garbage.
@@ -741,8 +964,20 @@ fn a_failed_delete_after_commit_is_a_warning() {
 fn earlier_services_stay_applied_when_a_later_one_fails() {
     let mut kernel = FakeKernel::default();
     let mut agent = KernelState::default();
-    let first = svc("a", "10.96.0.1", 80, LbPolicy::Random, &[("10.200.0.1:80", 1)]);
-    let second = svc("b", "10.96.0.2", 80, LbPolicy::Random, &[("10.200.0.2:80", 1)]);
+    let first = svc(
+        "a",
+        "10.96.0.1",
+        80,
+        LbPolicy::Random,
+        &[("10.200.0.1:80", 1)],
+    );
+    let second = svc(
+        "b",
+        "10.96.0.2",
+        80,
+        LbPolicy::Random,
+        &[("10.200.0.2:80", 1)],
+    );
     let d = desired([first.clone(), second.clone()]);
     let p = plan(&agent, &d);
     // a: PutBackend, PutSlot, PutService; marker; b: PutBackend(fails)
@@ -763,8 +998,31 @@ fn backend_value_reuse_requires_same_service() {
     // Sanity of the test model: a backend of another service is a violation.
     let mut state = KernelState::default();
     let key = kernel_addr::service_key(ip("10.96.0.1"), 80, 6);
-    state.services.insert(key, Service { id: 1, count: 1, generation: 0, lb: 0, flags: 0, affinity_timeout_s: 1 });
-    state.slots.insert(SlotKey { service_id: 1, generation: 0, slot: 0 }, 5);
-    state.backends.insert(5, Backend { service_id: 2, ..kernel_addr::backend(be("10.0.0.1:80"), 2) });
+    state.services.insert(
+        key,
+        Service {
+            id: 1,
+            count: 1,
+            generation: 0,
+            lb: 0,
+            flags: 0,
+            affinity_timeout_s: 1,
+        },
+    );
+    state.slots.insert(
+        SlotKey {
+            service_id: 1,
+            generation: 0,
+            slot: 0,
+        },
+        5,
+    );
+    state.backends.insert(
+        5,
+        Backend {
+            service_id: 2,
+            ..kernel_addr::backend(be("10.0.0.1:80"), 2)
+        },
+    );
     assert!(matches!(resolve(&state, &key), Some(Err(_))));
 }
