@@ -29,26 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the data plane, apply the config and follow it until SIGTERM.
-    Run {
-        /// The config file (TOML); reloaded whenever it changes.
-        #[arg(long)]
-        config: PathBuf,
-        /// cgroup v2 directory to attach to [default: root of the unified hierarchy].
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// bpffs mount; pins go under <bpffs>/mesh/<node>/.
-        #[arg(long, default_value = "/sys/fs/bpf")]
-        bpffs: PathBuf,
-        /// Unix socket of the admin API.
-        #[arg(long, default_value_os_t = run::default_admin_socket().to_path_buf())]
-        admin_socket: PathBuf,
-        /// Node name [default: the config's [node] name, else the host name].
-        #[arg(long)]
-        node: Option<String>,
-        /// Detach and unpin the data plane on exit (by default it keeps running).
-        #[arg(long)]
-        cleanup_on_exit: bool,
-    },
+    Run(run::RunOptions),
     /// Validate a config file and exit.
     Check {
         #[arg(long)]
@@ -103,21 +84,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match command {
-        Command::Run {
-            config,
-            cgroup,
-            bpffs,
-            admin_socket,
-            node,
-            cleanup_on_exit,
-        } => runtime.block_on(run::run(run::RunOptions {
-            config,
-            cgroup,
-            bpffs,
-            admin_socket,
-            node,
-            cleanup_on_exit,
-        })),
+        Command::Run(options) => runtime.block_on(run::run(options)),
         Command::Check { config } => {
             let parsed = config::Config::load(&config)?;
             println!(

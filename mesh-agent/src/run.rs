@@ -30,12 +30,25 @@ use crate::{
 };
 
 /// Everything `run` needs from the command line.
+#[derive(clap::Args)]
 pub struct RunOptions {
+    /// The config file (TOML); reloaded whenever it changes.
+    #[arg(long)]
     pub config: PathBuf,
+    /// cgroup v2 directory to attach to [default: root of the unified hierarchy].
+    #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// bpffs mount; pins go under <bpffs>/mesh/<node>/.
+    #[arg(long, default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
+    /// Unix socket of the admin API.
+    #[arg(long, default_value_os_t = default_admin_socket().to_path_buf())]
     pub admin_socket: PathBuf,
+    /// Node name [default: the config's [node] name, else the host name].
+    #[arg(long)]
     pub node: Option<String>,
+    /// Detach and unpin the data plane on exit (by default it keeps running).
+    #[arg(long)]
     pub cleanup_on_exit: bool,
 }
 

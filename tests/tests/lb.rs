@@ -208,6 +208,55 @@ fn affinity_sticks_per_client() {
     }
 }
 
+/// c2. Affinity survives backend churn: with 12 client cgroups pinned by affinity over 3
+/// backends, removing one backend moves only the clients that were on it; every other client
+/// keeps its backend (about 1/N of clients move, as the design promises).
+#[test]
+fn affinity_moves_only_the_departed_backends_clients() {
+    let s = Bed::new(
+        "affinity_moves_only_the_departed_backends_clients",
+        &["b", "c", "d"],
+        Proto::Tcp,
+        false,
+    )
+    .or_fail();
+    let vip = sa("10.96.0.10:80");
+    let web = Service::tcp("web", vip, &s.addrs()).affinity("\"cgroup\"");
+    let agent = s.start_agent(std::slice::from_ref(&web)).or_fail();
+    let clients: Vec<String> = (0..12).map(|i| format!("client{i}")).collect();
+    let backend_of = |client: &str| -> String {
+        let r = s.a.tcp_client(client, vip, 3, T).or_fail();
+        assert_eq!(r.ok(), 3, "{client}: {r:?}");
+        assert_eq!(r.backends.len(), 1, "{client} not sticky: {r:?}");
+        r.backends.keys().next().cloned().expect("one backend")
+    };
+    let before: Vec<String> = clients.iter().map(|c| backend_of(c)).collect();
+    let on_d = before.iter().filter(|b| *b == "d").count();
+
+    let remaining =
+        Service::tcp("web", vip, &[s.addr_of("b"), s.addr_of("c")]).affinity("\"cgroup\"");
+    agent
+        .write_config(&render("a", std::slice::from_ref(&remaining)))
+        .or_fail();
+    wait_applied(&agent, std::slice::from_ref(&remaining)).or_fail();
+
+    let after: Vec<String> = clients.iter().map(|c| backend_of(c)).collect();
+    for ((client, was), now) in clients.iter().zip(&before).zip(&after) {
+        assert_ne!(now, "d", "{client} still reached the removed backend");
+        if was != "d" {
+            assert_eq!(
+                was, now,
+                "{client} moved from {was} to {now} though {was} stayed"
+            );
+        }
+    }
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        moved, on_d,
+        "exactly the clients of the removed backend move"
+    );
+}
+
 /// d. A backend removed from the file: shortly after the status shows the new set no new
 /// connection reaches it, while an established connection to it keeps echoing.
 #[test]
