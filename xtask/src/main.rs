@@ -10,7 +10,7 @@
 //! | `run [-- ARGS]` | setup, build, then exec `mesh-agent run --config config/mesh.toml ARGS` |
 //! | `test [-- ARGS]` | setup, build, then `cargo test --release` over the workspace (e2e included) |
 //! | `lint` | rustfmt check, clippy for the host crates and for the eBPF crate |
-//! | `bench SUITE` | setup, build, then run a benchmark suite |
+//! | `bench SUITE [OPTIONS]` | setup, build, then run a benchmark suite (`bench lb --duration-secs 3`) |
 
 mod artifacts;
 mod bench;
@@ -64,6 +64,7 @@ enum Command {
     /// Set up, build, then run a benchmark suite.
     Bench {
         /// The benchmark suite to run.
+        #[command(subcommand)]
         suite: bench::Suite,
     },
 }
