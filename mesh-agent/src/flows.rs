@@ -25,7 +25,7 @@ use mesh_common::{
     service::PROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
-use tokio::{io::unix::AsyncFd, sync::broadcast};
+use tokio::sync::broadcast;
 
 use crate::kernel_addr::{decode_ip, decode_port};
 
@@ -212,7 +212,7 @@ pub async fn follow_kernel(
     names: Arc<dyn Names + Send + Sync>,
     log: Arc<FlowLog>,
 ) {
-    let mut ring = match AsyncFd::new(events) {
+    let mut ring = match crate::dataplane::poll_readable(events) {
         Ok(ring) => ring,
         Err(error) => {
             tracing::error!(%error, "cannot poll the flow-event ring buffer; flows are off");

@@ -15,7 +15,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
@@ -231,7 +230,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
 /// Copies the kernel's aya-log records into the agent's log as they arrive.
 async fn forward_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let mut logger = match AsyncFd::new(logger) {
+    let mut logger = match crate::dataplane::poll_readable(logger) {
         Ok(logger) => logger,
         Err(error) => {
             tracing::error!(%error, "cannot poll the eBPF debug log");

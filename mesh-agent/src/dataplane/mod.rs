@@ -13,8 +13,11 @@ mod pins;
 use std::{
     fs::{self, File},
     io,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
+
+use tokio::io::{unix::AsyncFd, Interest};
 
 use aya::{
     maps::{Array, MapData, RingBuf},
@@ -81,6 +84,15 @@ pub struct Telemetry {
     pub events: RingBuf<MapData>,
     /// The kernel's debug log, when `Settings::debug_log` is on.
     pub logger: Option<EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Registers a [`Telemetry`] stream (the flow-event ring buffer or the eBPF logger) with the
+/// tokio reactor for readability.
+pub fn poll_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: both telemetry types own their map's file descriptor (an `OwnedFd` inside aya's
+    // `MapData`) for as long as they live and always return that same descriptor, and the
+    // `AsyncFd` owns them, so the descriptor stays open and unchanged while registered.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(io::Error::from)
 }
 
 /// Switches the agent sets for its programs.
