@@ -77,3 +77,22 @@ impl Counter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Counter;
+
+    #[test]
+    fn indices_round_trip_and_names_are_unique() {
+        for (index, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, index);
+            assert_eq!(Counter::from_index(index as u8), Some(*counter));
+        }
+        assert_eq!(Counter::from_index(Counter::COUNT as u8), None);
+        for (i, a) in Counter::ALL.iter().enumerate() {
+            for b in &Counter::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+}
