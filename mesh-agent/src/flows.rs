@@ -21,7 +21,7 @@ use aya::maps::{MapData, RingBuf};
 
 use mesh_common::{
     counters::Counter,
-    events::{FlowEvent, AFFINITY_HIT, AFFINITY_MISS, HOOK_SENDMSG},
+    events::{FlowEvent, AFFINITY_HIT, AFFINITY_MISS, HOOK_SENDMSG, WAKEUP_POLL_MS},
     service::PROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
@@ -219,23 +219,32 @@ pub async fn follow_kernel(
             return;
         }
     };
+    let mut poll = tokio::time::interval(Duration::from_millis(WAKEUP_POLL_MS));
     loop {
-        let mut ready = match ring.readable_mut().await {
-            Ok(ready) => ready,
-            Err(error) => {
-                tracing::error!(%error, "flow-event ring buffer failed; flows are off");
-                return;
-            }
-        };
-        let events = ready.get_inner_mut();
-        while let Some(item) = events.next() {
-            let Some(event) = parse(&item) else {
-                tracing::warn!(len = item.len(), "flow event of unexpected size skipped");
-                continue;
-            };
-            log.push(decoder.decode(&event, names.as_ref()));
+        tokio::select! {
+            ready = ring.readable_mut() => match ready {
+                Ok(mut ready) => {
+                    drain(ready.get_inner_mut(), &mut decoder, names.as_ref(), &log);
+                    ready.clear_ready();
+                }
+                Err(error) => {
+                    tracing::error!(%error, "flow-event ring buffer failed; flows are off");
+                    return;
+                }
+            },
+            _ = poll.tick() => drain(ring.get_mut(), &mut decoder, names.as_ref(), &log),
         }
-        ready.clear_ready();
+    }
+}
+
+/// Moves every event waiting in the ring into the log.
+fn drain(events: &mut RingBuf<MapData>, decoder: &mut Decoder, names: &dyn Names, log: &FlowLog) {
+    while let Some(item) = events.next() {
+        let Some(event) = parse(&item) else {
+            tracing::warn!(len = item.len(), "flow event of unexpected size skipped");
+            continue;
+        };
+        log.push(decoder.decode(&event, names));
     }
 }
 

@@ -8,6 +8,9 @@
 pub const EVENTS_PER_SECOND_PER_CPU: u64 = 5_000;
 /// Size of the ring buffer, in bytes (a power of two, a multiple of the page size).
 pub const RING_BYTES: u32 = 1 << 20;
+/// How often the agent drains the ring buffer. The kernel does not wake it per event (that
+/// would cost a context switch per connection), only when the ring is a quarter full.
+pub const WAKEUP_POLL_MS: u64 = 100;
 
 /// The socket call that was balanced.
 pub const HOOK_CONNECT: u8 = 0;

@@ -3,10 +3,13 @@
 //! Each CPU has a token bucket refilled at `EVENTS_PER_SECOND_PER_CPU`; an event over budget or
 //! one that finds the ring buffer full is dropped and counted as `events_dropped`.
 
-use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+};
 use mesh_common::{
     counters::Counter,
-    events::{FlowEvent, EVENTS_PER_SECOND_PER_CPU, SETTING_FLOW_EVENTS},
+    events::{FlowEvent, EVENTS_PER_SECOND_PER_CPU, RING_BYTES, SETTING_FLOW_EVENTS},
 };
 
 use crate::maps::{count, setting, EVENTS, EVENT_BUDGET};
@@ -57,7 +60,17 @@ pub fn emit(decision: &Decision) {
         affinity: decision.affinity,
         _pad: [0; 7],
     };
-    if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
+    // Waking the agent for every event would cost a context switch per connection; it polls
+    // the ring every `WAKEUP_POLL_MS` anyway, and is woken early only when the ring fills up.
+    let wakeup = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) > u64::from(RING_BYTES / 4) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS
+        .output::<FlowEvent>(&event, u64::from(wakeup))
+        .is_err()
+    {
         count(Counter::EventDropped);
     }
 }
