@@ -1,9 +1,13 @@
 //! Builds the eBPF programs of `mesh-ebpf` for `bpfel-unknown-none` with the nightly toolchain
-//! and leaves the object in `OUT_DIR`, where `loader.rs` embeds it.
+//! and leaves the object in `OUT_DIR`, where `dataplane/mod.rs` embeds it. Also records the
+//! commit the agent is built from for `mesh-agent --version`.
+use std::process::Command;
+
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    record_commit();
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -25,4 +29,21 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::default(),
     )
+}
+
+/// Sets `MESH_BUILD_COMMIT` to the short commit hash (`unknown` outside a git checkout).
+fn record_commit() {
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=MESH_BUILD_COMMIT={commit}");
+    // Rebuild when HEAD moves (the path is relative to this crate).
+    println!("cargo:rerun-if-changed=../.git/HEAD");
+    println!("cargo:rerun-if-changed=../.git/refs/heads");
 }

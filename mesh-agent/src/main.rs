@@ -1,15 +1,19 @@
 //! mesh-agent: the per-host agent of the mesh and its command line.
 //!
-//! `run` is the daemon; `check`, `status` and `uninstall` are tools around it. See the
-//! README's CLI reference.
+//! `run` is the daemon; the other commands are tools around it: `check` validates a config,
+//! `status`, `services`, `endpoints`, `nodes`, `policies`, `certs` and `flows` ask a running
+//! agent over its admin socket, `uninstall` removes a node's data plane. See the README's CLI
+//! reference.
 
 mod admin;
 mod cgroup;
 mod config;
 mod dataplane;
 mod desired;
+mod flows;
 mod kernel_addr;
 mod maglev;
+mod metrics;
 mod reconcile;
 mod run;
 mod status;
@@ -17,13 +21,31 @@ mod watch;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+/// The version and the commit it was built from, e.g. `0.1.0 (3f2c1ab)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("MESH_BUILD_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
-#[command(name = "mesh-agent", version, about = "Sidecarless service mesh agent")]
+#[command(name = "mesh-agent", version = VERSION, about = "Sidecarless service mesh agent")]
 struct Cli {
+    /// Log format of the agent's own log (stderr).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -35,13 +57,20 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Show services, backends and kernel counters of the running agent.
-    Status {
-        #[arg(long, default_value_os_t = run::default_admin_socket().to_path_buf())]
-        admin_socket: PathBuf,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    /// Show node, services, backends and kernel counters of the running agent.
+    Status(Query),
+    /// List services.
+    Services(Query),
+    /// List every backend with its state and connection count.
+    Endpoints(Query),
+    /// List the nodes this agent knows.
+    Nodes(Query),
+    /// List authorization policies (none until mTLS is enabled).
+    Policies(Query),
+    /// List certificates in use (none until mTLS is enabled).
+    Certs(Query),
+    /// Show recent balancing decisions; with --follow, stream new ones.
+    Flows(FlowsArgs),
     /// Detach the programs and remove the pinned state of a node.
     Uninstall {
         /// Node name [default: the config's [node] name, else the host name].
@@ -55,22 +84,46 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// How to reach the agent and how to print its answer.
+#[derive(Args)]
+struct Query {
+    #[arg(long, default_value_os_t = run::default_admin_socket().to_path_buf())]
+    admin_socket: PathBuf,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct FlowsArgs {
+    #[command(flatten)]
+    query: Query,
+    /// Keep streaming new flows until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// Only flows of this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only flows with this verdict: forwarded, no_backend, no_service_port, slot_missing.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Only flows from clients whose identity (cgroup path) starts with this.
+    #[arg(long)]
+    identity: Option<String>,
+    /// How many recent flows to show first.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum Output {
     Table,
     Json,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match execute(Cli::parse().command) {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("mesh-agent: {error:#}");
@@ -79,10 +132,28 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 fn execute(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let show = |query: &Query, path: &str, render: &dyn Fn(&serde_json::Value) -> String| {
+        runtime.block_on(async {
+            let value: serde_json::Value = admin::client::fetch(&query.admin_socket, path).await?;
+            print_output(query.output, &value, render)
+        })
+    };
     match command {
         Command::Run(options) => runtime.block_on(run::run(options)),
         Command::Check { config } => {
@@ -94,17 +165,29 @@ fn execute(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status {
-            admin_socket,
-            output,
-        } => {
-            let report = runtime.block_on(admin::fetch_status(&admin_socket))?;
-            match output {
-                Output::Table => print!("{}", report.render()),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            }
-            Ok(())
-        }
+        Command::Status(query) => show(&query, "/v1/status", &|v| {
+            typed(v, |report: status::StatusReport| report.render())
+        }),
+        Command::Services(query) => show(&query, "/v1/services", &|v| {
+            typed(v, |s: Vec<status::ServiceStatus>| {
+                status::render_services(&s)
+            })
+        }),
+        Command::Endpoints(query) => show(&query, "/v1/endpoints", &|v| {
+            typed(v, |e: Vec<status::EndpointStatus>| {
+                status::render_endpoints(&e)
+            })
+        }),
+        Command::Nodes(query) => show(&query, "/v1/nodes", &|v| {
+            typed(v, |n: Vec<status::NodeStatus>| status::render_nodes(&n))
+        }),
+        Command::Policies(query) => show(&query, "/v1/policies", &|_| {
+            "no authorization policies (they come with mTLS, not enabled in this build)\n".into()
+        }),
+        Command::Certs(query) => show(&query, "/v1/certs", &|_| {
+            "no certificates (they come with mTLS, not enabled in this build)\n".into()
+        }),
+        Command::Flows(args) => runtime.block_on(flows(args)),
         Command::Uninstall {
             node,
             config,
@@ -121,4 +204,69 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints `value` as JSON or through `render`.
+fn print_output(
+    output: Output,
+    value: &serde_json::Value,
+    render: &dyn Fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => print!("{}", render(value)),
+    }
+    Ok(())
+}
+
+/// Renders a JSON answer through its typed form; an answer of another shape is shown as JSON.
+fn typed<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    render: impl Fn(T) -> String,
+) -> String {
+    match serde_json::from_value::<T>(value.clone()) {
+        Ok(typed) => render(typed),
+        Err(_) => format!("{value:#}\n"),
+    }
+}
+
+async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
+    let query = admin::FlowQuery {
+        filter: flows::FlowFilter {
+            service: args.service,
+            verdict: args.verdict,
+            identity: args.identity,
+        },
+        limit: Some(args.limit),
+        follow: args.follow,
+    };
+    let output = args.query.output;
+    let mut header_printed = false;
+    admin::client::flows(&args.query.admin_socket, &query, |flow| {
+        print_flow(output, &flow, &mut header_printed);
+    })
+    .await?;
+    Ok(())
+}
+
+fn print_flow(output: Output, flow: &flows::Flow, header_printed: &mut bool) {
+    if output == Output::Json {
+        println!("{}", json_line(flow));
+        return;
+    }
+    if !*header_printed {
+        println!(
+            "{:<24} {:<10} {:<7} {:<22} {:<22} {:<16} IDENTITY",
+            "TIME", "SERVICE", "CALL", "VIP", "BACKEND", "VERDICT"
+        );
+        *header_printed = true;
+    }
+    println!(
+        "{:<24} {:<10} {:<7} {:<22} {:<22} {:<16} {}",
+        flow.time, flow.service, flow.call, flow.vip, flow.backend, flow.verdict, flow.identity
+    );
+}
+
+fn json_line(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }

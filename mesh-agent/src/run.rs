@@ -6,26 +6,30 @@
 //! new connections keep flowing while the agent restarts or upgrades.
 
 use std::{
+    collections::HashMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use mesh_common::counters::Counter;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
 
 use crate::{
-    admin::{self, StatusSource},
+    admin::{self, AgentView},
     cgroup,
     config::Config,
-    dataplane::{DataPlane, PinDir},
+    dataplane::{DataPlane, PinDir, Settings},
     desired::Desired,
+    flows::{self, FlowLog, Names},
+    kernel_addr,
+    metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
     reconcile::{self, KernelState},
-    status::StatusReport,
+    status::{self, EndpointStatus, NodeStatus, StatusReport},
     watch,
 };
 
@@ -50,33 +54,83 @@ pub struct RunOptions {
     /// Detach and unpin the data plane on exit (by default it keeps running).
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Do not report flow events (`mesh-agent flows` then shows nothing).
+    #[arg(long)]
+    pub no_flow_events: bool,
+    /// Log every kernel decision through aya-log at debug level (verbose).
+    #[arg(long)]
+    pub ebpf_debug_log: bool,
 }
 
-/// The agent's state, shared by the reload loop and the admin API.
+/// The agent's state, shared by the reload loop, the admin API and the metrics.
 struct Agent {
     node: String,
     config_path: PathBuf,
     cgroup: PathBuf,
+    started: Instant,
     dataplane: DataPlane,
     desired: Desired,
     kernel: KernelState,
+    /// Kernel service id → name, for flows and metrics.
+    service_names: HashMap<u32, String>,
     config_error: Option<String>,
+    reloads_applied: u64,
+    reloads_rejected: u64,
 }
 
-struct SharedAgent(Mutex<Agent>);
+struct SharedAgent {
+    state: Mutex<Agent>,
+    flows: Arc<FlowLog>,
+}
 
 impl SharedAgent {
     fn lock(&self) -> MutexGuard<'_, Agent> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
-        self.0
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-impl StatusSource for SharedAgent {
+impl AgentView for SharedAgent {
     fn status(&self) -> Result<StatusReport, String> {
         self.lock().status().map_err(|e| format!("{e:#}"))
+    }
+
+    fn endpoints(&self) -> Result<Vec<EndpointStatus>, String> {
+        Ok(self.lock().endpoints())
+    }
+
+    fn nodes(&self) -> Vec<NodeStatus> {
+        let agent = self.lock();
+        vec![NodeStatus {
+            name: agent.node.clone(),
+            role: "self".to_owned(),
+            cgroup: agent.cgroup.display().to_string(),
+            version: crate::VERSION.to_owned(),
+            uptime_s: agent.started.elapsed().as_secs(),
+        }]
+    }
+
+    fn flows(&self) -> &FlowLog {
+        &self.flows
+    }
+}
+
+impl Names for SharedAgent {
+    fn service_name(&self, id: u32) -> Option<String> {
+        self.lock().service_names.get(&id).cloned()
+    }
+}
+
+impl SnapshotSource for SharedAgent {
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.lock().snapshot();
+        snapshot.flows_recorded = self.flows.recorded();
+        snapshot
     }
 }
 
@@ -84,12 +138,17 @@ impl StatusSource for SharedAgent {
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
     let node = node_name(options.node.as_deref(), Some(&config))?;
-    let cgroup = match options.cgroup {
-        Some(path) => path,
-        None => cgroup::unified_root()?,
-    };
+    let cgroup_root = cgroup::unified_root()?;
+    let cgroup = options
+        .cgroup
+        .clone()
+        .unwrap_or_else(|| cgroup_root.clone());
     let pins = PinDir::new(&options.bpffs, &node);
-    let dataplane = DataPlane::install(&cgroup, pins)
+    let settings = Settings {
+        flow_events: !options.no_flow_events,
+        debug_log: options.ebpf_debug_log,
+    };
+    let (dataplane, telemetry) = DataPlane::install(&cgroup, pins, settings)
         .with_context(|| format!("installing the data plane on cgroup {}", cgroup.display()))?;
     let kernel = dataplane.maps.read_state()?;
     tracing::info!(
@@ -103,16 +162,41 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         node,
         config_path: options.config.clone(),
         cgroup,
+        started: Instant::now(),
         dataplane,
         desired: Desired::default(),
         kernel,
+        service_names: HashMap::new(),
         config_error: None,
+        reloads_applied: 0,
+        reloads_rejected: 0,
     };
     agent.apply(Desired::from_config(&config))?;
-    let agent = Arc::new(SharedAgent(Mutex::new(agent)));
+    let flow_log = Arc::new(FlowLog::default());
+    let agent = Arc::new(SharedAgent {
+        state: Mutex::new(agent),
+        flows: Arc::clone(&flow_log),
+    });
 
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(flows::follow_kernel(
+        telemetry.events,
+        flows::Decoder::new(cgroup_root),
+        agent.clone(),
+        flow_log,
+    ));
+    if let Some(logger) = telemetry.logger {
+        tasks.spawn(forward_kernel_log(logger));
+    }
     let listener = admin::bind(&options.admin_socket)?;
-    let admin_task = tokio::spawn(admin::serve(listener, agent.clone()));
+    tasks.spawn(admin::serve(listener, agent.clone()));
+    let metrics = agent.clone();
+    let metrics_addr = options.metrics_addr;
+    tasks.spawn(async move {
+        if let Err(error) = metrics::serve(metrics_addr, metrics).await {
+            tracing::error!("{error}; metrics are off");
+        }
+    });
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let _watcher = watch::watch_file(&options.config, changes_tx)?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -132,7 +216,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
     }
 
-    admin_task.abort();
+    tasks.abort_all();
     let _ = std::fs::remove_file(&options.admin_socket);
     let agent = agent.lock();
     if options.cleanup_on_exit {
@@ -142,6 +226,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         tracing::info!("exiting; the data plane stays pinned and keeps balancing");
     }
     Ok(())
+}
+
+/// Copies the kernel's aya-log records into the agent's log as they arrive.
+async fn forward_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let mut logger = match crate::dataplane::poll_readable(logger) {
+        Ok(logger) => logger,
+        Err(error) => {
+            tracing::error!(%error, "cannot poll the eBPF debug log");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = logger.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }
 
 /// `--node`, else `[node] name`, else the host name.
@@ -170,7 +272,21 @@ impl Agent {
     fn apply(&mut self, desired: Desired) -> anyhow::Result<()> {
         let started = Instant::now();
         let plan = reconcile::plan(&self.kernel, &desired);
-        let report = reconcile::apply(&plan, &mut self.dataplane.maps, &mut self.kernel)?;
+        let result = reconcile::apply(&plan, &mut self.dataplane.maps, &mut self.kernel);
+        // Whatever was applied is in the kernel now; name it for flows either way.
+        self.service_names = self
+            .kernel
+            .services
+            .iter()
+            .filter_map(|(key, service)| {
+                desired
+                    .services
+                    .get(key)
+                    .or_else(|| self.desired.services.get(key))
+                    .map(|d| (service.id, d.name.clone()))
+            })
+            .collect();
+        let report = result?;
         self.desired = desired;
         tracing::info!(
             %report,
@@ -186,8 +302,12 @@ impl Agent {
             .map_err(anyhow::Error::from)
             .and_then(|config| self.apply(Desired::from_config(&config)));
         match result {
-            Ok(()) => self.config_error = None,
+            Ok(()) => {
+                self.reloads_applied += 1;
+                self.config_error = None;
+            }
             Err(error) => {
+                self.reloads_rejected += 1;
                 tracing::error!(
                     "rejected config change, the previous config stays in force: {error:#}"
                 );
@@ -202,7 +322,7 @@ impl Agent {
             .maps
             .counters()?
             .into_iter()
-            .map(|(counter, value): (Counter, u64)| (counter.name().to_owned(), value))
+            .map(|(counter, value)| (counter.name().to_owned(), value))
             .collect();
         Ok(StatusReport {
             node: self.node.clone(),
@@ -210,9 +330,82 @@ impl Agent {
             cgroup: self.cgroup.display().to_string(),
             adopted: self.dataplane.adopted,
             config_error: self.config_error.clone(),
-            services: crate::status::services(&self.desired, &self.kernel),
+            services: status::services(&self.desired, &self.kernel),
             counters,
         })
+    }
+
+    /// The kernel backend id of each (service name, backend address) installed now.
+    fn installed_backends(&self) -> impl Iterator<Item = (u32, &str, SocketAddr)> + '_ {
+        self.kernel.backends.iter().filter_map(|(&id, backend)| {
+            let name = self.service_names.get(&backend.service_id)?;
+            let addr = kernel_addr::decode_backend(backend).ok()?;
+            Some((id, name.as_str(), addr))
+        })
+    }
+
+    fn endpoints(&self) -> Vec<EndpointStatus> {
+        let installed: HashMap<(&str, SocketAddr), u32> = self
+            .installed_backends()
+            .map(|(id, name, addr)| ((name, addr), id))
+            .collect();
+        self.desired
+            .services
+            .values()
+            .flat_map(|service| {
+                service.backends.iter().map(|backend| {
+                    let id = installed.get(&(service.name.as_str(), backend.addr));
+                    let state = match (backend.weight, id) {
+                        (0, _) => "drained",
+                        (_, Some(_)) => "active",
+                        (_, None) => "pending",
+                    };
+                    EndpointStatus {
+                        service: service.name.clone(),
+                        address: backend.addr.to_string(),
+                        weight: backend.weight,
+                        state: state.to_owned(),
+                        connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Snapshot {
+            counters: self.dataplane.maps.counters().unwrap_or_default(),
+            backends: self
+                .installed_backends()
+                .map(|(id, service, addr)| BackendSample {
+                    service: service.to_owned(),
+                    backend: addr.to_string(),
+                    connections: self.dataplane.maps.backend_count(id),
+                })
+                .collect(),
+            maps: vec![
+                MapUsage {
+                    name: mesh_common::maps::SERVICES,
+                    entries: count(self.kernel.services.len()),
+                    capacity: u64::from(mesh_common::maps::SERVICES_MAX),
+                },
+                MapUsage {
+                    name: mesh_common::maps::SLOTS,
+                    entries: count(self.kernel.slots.len()),
+                    capacity: u64::from(mesh_common::maps::SLOTS_MAX),
+                },
+                MapUsage {
+                    name: mesh_common::maps::BACKENDS,
+                    entries: count(self.kernel.backends.len()),
+                    capacity: u64::from(mesh_common::maps::BACKENDS_MAX),
+                },
+            ],
+            reloads_applied: self.reloads_applied,
+            reloads_rejected: self.reloads_rejected,
+            flows_recorded: 0,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+        }
     }
 }
 

@@ -51,6 +51,31 @@ pub struct BackendStatus {
     pub weight: u32,
 }
 
+/// One backend with what the kernel knows of it (`mesh-agent endpoints`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EndpointStatus {
+    pub service: String,
+    pub address: String,
+    pub weight: u32,
+    /// `active` (in the kernel's table), `drained` (weight 0) or `pending` (configured, not
+    /// installed: the last apply failed).
+    pub state: String,
+    /// Connections and UDP datagrams the kernel sent to it since it was added.
+    pub connections: u64,
+}
+
+/// A node of the mesh as this agent sees it (`mesh-agent nodes`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub name: String,
+    /// `self` for this agent's node.
+    pub role: String,
+    pub cgroup: String,
+    pub version: String,
+    /// Seconds since this agent started.
+    pub uptime_s: u64,
+}
+
 impl StatusReport {
     /// Human-readable tables.
     pub fn render(&self) -> String {
@@ -153,4 +178,69 @@ fn affinity_name(flags: u32) -> &'static str {
     } else {
         "none"
     }
+}
+
+/// A table with a header row, in the style of the status tables.
+pub fn table<const N: usize>(
+    header: [&str; N],
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> String {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(header);
+    for row in rows {
+        table.add_row(row);
+    }
+    format!("{table}\n")
+}
+
+/// `mesh-agent services`.
+pub fn render_services(services: &[ServiceStatus]) -> String {
+    table(
+        [
+            "SERVICE", "FRONTEND", "PROTO", "LB", "AFFINITY", "SLOTS", "BACKENDS",
+        ],
+        services.iter().map(|s| {
+            [
+                s.name.clone(),
+                frontend(&s.vip, s.port),
+                s.protocol.clone(),
+                s.lb.clone(),
+                s.affinity.clone(),
+                s.slots.to_string(),
+                s.backends.len().to_string(),
+            ]
+        }),
+    )
+}
+
+/// `mesh-agent endpoints`.
+pub fn render_endpoints(endpoints: &[EndpointStatus]) -> String {
+    table(
+        ["SERVICE", "ENDPOINT", "WEIGHT", "STATE", "CONNECTIONS"],
+        endpoints.iter().map(|e| {
+            [
+                e.service.clone(),
+                e.address.clone(),
+                e.weight.to_string(),
+                e.state.clone(),
+                e.connections.to_string(),
+            ]
+        }),
+    )
+}
+
+/// `mesh-agent nodes`.
+pub fn render_nodes(nodes: &[NodeStatus]) -> String {
+    table(
+        ["NODE", "ROLE", "CGROUP", "VERSION", "UPTIME"],
+        nodes.iter().map(|n| {
+            [
+                n.name.clone(),
+                n.role.clone(),
+                n.cgroup.clone(),
+                n.version.clone(),
+                format!("{}s", n.uptime_s),
+            ]
+        }),
+    )
 }

@@ -25,11 +25,13 @@ pub enum Counter {
     SlotMissing = 7,
     /// A map update failed (a full map); the socket went on without the reverse record.
     MapUpdateFailed = 8,
+    /// A flow event was dropped: over the rate bound, or the ring buffer was full.
+    EventDropped = 9,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Rewritten,
         Counter::NoBackend,
         Counter::NoServicePort,
@@ -39,9 +41,10 @@ impl Counter {
         Counter::ReverseHit,
         Counter::SlotMissing,
         Counter::MapUpdateFailed,
+        Counter::EventDropped,
     ];
 
-    /// Size of the counters array.
+    /// Number of counters in use; the array has room for [`crate::maps::COUNTERS_MAX`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     /// The name shown by `mesh-agent status` and used as a metric label.
@@ -56,6 +59,40 @@ impl Counter {
             Counter::ReverseHit => "reverse_hit",
             Counter::SlotMissing => "slot_missing",
             Counter::MapUpdateFailed => "map_update_failed",
+            Counter::EventDropped => "events_dropped",
+        }
+    }
+}
+
+const _: () = assert!(Counter::COUNT <= crate::maps::COUNTERS_MAX);
+
+impl Counter {
+    /// The counter at `index`, if any (flow events carry the index as their verdict).
+    pub const fn from_index(index: u8) -> Option<Counter> {
+        let index = index as usize;
+        if index < Self::ALL.len() {
+            Some(Self::ALL[index])
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counter;
+
+    #[test]
+    fn indices_round_trip_and_names_are_unique() {
+        for (index, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, index);
+            assert_eq!(Counter::from_index(index as u8), Some(*counter));
+        }
+        assert_eq!(Counter::from_index(Counter::COUNT as u8), None);
+        for (i, a) in Counter::ALL.iter().enumerate() {
+            for b in &Counter::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
         }
     }
 }

@@ -15,3 +15,27 @@ pub const fn client_hash(client: u64, service_id: u32) -> u32 {
     z ^= z >> 31;
     (z ^ (z >> 32)) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::client_hash;
+
+    #[test]
+    fn same_client_same_hash_and_services_are_independent() {
+        assert_eq!(client_hash(42, 7), client_hash(42, 7));
+        assert_ne!(client_hash(42, 7), client_hash(42, 8));
+        assert_ne!(client_hash(42, 7), client_hash(43, 7));
+    }
+
+    #[test]
+    fn consecutive_clients_spread_evenly_over_slots() {
+        // Cgroup ids and cookies are mostly consecutive numbers: they must not cluster.
+        let mut buckets = [0u32; 10];
+        for client in 0..10_000u64 {
+            buckets[(client_hash(client, 1) % 10) as usize] += 1;
+        }
+        for count in buckets {
+            assert!((900..=1100).contains(&count), "uneven spread: {buckets:?}");
+        }
+    }
+}

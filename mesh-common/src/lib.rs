@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod counters;
+pub mod events;
 pub mod hash;
 pub mod maps;
 pub mod service;

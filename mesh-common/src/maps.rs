@@ -20,9 +20,15 @@ pub const REVERSE: &str = "MESH_REV_V1";
 pub const AFFINITY: &str = "MESH_AFF_V1";
 /// Per-CPU counters, indexed by [`crate::counters::Counter`].
 pub const COUNTERS: &str = "MESH_CNT_V1";
-
-/// Every map the programs define, for pin adoption and uninstall.
-pub const ALL: [&str; 6] = [SERVICES, SLOTS, BACKENDS, REVERSE, AFFINITY, COUNTERS];
+/// Connections (and datagrams) sent to each backend: backend id → count.
+pub const BACKEND_COUNTS: &str = "MESH_BECNT_V1";
+/// Switches the agent sets for the programs, indexed by `events::SETTING_*`.
+pub const SETTINGS: &str = "MESH_SET_V1";
+/// Per-CPU token buckets bounding the flow-event rate.
+pub const EVENT_BUDGET: &str = "MESH_EVB_V1";
+/// Flow events (ring buffer). Not pinned, like [`SETTINGS`] and [`EVENT_BUDGET`]: each agent
+/// sets up and reads its own programs' copies.
+pub const EVENTS: &str = "MESH_EVT_V1";
 
 /// Frontend entries: services plus one VIP marker per distinct VIP address.
 pub const SERVICES_MAX: u32 = 65_536;
@@ -35,3 +41,5 @@ pub const SLOTS_MAX: u32 = 1_048_576;
 pub const REVERSE_MAX: u32 = 262_144;
 /// Clients with a remembered backend.
 pub const AFFINITY_MAX: u32 = 131_072;
+/// Slots of the counters array: room for counters added later without a layout change.
+pub const COUNTERS_MAX: u32 = 32;

@@ -5,6 +5,7 @@
 //! the types hold), so any bit pattern is a valid value.
 #![allow(unsafe_code)]
 
+use crate::events::{EventBudget, FlowEvent};
 use crate::service::{
     AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
 };
@@ -17,3 +18,5 @@ unsafe impl aya::Pod for ReverseKey {}
 unsafe impl aya::Pod for ReverseValue {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityValue {}
+unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for EventBudget {}

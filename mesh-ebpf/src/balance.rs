@@ -12,8 +12,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
+use aya_log_ebpf::debug;
+
 use mesh_common::{
     counters::Counter,
+    events::{AFFINITY_HIT, AFFINITY_MISS, AFFINITY_NONE, SETTING_DEBUG_LOG},
     hash::client_hash,
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey,
@@ -22,9 +25,13 @@ use mesh_common::{
 };
 
 use crate::{
-    maps::{count, AFFINITY, BACKENDS, REVERSE, SERVICES, SLOTS},
+    events::{self, Decision},
+    maps::{count, setting, AFFINITY, BACKENDS, BACKEND_COUNTS, REVERSE, SERVICES, SLOTS},
     sockaddr::Dest,
 };
+
+/// `BPF_NOEXIST`: create the entry only if it is absent.
+const BPF_NOEXIST: u64 = 1;
 
 /// What the program decided for a socket.
 pub enum Verdict {
@@ -36,54 +43,120 @@ pub enum Verdict {
     Refuse,
 }
 
-/// Decides where a socket addressed to `dest` over `proto` goes.
+/// Decides where a socket addressed to `dest` over `proto` goes, from `hook`
+/// (`events::HOOK_*`), and reports the decision as a flow event.
 #[inline(always)]
-pub fn decide(ctx: &SockAddrContext, dest: &Dest, proto: u8) -> Verdict {
+pub fn decide(ctx: &SockAddrContext, dest: &Dest, proto: u8, hook: u8) -> Verdict {
     let key = ServiceKey {
         addr: dest.addr,
         port: dest.port,
         proto,
         family: dest.family,
     };
+    // SAFETY: the socket cookie helper accepts every sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let mut decision = Decision {
+        cookie,
+        vip: dest.addr,
+        vip_port: dest.port,
+        backend: [0; 4],
+        backend_port: 0,
+        family: dest.family,
+        proto,
+        verdict: Counter::Rewritten,
+        hook,
+        service_id: 0,
+        backend_id: 0,
+        affinity: AFFINITY_NONE,
+    };
     // SAFETY: the value is copied out at once; the agent replaces entries, never mutates them.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         let marker = ServiceKey::vip_marker(dest.addr, dest.family);
         // SAFETY: as above, only existence is checked.
         if unsafe { SERVICES.get(marker) }.is_some() {
-            count(Counter::NoServicePort);
-            return Verdict::Refuse;
+            return refuse(ctx, &mut decision, Counter::NoServicePort);
         }
         count(Counter::Passthrough);
         return Verdict::Pass;
     };
+    decision.service_id = service.id;
     if service.count == 0 {
-        count(Counter::NoBackend);
-        return Verdict::Refuse;
+        return refuse(ctx, &mut decision, Counter::NoBackend);
     }
-    let backend = match pick(ctx, &key, &service) {
-        Some(backend) => backend,
-        None => {
-            count(Counter::SlotMissing);
-            return Verdict::Refuse;
-        }
+    let Some((backend_id, backend, affinity)) = pick(ctx, &key, &service, cookie) else {
+        return refuse(ctx, &mut decision, Counter::SlotMissing);
     };
     let to = Dest {
         addr: backend.addr,
         port: backend.port,
         family: backend.family,
     };
-    remember_vip(ctx, dest, &to);
+    remember_vip(cookie, dest, &to);
+    if setting(SETTING_DEBUG_LOG) {
+        debug!(
+            ctx,
+            "service {} -> backend {} (socket {}, affinity {})",
+            service.id,
+            backend_id,
+            cookie,
+            affinity
+        );
+    }
     count(Counter::Rewritten);
+    count_backend(backend_id);
+    decision.backend = backend.addr;
+    decision.backend_port = backend.port;
+    decision.backend_id = backend_id;
+    decision.affinity = affinity;
+    events::emit(&decision);
     Verdict::Rewrite(to)
 }
 
-/// Chooses a backend: the remembered one for a client with affinity, else a slot.
 #[inline(always)]
-fn pick(ctx: &SockAddrContext, key: &ServiceKey, service: &Service) -> Option<Backend> {
+fn refuse(ctx: &SockAddrContext, decision: &mut Decision, reason: Counter) -> Verdict {
+    count(reason);
+    if setting(SETTING_DEBUG_LOG) {
+        debug!(
+            ctx,
+            "service {} refused: reason {} (socket {})",
+            decision.service_id,
+            reason as u32,
+            decision.cookie
+        );
+    }
+    decision.verdict = reason;
+    events::emit(decision);
+    Verdict::Refuse
+}
+
+/// Adds one to the backend's connection count, creating the entry on first use.
+#[inline(always)]
+fn count_backend(backend_id: u32) {
+    match BACKEND_COUNTS.get_ptr_mut(backend_id) {
+        // SAFETY: this CPU's value of a successful lookup; no other CPU writes it.
+        Some(total) => unsafe { *total += 1 },
+        None => {
+            // Creates the entry with 1 on this CPU and 0 elsewhere. If another CPU created it
+            // meanwhile (BPF_NOEXIST fails), losing this one count is acceptable.
+            if BACKEND_COUNTS.insert(backend_id, 1, BPF_NOEXIST).is_err() {
+                count(Counter::MapUpdateFailed);
+            }
+        }
+    }
+}
+
+/// Chooses a backend: the remembered one for a client with affinity, else a slot. Returns the
+/// backend id, the backend and the `events::AFFINITY_*` outcome.
+#[inline(always)]
+fn pick(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    service: &Service,
+    cookie: u64,
+) -> Option<(u32, Backend, u8)> {
     if !service.has_affinity() {
-        // SAFETY: the socket cookie helper accepts every sock_addr context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        return pick_slot(key, service, cookie);
+        let (id, backend) = pick_slot(key, service, cookie)?;
+        return Some((id, backend, AFFINITY_NONE));
     }
     let client = if service.flags & SERVICE_FLAG_AFFINITY_NETNS != 0 {
         // SAFETY: the netns cookie helper accepts every sock_addr context.
@@ -97,7 +170,7 @@ fn pick(ctx: &SockAddrContext, key: &ServiceKey, service: &Service) -> Option<Ba
         service_id: service.id,
         _pad: 0,
     };
-    // SAFETY: no sleeping helper runs between the lookup and these reads and writes.
+    // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(remembered) = AFFINITY.get_ptr_mut(affinity_key) {
         // SAFETY: the pointer comes from a successful lookup; a racing CPU can at worst write
@@ -110,13 +183,13 @@ fn pick(ctx: &SockAddrContext, key: &ServiceKey, service: &Service) -> Option<Ba
                 if backend.service_id == service.id {
                     entry.last_used_ns = now;
                     count(Counter::AffinityHit);
-                    return Some(backend);
+                    return Some((entry.backend_id, backend, AFFINITY_HIT));
                 }
             }
         }
     }
     count(Counter::AffinityMiss);
-    let (backend_id, backend) = pick_slot_with_id(key, service, client)?;
+    let (backend_id, backend) = pick_slot(key, service, client)?;
     let value = AffinityValue {
         last_used_ns: now,
         backend_id,
@@ -125,12 +198,7 @@ fn pick(ctx: &SockAddrContext, key: &ServiceKey, service: &Service) -> Option<Ba
     if AFFINITY.insert(affinity_key, value, 0).is_err() {
         count(Counter::MapUpdateFailed);
     }
-    Some(backend)
-}
-
-#[inline(always)]
-fn pick_slot(key: &ServiceKey, service: &Service, hash_input: u64) -> Option<Backend> {
-    pick_slot_with_id(key, service, hash_input).map(|(_, backend)| backend)
+    Some((backend_id, backend, AFFINITY_MISS))
 }
 
 /// Picks slot `hash(hash_input) % count` for Maglev, a random slot otherwise.
@@ -138,11 +206,7 @@ fn pick_slot(key: &ServiceKey, service: &Service, hash_input: u64) -> Option<Bac
 /// If the slot is gone because the agent flipped generations between our header read and our
 /// slot read, the header is read once more: the new generation is complete by then.
 #[inline(always)]
-fn pick_slot_with_id(
-    key: &ServiceKey,
-    service: &Service,
-    hash_input: u64,
-) -> Option<(u32, Backend)> {
+fn pick_slot(key: &ServiceKey, service: &Service, hash_input: u64) -> Option<(u32, Backend)> {
     let draw = if service.lb == LB_MAGLEV {
         client_hash(hash_input, service.id)
     } else {
@@ -176,9 +240,7 @@ fn slot_backend(service: &Service, draw: u32) -> Option<(u32, Backend)> {
 
 /// Records, under the socket's cookie and the backend, which VIP the socket asked for.
 #[inline(always)]
-fn remember_vip(ctx: &SockAddrContext, vip: &Dest, backend: &Dest) {
-    // SAFETY: the socket cookie helper accepts every sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+fn remember_vip(cookie: u64, vip: &Dest, backend: &Dest) {
     let key = reverse_key(cookie, backend);
     let value = ReverseValue {
         addr: vip.addr,

@@ -11,12 +11,16 @@
 #![no_main]
 
 mod balance;
+mod events;
 mod maps;
 mod sockaddr;
 
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 use balance::Verdict;
-use mesh_common::service::{PROTO_TCP, PROTO_UDP};
+use mesh_common::{
+    events::{HOOK_CONNECT, HOOK_SENDMSG},
+    service::{PROTO_TCP, PROTO_UDP},
+};
 
 /// Return code that lets the call proceed.
 const ALLOW: i32 = 1;
@@ -29,12 +33,12 @@ const ECONNREFUSED: i32 = 111;
 type Writer = fn(&SockAddrContext, &sockaddr::Dest);
 
 #[inline(always)]
-fn on_send(ctx: &SockAddrContext, dest: sockaddr::Dest, write: Writer) -> i32 {
+fn on_send(ctx: &SockAddrContext, dest: sockaddr::Dest, write: Writer, hook: u8) -> i32 {
     let proto = sockaddr::protocol(ctx);
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return ALLOW;
     }
-    match balance::decide(ctx, &dest, proto) {
+    match balance::decide(ctx, &dest, proto, hook) {
         Verdict::Pass => ALLOW,
         Verdict::Rewrite(to) if to.family == dest.family => {
             write(ctx, &to);
@@ -62,22 +66,42 @@ fn on_receive(ctx: &SockAddrContext, peer: sockaddr::Dest, write: Writer) -> i32
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    on_send(&ctx, sockaddr::read_v4(&ctx), sockaddr::write_v4)
+    on_send(
+        &ctx,
+        sockaddr::read_v4(&ctx),
+        sockaddr::write_v4,
+        HOOK_CONNECT,
+    )
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    on_send(&ctx, sockaddr::read_v6(&ctx), sockaddr::write_v6)
+    on_send(
+        &ctx,
+        sockaddr::read_v6(&ctx),
+        sockaddr::write_v6,
+        HOOK_CONNECT,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
-    on_send(&ctx, sockaddr::read_v4(&ctx), sockaddr::write_v4)
+    on_send(
+        &ctx,
+        sockaddr::read_v4(&ctx),
+        sockaddr::write_v4,
+        HOOK_SENDMSG,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
-    on_send(&ctx, sockaddr::read_v6(&ctx), sockaddr::write_v6)
+    on_send(
+        &ctx,
+        sockaddr::read_v6(&ctx),
+        sockaddr::write_v6,
+        HOOK_SENDMSG,
+    )
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -4,10 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use mesh_common::{
     counters::Counter,
+    events::{EventBudget, RING_BYTES, SETTINGS_MAX},
     maps as limits,
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
@@ -36,7 +37,27 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(limits::AFFINITY_MAX, 0);
 
 #[map(name = "MESH_CNT_V1")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(limits::COUNTERS_MAX, 0);
+
+/// Per-CPU, so counting needs no atomics; created on a backend's first use.
+#[map(name = "MESH_BECNT_V1")]
+pub static BACKEND_COUNTS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::pinned(limits::BACKENDS_MAX, NO_PREALLOC);
+
+#[map(name = "MESH_SET_V1")]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_MAX, 0);
+
+#[map(name = "MESH_EVB_V1")]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "MESH_EVT_V1")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// True when the agent turned setting `index` on.
+#[inline(always)]
+pub fn setting(index: u32) -> bool {
+    SETTINGS.get(index).is_some_and(|value| *value != 0)
+}
 
 /// Adds one to `counter` on this CPU.
 #[inline(always)]

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
 use mesh_common::{
@@ -12,7 +12,7 @@ use mesh_common::{
     service::{Backend, Service, ServiceKey, SlotKey},
 };
 
-use super::DataPlaneError;
+use super::{take_map as take, DataPlaneError};
 use crate::reconcile::{KernelState, MapOp, MapWriteError, MapWriter};
 
 /// The maps the agent writes and reads.
@@ -20,17 +20,8 @@ pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, Service>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
+    backend_counts: PerCpuHashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, DataPlaneError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(DataPlaneError::MissingMap(name))?;
-    T::try_from(map).map_err(|cause| DataPlaneError::Map { name, cause })
 }
 
 impl KernelMaps {
@@ -39,6 +30,7 @@ impl KernelMaps {
             services: take(ebpf, maps::SERVICES)?,
             slots: take(ebpf, maps::SLOTS)?,
             backends: take(ebpf, maps::BACKENDS)?,
+            backend_counts: take(ebpf, maps::BACKEND_COUNTS)?,
             counters: take(ebpf, maps::COUNTERS)?,
         })
     }
@@ -58,6 +50,13 @@ impl KernelMaps {
             slots: collect(&self.slots, maps::SLOTS)?,
             backends: collect(&self.backends, maps::BACKENDS)?,
         })
+    }
+
+    /// Connections (and UDP datagrams) sent to backend `id` since it was added.
+    pub fn backend_count(&self, id: u32) -> u64 {
+        self.backend_counts
+            .get(&id, 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Every counter, summed over CPUs.
@@ -100,7 +99,12 @@ impl MapWriter for KernelMaps {
                 (maps::SERVICES, ignore_missing(self.services.remove(key)))
             }
             MapOp::DeleteSlot(key) => (maps::SLOTS, ignore_missing(self.slots.remove(key))),
-            MapOp::DeleteBackend(id) => (maps::BACKENDS, ignore_missing(self.backends.remove(id))),
+            MapOp::DeleteBackend(id) => {
+                // The count goes with the backend, so a reused id starts from zero. A count
+                // that cannot be removed only overstates a backend that no longer exists.
+                let _ = ignore_missing(self.backend_counts.remove(id));
+                (maps::BACKENDS, ignore_missing(self.backends.remove(id)))
+            }
         };
         result.map_err(|cause| MapWriteError::new(format!("{name}: {cause}")))
     }

@@ -13,14 +13,23 @@ mod pins;
 use std::{
     fs::{self, File},
     io,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
+use tokio::io::{unix::AsyncFd, Interest};
+
 use aya::{
+    maps::{Array, MapData, RingBuf},
     programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr},
     Ebpf, EbpfLoader,
 };
+use aya_log::EbpfLogger;
 pub use kernel_maps::KernelMaps;
+use mesh_common::{
+    events::{SETTING_DEBUG_LOG, SETTING_FLOW_EVENTS},
+    maps,
+};
 pub use pins::{PinDir, PinError};
 
 /// The programs, compiled by `build.rs` from `mesh-ebpf`.
@@ -55,6 +64,8 @@ pub enum DataPlaneError {
         #[source]
         cause: aya::programs::ProgramError,
     },
+    #[error("cannot start the eBPF debug log: {0}")]
+    Logger(String),
     #[error("cannot open cgroup {path}: {cause}")]
     Cgroup { path: PathBuf, cause: io::Error },
     #[error("cannot pin or unpin link {path}: {reason}")]
@@ -65,6 +76,32 @@ pub enum DataPlaneError {
         #[source]
         cause: aya::maps::MapError,
     },
+}
+
+/// What the programs report to this agent, for the tasks that read it.
+pub struct Telemetry {
+    /// Flow events of this agent's programs.
+    pub events: RingBuf<MapData>,
+    /// The kernel's debug log, when `Settings::debug_log` is on.
+    pub logger: Option<EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Registers a [`Telemetry`] stream (the flow-event ring buffer or the eBPF logger) with the
+/// tokio reactor for readability.
+pub fn poll_readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: both telemetry types own their map's file descriptor (an `OwnedFd` inside aya's
+    // `MapData`) for as long as they live and always return that same descriptor, and the
+    // `AsyncFd` owns them, so the descriptor stays open and unchanged while registered.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// Switches the agent sets for its programs.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Send a flow event for every balancing decision (rate-bounded).
+    pub flow_events: bool,
+    /// Log each decision from the kernel through aya-log (verbose; for debugging).
+    pub debug_log: bool,
 }
 
 /// The installed data plane: programs attached, state pinned, maps open for writing.
@@ -78,7 +115,11 @@ pub struct DataPlane {
 impl DataPlane {
     /// Loads the programs into the kernel, adopting pinned maps if present, attaches them to
     /// `cgroup` and pins everything under `pins`.
-    pub fn install(cgroup: &Path, pins: PinDir) -> Result<Self, DataPlaneError> {
+    pub fn install(
+        cgroup: &Path,
+        pins: PinDir,
+        settings: Settings,
+    ) -> Result<(Self, Telemetry), DataPlaneError> {
         pins.validate()?;
         let adopted = pins.has_maps();
         pins.create()?;
@@ -86,6 +127,13 @@ impl DataPlane {
             .default_map_pin_directory(pins.maps())
             .load(OBJECT)
             .map_err(|e| DataPlaneError::Load(Box::new(e)))?;
+        // The logger must own its ring buffer before the programs load.
+        let logger = if settings.debug_log {
+            Some(EbpfLogger::init(&mut ebpf).map_err(|e| DataPlaneError::Logger(e.to_string()))?)
+        } else {
+            None
+        };
+        apply_settings(&mut ebpf, settings)?;
         let cgroup_dir = File::open(cgroup).map_err(|cause| DataPlaneError::Cgroup {
             path: cgroup.to_owned(),
             cause,
@@ -95,11 +143,15 @@ impl DataPlane {
             replace_pinned_link(&pins.link(hook), link)?;
         }
         let maps = KernelMaps::take(&mut ebpf)?;
-        Ok(Self {
-            maps,
-            pins,
-            adopted,
-        })
+        let events = take_map(&mut ebpf, maps::EVENTS)?;
+        Ok((
+            Self {
+                maps,
+                pins,
+                adopted,
+            },
+            Telemetry { events, logger },
+        ))
     }
 
     /// Detaches every program and removes every pin of this node.
@@ -111,6 +163,35 @@ impl DataPlane {
 /// Detaches and unpins a node's data plane without loading anything (`mesh-agent uninstall`).
 pub fn uninstall(pins: &PinDir) -> Result<(), DataPlaneError> {
     pins.remove_all().map_err(DataPlaneError::from)
+}
+
+fn apply_settings(ebpf: &mut Ebpf, settings: Settings) -> Result<(), DataPlaneError> {
+    let name = maps::SETTINGS;
+    let mut switches: Array<&mut MapData, u32> = ebpf
+        .map_mut(name)
+        .ok_or(DataPlaneError::MissingMap(name))?
+        .try_into()
+        .map_err(|cause| DataPlaneError::Map { name, cause })?;
+    for (index, on) in [
+        (SETTING_FLOW_EVENTS, settings.flow_events),
+        (SETTING_DEBUG_LOG, settings.debug_log),
+    ] {
+        switches
+            .set(index, u32::from(on), 0)
+            .map_err(|cause| DataPlaneError::Map { name, cause })?;
+    }
+    Ok(())
+}
+
+/// Takes map `name` out of the loaded object as a typed handle.
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DataPlaneError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataPlaneError::MissingMap(name))?;
+    T::try_from(map).map_err(|cause| DataPlaneError::Map { name, cause })
 }
 
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, DataPlaneError> {

@@ -12,7 +12,6 @@ use std::{
 
 use aya::maps::MapData;
 use mesh_common::{
-    counters::Counter,
     maps,
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
@@ -160,7 +159,8 @@ fn expected_shape(name: &str) -> Option<(u32, u32, u32)> {
         maps::BACKENDS => shape::<u32, Backend>(maps::BACKENDS_MAX),
         maps::REVERSE => shape::<ReverseKey, ReverseValue>(maps::REVERSE_MAX),
         maps::AFFINITY => shape::<AffinityKey, AffinityValue>(maps::AFFINITY_MAX),
-        maps::COUNTERS => shape::<u32, u64>(Counter::COUNT),
+        maps::COUNTERS => shape::<u32, u64>(maps::COUNTERS_MAX),
+        maps::BACKEND_COUNTS => shape::<u32, u64>(maps::BACKENDS_MAX),
         _ => return None,
     })
 }

@@ -1,0 +1,192 @@
+//! The admin API: HTTP/1.1 with JSON bodies over a Unix socket (server here, client in
+//! [`client`]). The socket is created by the running agent (a stale one is removed first) and
+//! removed when it exits.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /v1/status` | [`StatusReport`]: node, services, counters |
+//! | `GET /v1/services` | `[ServiceStatus]` |
+//! | `GET /v1/endpoints` | `[EndpointStatus]`: every backend with its state and connection count |
+//! | `GET /v1/nodes` | `[NodeStatus]`: the nodes this agent knows (itself, until gossip) |
+//! | `GET /v1/policies` | `[]`: authorization policies arrive with mTLS |
+//! | `GET /v1/certs` | `[]`: certificates arrive with mTLS |
+//! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
+
+pub mod client;
+
+use std::{convert::Infallible, io, path::Path, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
+use hyper::{
+    body::{Frame, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+    Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
+
+use crate::{
+    flows::{FlowFilter, FlowLog},
+    status::{EndpointStatus, NodeStatus, StatusReport},
+};
+
+/// Why the admin API could not be served or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on admin socket {path}: {cause}")]
+    Listen { path: String, cause: io::Error },
+    #[error("cannot reach the agent at {path}: {cause} (is `mesh-agent run` running with this --admin-socket?)")]
+    Connect { path: String, cause: io::Error },
+    #[error("admin API request failed")]
+    Http(#[from] hyper::Error),
+    #[error("admin API answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("admin API sent an unreadable answer")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// What the admin API shows of the running agent.
+pub trait AgentView: Send + Sync + 'static {
+    fn status(&self) -> Result<StatusReport, String>;
+    fn endpoints(&self) -> Result<Vec<EndpointStatus>, String>;
+    fn nodes(&self) -> Vec<NodeStatus>;
+    fn flows(&self) -> &FlowLog;
+}
+
+/// Query of `GET /v1/flows`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct FlowQuery {
+    #[serde(flatten)]
+    pub filter: FlowFilter,
+    /// Most recent flows to send first (default 100).
+    pub limit: Option<usize>,
+    /// Keep the response open and stream new flows.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Binds the admin socket; `serve` then answers on it.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let err = |cause| AdminError::Listen {
+        path: path.display().to_string(),
+        cause,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    UnixListener::bind(path).map_err(err)
+}
+
+/// Answers admin requests until the task is dropped.
+pub async fn serve(listener: UnixListener, agent: Arc<dyn AgentView>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "admin socket accept failed");
+                continue;
+            }
+        };
+        let agent = Arc::clone(&agent);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let agent = Arc::clone(&agent);
+                async move { Ok::<_, Infallible>(route(&request, agent)) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(request: &Request<Incoming>, agent: Arc<dyn AgentView>) -> Response<Body> {
+    if request.method() != hyper::Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
+    }
+    match request.uri().path() {
+        "/v1/status" => json(agent.status()),
+        "/v1/services" => json(agent.status().map(|s| s.services)),
+        "/v1/endpoints" => json(agent.endpoints()),
+        "/v1/nodes" => json(Ok::<_, String>(agent.nodes())),
+        "/v1/policies" | "/v1/certs" => json(Ok::<_, String>(Vec::<()>::new())),
+        "/v1/flows" => {
+            match serde_urlencoded::from_str::<FlowQuery>(request.uri().query().unwrap_or_default())
+            {
+                Ok(query) => flows(&agent, query),
+                Err(e) => text(StatusCode::BAD_REQUEST, &format!("bad flows query: {e}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "no such route\n"),
+    }
+}
+
+/// Recent flows as NDJSON, then (when following) every new one as it happens.
+fn flows(agent: &Arc<dyn AgentView>, query: FlowQuery) -> Response<Body> {
+    let limit = query.limit.unwrap_or(100);
+    // Subscribe before reading the history so nothing falls between the two.
+    let live = agent.flows().subscribe();
+    let recent = agent.flows().recent(&query.filter, limit);
+    let line = |flow: &crate::flows::Flow| {
+        let mut line = serde_json::to_vec(flow).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, Infallible>(Frame::data(Bytes::from(line)))
+    };
+    let history = tokio_stream::iter(recent.iter().map(line).collect::<Vec<_>>());
+    let body: Body = if query.follow {
+        let filter = query.filter;
+        let updates = BroadcastStream::new(live).filter_map(move |flow| {
+            // A lagging follower skips what it missed rather than slowing anyone down.
+            let flow = flow.ok()?;
+            filter.matches(&flow).then(|| line(&flow))
+        });
+        StreamBody::new(history.chain(updates)).boxed()
+    } else {
+        StreamBody::new(history).boxed()
+    };
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+fn json<T: Serialize>(result: Result<T, String>) -> Response<Body> {
+    match result.and_then(|value| serde_json::to_vec(&value).map_err(|e| e.to_string())) {
+        Ok(body) => {
+            let mut response = respond(StatusCode::OK, body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    respond(status, body.as_bytes().to_vec())
+}
+
+fn respond(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    *response.status_mut() = status;
+    response
+}

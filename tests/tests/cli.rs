@@ -1,0 +1,307 @@
+//! The operator's view, end to end: every `mesh-agent` CLI answer checked field by field after
+//! real traffic, `flows --follow` showing the decisions the test's own clients caused, and the
+//! clear error when no agent is running.
+//!
+//! Needs root, cgroup2, bpffs and built binaries; fails, never skips, without them.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_tests::config::{render, Backend, Service};
+use mesh_tests::host::agent_bin;
+use mesh_tests::process::{self, Capture};
+use mesh_tests::{Agent, OrFail, TestBed};
+use serde_json::{json, Value};
+
+/// Per-connection timeout of the clients.
+const T: Duration = Duration::from_secs(1);
+const BACKEND_PORT: u16 = 8080;
+
+fn cli_json(agent: &Agent, command: &str) -> Value {
+    let out = agent
+        .cli(&[
+            command.as_ref(),
+            "--admin-socket".as_ref(),
+            agent.socket_path().as_os_str(),
+            "--output".as_ref(),
+            "json".as_ref(),
+        ])
+        .or_fail()
+        .ok(command)
+        .or_fail();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "`mesh-agent {command}` printed non-JSON ({e}): {}",
+            out.stdout
+        )
+    })
+}
+
+fn keys(value: &Value) -> BTreeSet<String> {
+    value
+        .as_object()
+        .expect("a JSON object")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn cli_json_answers_field_by_field() {
+    let bed = TestBed::new("cli_json_answers_field_by_field").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let b = bed.add_node("b").or_fail();
+    let c = bed.add_node("c").or_fail();
+    let b_addr = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
+    let c_addr = SocketAddr::new(c.ipv4().into(), BACKEND_PORT);
+    let _servers = [
+        b.tcp_server("server", b_addr, "b").or_fail(),
+        c.tcp_server("server", c_addr, "c").or_fail(),
+    ];
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    // c is drained: listed with weight 0, never picked.
+    let web = Service::tcp("web", vip, &[]).lb("weighted").backends(vec![
+        Backend::weighted(b_addr, 2),
+        Backend::weighted(c_addr, 0),
+    ]);
+    let agent = a.start_agent(&render("a", &[web])).or_fail();
+    let report = a.tcp_client("client", vip, 20, T).or_fail();
+    assert_eq!(report.ok(), 20, "{report:?}");
+
+    let status = cli_json(&agent, "status");
+    assert_eq!(
+        keys(&status),
+        set(&[
+            "node",
+            "config",
+            "cgroup",
+            "adopted",
+            "config_error",
+            "services",
+            "counters"
+        ])
+    );
+    assert_eq!(status["node"], json!(a.full_name()));
+    assert_eq!(
+        status["cgroup"],
+        json!(a.cgroup().path().display().to_string())
+    );
+    assert_eq!(status["adopted"], json!(false));
+    assert_eq!(status["config_error"], Value::Null);
+    let expected_service = json!({
+        "name": "web",
+        "vip": "10.96.0.10",
+        "port": 80,
+        "protocol": "tcp",
+        "lb": "weighted",
+        "affinity": "none",
+        "backends": [
+            {"address": b_addr.to_string(), "weight": 2},
+            {"address": c_addr.to_string(), "weight": 0},
+        ],
+        "slots": 1,
+    });
+    assert_eq!(status["services"], json!([expected_service.clone()]));
+    let counters = &status["counters"];
+    assert_eq!(
+        keys(counters),
+        set(&[
+            "rewritten",
+            "no_backend",
+            "no_service_port",
+            "passthrough",
+            "affinity_hit",
+            "affinity_miss",
+            "reverse_hit",
+            "slot_missing",
+            "map_update_failed",
+            "events_dropped",
+        ])
+    );
+    assert!(counters["rewritten"].as_u64() >= Some(20), "{counters}");
+    assert_eq!(counters["no_backend"], json!(0));
+
+    assert_eq!(cli_json(&agent, "services"), json!([expected_service]));
+
+    let endpoints = cli_json(&agent, "endpoints");
+    assert_eq!(
+        endpoints,
+        json!([
+            {"service": "web", "address": b_addr.to_string(), "weight": 2, "state": "active", "connections": 20},
+            {"service": "web", "address": c_addr.to_string(), "weight": 0, "state": "drained", "connections": 0},
+        ])
+    );
+
+    let nodes = cli_json(&agent, "nodes");
+    let node = &nodes[0];
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+    assert_eq!(
+        keys(node),
+        set(&["name", "role", "cgroup", "version", "uptime_s"])
+    );
+    assert_eq!(node["name"], json!(a.full_name()));
+    assert_eq!(node["role"], json!("self"));
+    let version = node["version"].as_str().unwrap_or_default();
+    assert!(
+        version.starts_with(concat!(env!("CARGO_PKG_VERSION"), " (")),
+        "version {version:?}"
+    );
+
+    assert_eq!(cli_json(&agent, "policies"), json!([]));
+    assert_eq!(cli_json(&agent, "certs"), json!([]));
+
+    let table = agent
+        .cli(&[
+            "endpoints".as_ref(),
+            "--admin-socket".as_ref(),
+            agent.socket_path().as_os_str(),
+        ])
+        .or_fail()
+        .ok("endpoints table")
+        .or_fail();
+    for word in [
+        "SERVICE",
+        "ENDPOINT",
+        "STATE",
+        "CONNECTIONS",
+        "drained",
+        "active",
+    ] {
+        assert!(
+            table.stdout.contains(word),
+            "{word} missing from:\n{}",
+            table.stdout
+        );
+    }
+}
+
+#[test]
+fn cli_without_an_agent_says_so() {
+    let mut cmd = Command::new(agent_bin().or_fail());
+    cmd.args([
+        "status",
+        "--admin-socket",
+        "/run/mesh-test-no-such-agent.sock",
+    ]);
+    let out = process::spawn("mesh-agent status", cmd, None, None, Capture::Lines)
+        .or_fail()
+        .finish(Duration::from_secs(5))
+        .or_fail();
+    assert!(!out.status.success(), "status without an agent succeeded");
+    assert!(
+        out.stderr
+            .contains("cannot reach the agent at /run/mesh-test-no-such-agent.sock")
+            && out.stderr.contains("is `mesh-agent run` running"),
+        "unclear error: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn flows_follow_shows_the_decisions_clients_caused() {
+    let bed = TestBed::new("flows_follow_shows_the_decisions_clients_caused").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let b = bed.add_node("b").or_fail();
+    let b_addr = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
+    let _server = b.tcp_server("server", b_addr, "b").or_fail();
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let agent = a
+        .start_agent(&render("a", &[Service::tcp("web", vip, &[b_addr])]))
+        .or_fail();
+
+    let mut follow = Command::new(agent_bin().or_fail());
+    follow
+        .arg("flows")
+        .arg("--follow")
+        .arg("--service")
+        .arg("web");
+    follow
+        .arg("--output")
+        .arg("json")
+        .arg("--admin-socket")
+        .arg(agent.socket_path());
+    let follower = process::spawn("flows --follow", follow, None, None, Capture::Lines).or_fail();
+    // Let the follower subscribe before the traffic starts.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let report = a.tcp_client("shop-frontend", vip, 5, T).or_fail();
+    assert_eq!(report.ok(), 5, "{report:?}");
+    let refused = a
+        .tcp_client(
+            "shop-frontend",
+            "10.96.0.10:81".parse().expect("addr"),
+            2,
+            T,
+        )
+        .or_fail();
+    assert_eq!(refused.failed(), 2, "{refused:?}");
+
+    let identity = format!(
+        "/{}",
+        a.workload_cgroup("shop-frontend")
+            .or_fail()
+            .path()
+            .strip_prefix(bed.cgroup_root().parent().expect("cgroup2 root"))
+            .expect("under the cgroup2 root")
+            .display()
+    );
+    // Five forwarded flows of `web` arrive on the open stream; the refusals are filtered out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut flows = follower_lines(&follower.stdout_text());
+    while flows.len() < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        flows = follower_lines(&follower.stdout_text());
+    }
+    // Anything else that arrives meanwhile would be a filter leak.
+    std::thread::sleep(Duration::from_millis(200));
+    let flows = follower_lines(&follower.stdout_text());
+    assert_eq!(flows.len(), 5, "{flows:#?}");
+    for flow in &flows {
+        assert_eq!(flow["service"], json!("web"), "{flow}");
+        assert_eq!(flow["vip"], json!(vip.to_string()), "{flow}");
+        assert_eq!(flow["backend"], json!(b_addr.to_string()), "{flow}");
+        assert_eq!(flow["verdict"], json!("forwarded"), "{flow}");
+        assert_eq!(flow["call"], json!("connect"), "{flow}");
+        assert_eq!(flow["protocol"], json!("tcp"), "{flow}");
+        assert_eq!(flow["identity"], json!(identity), "{flow}");
+    }
+    assert!(follower.is_running(), "--follow ended on its own");
+
+    // Without --follow, the history answers and ends; the refusals are there by verdict.
+    let out = agent
+        .cli(&[
+            "flows".as_ref(),
+            "--verdict".as_ref(),
+            "no_service_port".as_ref(),
+            "--output".as_ref(),
+            "json".as_ref(),
+            "--admin-socket".as_ref(),
+            agent.socket_path().as_os_str(),
+        ])
+        .or_fail()
+        .ok("flows --verdict")
+        .or_fail();
+    let refusals = follower_lines(&out.stdout);
+    assert_eq!(refusals.len(), 2, "{refusals:#?}");
+    for flow in &refusals {
+        assert_eq!(flow["vip"], json!("10.96.0.10:81"), "{flow}");
+        assert_eq!(flow["backend"], json!(""), "{flow}");
+        assert_eq!(flow["identity"], json!(identity), "{flow}");
+    }
+}
+
+/// The JSON lines printed so far.
+fn follower_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("non-JSON flow line ({e}): {l}"))
+        })
+        .collect()
+}

@@ -1,0 +1,474 @@
+//! End-to-end operations scenarios: the agent's Prometheus endpoint scraped by a real HTTP
+//! client (`curl`, run inside client node `a`) after real traffic through a VIP, and the Grafana
+//! dashboard checked against what that endpoint really exports.
+//!
+//! Needs root, cgroup2, bpffs, `curl` and a built `mesh-agent`; fails, never skips, without
+//! them. Every test has its own bed, so the agents' default metrics address (`0.0.0.0:15020`)
+//! is per network namespace and never collides.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use mesh_tests::config::{render, Backend, Service};
+use mesh_tests::{Agent, Node, OrFail, Proc, TestBed};
+use serde_json::Value;
+
+/// Per-connection timeout of the clients.
+const T: Duration = Duration::from_secs(1);
+/// How long the agent may take to apply (or reject) a config change.
+const APPLY: Duration = Duration::from_secs(5);
+/// Backends listen here on their node's address.
+const BACKEND_PORT: u16 = 8080;
+/// The agent's default metrics endpoint, seen from inside its node.
+const METRICS_URL: &str = "http://127.0.0.1:15020/metrics";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Client node `a` with its agent, and one backend node per name running a server named after
+/// it.
+struct Bed {
+    // Fields drop in order: agent and servers before the nodes and the bed.
+    agent: Agent,
+    _servers: Vec<Proc>,
+    a: Node,
+    /// (backend name, the address its server listens on)
+    backends: Vec<(String, SocketAddr)>,
+    _bed: TestBed,
+}
+
+impl Bed {
+    /// Starts the backends, then the agent with service `web` on `vip` over all of them, and
+    /// waits until the status shows it.
+    fn new(test: &str, names: &[&str], vip: SocketAddr) -> Result<Self> {
+        let bed = TestBed::new(test)?;
+        let a = bed.add_node("a")?;
+        let mut backends = Vec::new();
+        let mut servers = Vec::new();
+        for name in names {
+            let n = bed.add_node(name)?;
+            let addr = SocketAddr::new(n.ipv4().into(), BACKEND_PORT);
+            servers.push(n.tcp_server("server", addr, name)?);
+            backends.push((name.to_string(), addr));
+        }
+        let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+        let web = Service::tcp("web", vip, &addrs);
+        let agent = a.start_agent(&render("a", std::slice::from_ref(&web)))?;
+        let mut want: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        want.sort();
+        agent.wait_status(APPLY, |st| Agent::backends_in(st, "web") == want)?;
+        Ok(Self {
+            agent,
+            _servers: servers,
+            a,
+            backends,
+            _bed: bed,
+        })
+    }
+
+    /// One `GET /metrics` with curl inside node `a`: the response headers and the parsed body.
+    fn scrape(&self) -> Result<Scrape> {
+        let response = curl(&self.a, &["--include", METRICS_URL])?;
+        // curl prints the status line and headers, an empty line, then the body (the capture
+        // strips the \r of each line).
+        let (head, body) = response
+            .split_once("\n\n")
+            .with_context(|| format!("no header/body separator in {response:?}"))?;
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-type")
+                    .then(|| value.trim())
+            })
+            .with_context(|| format!("no content-type in {head:?}"))?;
+        ensure!(
+            content_type == OPENMETRICS,
+            "content-type {content_type:?}, want {OPENMETRICS:?}"
+        );
+        Scrape::parse(body)
+    }
+}
+
+/// Runs `curl -sS --fail ARGS…` in node `a` and returns its stdout. Retries (for up to 2 s)
+/// while nothing listens yet (curl exit 7): the endpoint starts beside the admin socket.
+fn curl(node: &Node, args: &[&str]) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--fail", "--max-time", "5"])
+            .args(args);
+        let out = node
+            .run("scraper", cmd, Duration::from_secs(10))
+            .context("running curl (Debian package `curl`)")?;
+        if out.status.code() == Some(7) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        return Ok(out.ok(&format!("curl {args:?}"))?.stdout);
+    }
+}
+
+/// The samples of one OpenMetrics text exposition.
+#[derive(Debug)]
+struct Scrape {
+    text: String,
+    /// (sample name, labels) → value
+    samples: BTreeMap<(String, BTreeMap<String, String>), f64>,
+}
+
+impl Scrape {
+    /// Parses the samples; fails on a malformed line or a missing `# EOF`.
+    fn parse(text: &str) -> Result<Self> {
+        ensure!(
+            text.trim_end().ends_with("# EOF"),
+            "exposition does not end with # EOF:\n{text}"
+        );
+        let mut samples = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let bad = || format!("malformed sample line {line:?}");
+            let (series, value) = line.rsplit_once(' ').with_context(bad)?;
+            let value: f64 = value.parse().with_context(bad)?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (
+                    name,
+                    parse_labels(rest.strip_suffix('}').with_context(bad)?).with_context(bad)?,
+                ),
+                None => (series, BTreeMap::new()),
+            };
+            samples.insert((name.to_string(), labels), value);
+        }
+        Ok(Self {
+            text: text.to_string(),
+            samples,
+        })
+    }
+
+    /// The value of the sample `name` with exactly `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        let key = (
+            name.to_string(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        self.samples
+            .get(&key)
+            .copied()
+            .with_context(|| format!("no sample {name}{labels:?} in:\n{}", self.text))
+    }
+
+    /// Every sample named `name`: its labels and value.
+    fn series(&self, name: &str) -> Vec<(&BTreeMap<String, String>, f64)> {
+        self.samples
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|((_, labels), v)| (labels, *v))
+            .collect()
+    }
+
+    /// The distinct sample names.
+    fn names(&self) -> BTreeSet<&str> {
+        self.samples.keys().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+/// `k="v",k2="v2"` → map; values may contain escaped `\"`, `\\` and `\n`.
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"").context("label without =\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((i, '"')) => break i,
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c)) => value.push(c),
+                    None => bail!("dangling escape"),
+                },
+                Some((_, c)) => value.push(c),
+                None => bail!("unterminated label value"),
+            }
+        };
+        labels.insert(key.to_string(), value);
+        rest = &after[end + 1..];
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+    }
+    Ok(labels)
+}
+
+/// Traffic through a VIP shows in a real scrape: per-backend connection counters that add up
+/// to at least the connections made (and match what each backend served), the `rewritten`
+/// decisions, map usage, uptime and build info; then a rejected config change counts as one
+/// rejected reload. Anything but `GET /metrics` is 404.
+#[test]
+fn scrape_counts_traffic_and_rejected_reloads() {
+    const N: u32 = 60;
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let s = Bed::new(
+        "scrape_counts_traffic_and_rejected_reloads",
+        &["b", "c"],
+        vip,
+    )
+    .or_fail();
+
+    let before = s.scrape().or_fail();
+    let rewritten_before = before
+        .value("mesh_kernel_decisions_total", &[("reason", "rewritten")])
+        .or_fail();
+    let r = s.a.tcp_client("client", vip, N, T).or_fail();
+    assert_eq!(r.ok(), u64::from(N), "{r:?}");
+
+    let m = s.scrape().or_fail();
+    let mut total = 0.0;
+    for (name, addr) in &s.backends {
+        let backend = addr.to_string();
+        let counted = m
+            .value(
+                "mesh_backend_connections_total",
+                &[("service", "web"), ("backend", &backend)],
+            )
+            .or_fail();
+        let served = r.backends.get(name).copied().unwrap_or(0) as f64;
+        assert!(
+            counted >= served,
+            "backend {name} ({backend}) served {served} connections but the metric says {counted}:\n{}",
+            m.text
+        );
+        total += counted;
+    }
+    assert!(
+        total >= f64::from(N),
+        "mesh_backend_connections_total sums to {total} < {N}:\n{}",
+        m.text
+    );
+    assert_eq!(
+        m.series("mesh_backend_connections_total").len(),
+        s.backends.len(),
+        "one series per backend:\n{}",
+        m.text
+    );
+    let rewritten = m
+        .value("mesh_kernel_decisions_total", &[("reason", "rewritten")])
+        .or_fail();
+    assert!(
+        rewritten - rewritten_before >= f64::from(N),
+        "rewritten grew by {} < {N}:\n{}",
+        rewritten - rewritten_before,
+        m.text
+    );
+    for reason in [
+        "no_backend",
+        "no_service_port",
+        "slot_missing",
+        "events_dropped",
+    ] {
+        m.value("mesh_kernel_decisions_total", &[("reason", reason)])
+            .or_fail();
+    }
+    let services = [("map", "MESH_SVC_V1")];
+    assert!(m.value("mesh_map_entries", &services).or_fail() >= 1.0);
+    assert_eq!(m.value("mesh_map_capacity", &services).or_fail(), 65_536.0);
+    assert!(m.value("mesh_agent_uptime_seconds", &[]).or_fail() > 0.0);
+    let builds = m.series("mesh_build_info");
+    assert!(
+        builds.len() == 1 && builds[0].1 == 1.0 && builds[0].0.contains_key("version"),
+        "mesh_build_info: {builds:?}"
+    );
+    assert_eq!(
+        m.value("mesh_config_reloads_total", &[("result", "rejected")])
+            .or_fail(),
+        0.0
+    );
+
+    // A bad backend address: the agent rejects the change and keeps the running config.
+    let bad = Service::tcp("web", vip, &[]).backends(vec![Backend::new("10.1.0.300:8080")]);
+    s.agent.write_config(&render("a", &[bad])).or_fail();
+    let deadline = Instant::now() + APPLY;
+    let rejected = loop {
+        let m = s.scrape().or_fail();
+        let rejected = m
+            .value("mesh_config_reloads_total", &[("result", "rejected")])
+            .or_fail();
+        if rejected >= 1.0 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rejected reload within {APPLY:?}:\n{}\n--- agent log ---\n{}",
+            m.text,
+            s.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // One file replacement is one reload, also a little later.
+    std::thread::sleep(Duration::from_millis(200));
+    let m = s.scrape().or_fail();
+    for scrape in [&rejected, &m] {
+        assert_eq!(
+            scrape
+                .value("mesh_config_reloads_total", &[("result", "rejected")])
+                .or_fail(),
+            1.0,
+            "{}",
+            scrape.text
+        );
+        assert_eq!(
+            scrape
+                .value("mesh_config_reloads_total", &[("result", "applied")])
+                .or_fail(),
+            0.0,
+            "{}",
+            scrape.text
+        );
+    }
+    assert_eq!(
+        m.series("mesh_backend_connections_total").len(),
+        s.backends.len(),
+        "the rejected change must leave the backends in place:\n{}",
+        m.text
+    );
+
+    // Anything else is 404 (asked without --fail, which would turn it into exit 22).
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "--silent",
+        "--output",
+        "/dev/null",
+        "--write-out",
+        "%{http_code}",
+        "http://127.0.0.1:15020/",
+    ]);
+    let out = s.a.run("scraper", cmd, Duration::from_secs(10)).or_fail();
+    assert_eq!(out.stdout.trim(), "404", "GET / answered {out:?}");
+}
+
+/// The Grafana dashboard parses, and every metric its queries use is exported by a running
+/// agent with a service that carried traffic.
+#[test]
+fn dashboard_uses_only_exported_metrics() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/mesh-dashboard.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))
+        .or_fail();
+    let dashboard: Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", path.display()))
+        .or_fail();
+    assert!(
+        dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36),
+        "schemaVersion: {}",
+        dashboard["schemaVersion"]
+    );
+    assert!(
+        dashboard["__inputs"]
+            .as_array()
+            .is_some_and(|inputs| inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS")),
+        "no DS_PROMETHEUS input"
+    );
+    let queries = queries(&dashboard);
+    let panels = dashboard["panels"].as_array().map_or(0, Vec::len);
+    assert!(
+        panels >= 7 && queries.len() >= panels,
+        "{panels} panels, {} queries",
+        queries.len()
+    );
+    let used: BTreeSet<String> = queries.iter().flat_map(|q| metric_names(q)).collect();
+    for family in [
+        "mesh_backend_connections_total",
+        "mesh_kernel_decisions_total",
+        "mesh_map_entries",
+        "mesh_map_capacity",
+        "mesh_config_reloads_total",
+        "mesh_agent_uptime_seconds",
+        "mesh_build_info",
+    ] {
+        assert!(used.contains(family), "the dashboard shows no {family}");
+    }
+
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let s = Bed::new("dashboard_uses_only_exported_metrics", &["b"], vip).or_fail();
+    let r = s.a.tcp_client("client", vip, 5, T).or_fail();
+    assert_eq!(r.ok(), 5, "{r:?}");
+    let m = s.scrape().or_fail();
+    let exported = m.names();
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, which the agent does not export:\n{}",
+        m.text
+    );
+}
+
+/// Every PromQL text of the dashboard: panel (and nested row panel) target expressions and
+/// template variable queries.
+fn queries(dashboard: &Value) -> Vec<String> {
+    fn panel_queries(panel: &Value, out: &mut Vec<String>) {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                out.push(expr.to_string());
+            }
+        }
+        for inner in panel["panels"].as_array().into_iter().flatten() {
+            panel_queries(inner, out);
+        }
+    }
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        panel_queries(panel, &mut out);
+    }
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for q in [&var["definition"], &var["query"], &var["query"]["query"]] {
+            if let Some(q) = q.as_str() {
+                out.push(q.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The `mesh_[a-z_]+` tokens of a query.
+fn metric_names(query: &str) -> Vec<String> {
+    let bytes = query.as_bytes();
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut names = Vec::new();
+    let mut i = 0;
+    while let Some(at) = query[i..].find("mesh_").map(|p| p + i) {
+        let mut end = at + "mesh_".len();
+        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
+            end += 1;
+        }
+        if at == 0 || !word(bytes[at - 1]) {
+            names.push(query[at..end].to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+#[test]
+fn metric_names_are_the_mesh_tokens() {
+    assert_eq!(
+        metric_names(r#"sum(rate(mesh_a_total{x="mesh_b"}[5m])) / xmesh_c + mesh_d"#),
+        ["mesh_a_total", "mesh_b", "mesh_d"]
+    );
+    let labels = parse_labels(r#"service="web",backend="[fd00:1::3]:8080",q="a\"b""#).unwrap();
+    assert_eq!(labels["backend"], "[fd00:1::3]:8080");
+    assert_eq!(labels["q"], "a\"b");
+}
