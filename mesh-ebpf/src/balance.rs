@@ -9,7 +9,7 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
         bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
     EbpfContext as _,
 };
 use aya_log_ebpf::debug;
@@ -27,7 +27,7 @@ use mesh_common::{
 use crate::{
     events::{self, Decision},
     maps::{count, setting, AFFINITY, BACKENDS, BACKEND_COUNTS, REVERSE, SERVICES, SLOTS},
-    sockaddr::Dest,
+    sockaddr::{self, Dest},
 };
 
 /// `BPF_NOEXIST`: create the entry only if it is absent.
@@ -266,6 +266,19 @@ pub fn vip_for_peer(ctx: &SockAddrContext, peer: &Dest) -> Option<Dest> {
         port: vip.port,
         family: vip.family,
     })
+}
+
+/// Deletes the reverse record of a closing connected socket (TCP, connected UDP). Unconnected
+/// UDP sockets have no destination here; their records age out of the LRU.
+#[inline(always)]
+pub fn forget_socket(ctx: &SockContext) {
+    let Some(peer) = sockaddr::peer_of(ctx) else {
+        return;
+    };
+    // SAFETY: the socket cookie helper accepts a cgroup/sock context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A socket that was never balanced has no record; that is the common case, not an error.
+    let _ = REVERSE.remove(reverse_key(cookie, &peer));
 }
 
 #[inline(always)]

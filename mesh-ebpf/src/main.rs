@@ -4,6 +4,7 @@
 //! * `sendmsg4`/`sendmsg6`: each unconnected UDP datagram to a VIP goes to a backend.
 //! * `recvmsg4`/`recvmsg6`: replies from that backend appear to come from the VIP.
 //! * `getpeername4`/`getpeername6`: the application sees the VIP as its peer.
+//! * `sock_release`: a closing socket's reverse record is deleted.
 //!
 //! Entry points are thin: [`balance::decide`] returns a verdict and this file turns it into the
 //! program's return code. Every decision bumps a per-reason counter.
@@ -15,7 +16,11 @@ mod events;
 mod maps;
 mod sockaddr;
 
-use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::bpf_set_retval,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
 use balance::Verdict;
 use mesh_common::{
     events::{HOOK_CONNECT, HOOK_SENDMSG},
@@ -122,6 +127,14 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     on_receive(&ctx, sockaddr::read_v6(&ctx), sockaddr::write_v6)
+}
+
+/// A closing socket takes its reverse record with it, so records never pile up until the LRU
+/// has to evict (which costs every connect, and could evict a live connection's record).
+#[cgroup_sock(sock_release)]
+pub fn mesh_sock_release(ctx: SockContext) -> i32 {
+    balance::forget_socket(&ctx);
+    ALLOW
 }
 
 #[cfg(not(test))]

@@ -4,7 +4,9 @@
 //! `user_port` (the network-order port in the low 16 bits). [`Dest`] holds them in the same
 //! encoding as the map keys, so lookups need no conversion.
 
-use aya_ebpf::programs::SockAddrContext;
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::programs::{SockAddrContext, SockContext};
 use mesh_common::service::{FAMILY_V4, FAMILY_V6};
 
 /// An address and port as the maps store them.
@@ -97,4 +99,44 @@ pub fn write_v6(ctx: &SockAddrContext, dest: &Dest) {
         (*sa).user_ip6[3] = dest.addr[3];
         (*sa).user_port = u32::from(dest.port);
     }
+}
+
+/// `AF_INET`.
+const AF_INET: u32 = 2;
+/// `AF_INET6`.
+const AF_INET6: u32 = 10;
+
+/// The connected peer of a socket (`cgroup/sock_release`), if it has one.
+///
+/// Every field is read up front, at its fixed offset: reading inside the family branches let
+/// LLVM compute one shared field pointer, which the verifier rejects ("dereference of modified
+/// ctx ptr R2 off=52 disallowed").
+#[inline(always)]
+pub fn peer_of(ctx: &SockContext) -> Option<Dest> {
+    let sk = ctx.sock;
+    // SAFETY: the kernel hands every cgroup/sock program a valid socket; family, dst_port and
+    // the dst address fields are readable in sock_release (4-byte reads of dst_ip6). Volatile
+    // reads keep each access a separate load from the context.
+    let (family, port, ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*sk).family)),
+            read_volatile(addr_of!((*sk).dst_port)),
+            read_volatile(addr_of!((*sk).dst_ip4)),
+            [
+                read_volatile(addr_of!((*sk).dst_ip6[0])),
+                read_volatile(addr_of!((*sk).dst_ip6[1])),
+                read_volatile(addr_of!((*sk).dst_ip6[2])),
+                read_volatile(addr_of!((*sk).dst_ip6[3])),
+            ],
+        )
+    };
+    if port == 0 {
+        return None;
+    }
+    let (addr, family) = match family {
+        AF_INET => ([ip4, 0, 0, 0], FAMILY_V4),
+        AF_INET6 => (ip6, FAMILY_V6),
+        _ => return None,
+    };
+    Some(Dest { addr, port, family })
 }

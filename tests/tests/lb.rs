@@ -128,7 +128,7 @@ fn attach_counts(cg: &std::path::Path) -> Result<BTreeMap<String, usize>> {
     Ok(m)
 }
 
-const HOOKS: [&str; 8] = [
+const HOOKS: [&str; 9] = [
     "connect4",
     "connect6",
     "sendmsg4",
@@ -137,6 +137,7 @@ const HOOKS: [&str; 8] = [
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    "sock_release",
 ];
 
 /// a. Three backends, 300 connections: each gets at least 20 %, no errors, every connection
@@ -371,6 +372,67 @@ fn getpeername_shows_the_vip() {
     let direct = s.addr_of("b");
     let r = s.a.tcp_client("client", direct, 2, T).or_fail();
     assert_eq!(r.peer, vec![direct.to_string()], "{r:?}");
+}
+
+/// g2. A closed socket takes its reverse record with it (cgroup/sock_release), so records do not
+/// pile up until the LRU evicts; an open connection keeps its record and its VIP peer name.
+#[test]
+fn reverse_records_leave_with_their_sockets() {
+    let s = Bed::new(
+        "reverse_records_leave_with_their_sockets",
+        &["b"],
+        Proto::Tcp,
+        false,
+    )
+    .or_fail();
+    let vip = sa("10.96.0.10:80");
+    let _agent = s
+        .start_agent(&[Service::tcp("web", vip, &s.addrs())])
+        .or_fail();
+    let rev_map =
+        s.a.bpffs_dir()
+            .join("mesh")
+            .join(s.a.full_name())
+            .join("maps/MESH_REV_V1");
+    let entries = || -> usize {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&rev_map)
+            .output()
+            .or_fail();
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .or_fail()
+            .len()
+    };
+    let hold =
+        s.a.tcp_hold(
+            "holder",
+            vip,
+            Duration::from_millis(50),
+            Duration::from_millis(1500),
+            None,
+        )
+        .or_fail();
+    let r = s.a.tcp_client("client", vip, 40, T).or_fail();
+    assert_eq!(r.ok(), 40, "{r:?}");
+    assert_eq!(r.peer, vec![vip.to_string()], "{r:?}");
+    // The 40 closed connections left nothing; the one still open keeps its record.
+    assert_eq!(entries(), 1, "reverse records while one connection is open");
+    let held = hold.finish().or_fail();
+    assert!(
+        held.errors.is_empty() && held.echoed == held.sent,
+        "{held:?}"
+    );
+    assert_eq!(
+        entries(),
+        0,
+        "reverse records after every connection closed"
+    );
 }
 
 /// h. SIGKILL the agent mid-traffic: established connections keep working, new ones are still

@@ -21,7 +21,7 @@ use tokio::io::{unix::AsyncFd, Interest};
 
 use aya::{
     maps::{Array, MapData, RingBuf},
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, Program},
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -36,7 +36,7 @@ pub use pins::{PinDir, PinError};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
 /// (program function, hook name used for its link pin).
-const HOOKS: [(&str, &str); 8] = [
+const HOOKS: [(&str, &str); 9] = [
     ("mesh_connect4", "connect4"),
     ("mesh_connect6", "connect6"),
     ("mesh_sendmsg4", "sendmsg4"),
@@ -45,6 +45,7 @@ const HOOKS: [(&str, &str); 8] = [
     ("mesh_recvmsg6", "recvmsg6"),
     ("mesh_getpeername4", "getpeername4"),
     ("mesh_getpeername6", "getpeername6"),
+    ("mesh_sock_release", "sock_release"),
 ];
 
 /// Why the data plane could not be installed or removed.
@@ -196,20 +197,35 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, DataPlaneError> {
     let err = |cause| DataPlaneError::Program { name, cause };
-    let program: &mut CgroupSockAddr = ebpf
+    let program = ebpf
         .program_mut(name)
-        .ok_or(DataPlaneError::MissingProgram(name))?
-        .try_into()
-        .map_err(err)?;
-    program.load().map_err(err)?;
+        .ok_or(DataPlaneError::MissingProgram(name))?;
     // aya attaches through a BPF link here (kernel >= 5.7). Cgroup links always coexist with
     // other programs on the hook and the kernel rejects any attach flag on them with EINVAL,
     // so the mode must be `Single` (no flags), which does not make the link exclusive.
-    let id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(err)?;
-    let link = program.take_link(id).map_err(err)?;
-    FdLink::try_from(link).map_err(|e| DataPlaneError::Link {
+    let link = match program {
+        Program::CgroupSockAddr(program) => {
+            program.load().map_err(err)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(err)?;
+            FdLink::try_from(program.take_link(id).map_err(err)?)
+        }
+        Program::CgroupSock(program) => {
+            program.load().map_err(err)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(err)?;
+            FdLink::try_from(program.take_link(id).map_err(err)?)
+        }
+        other => {
+            return Err(DataPlaneError::Link {
+                path: PathBuf::from(name),
+                reason: format!("unexpected program type {:?}", other.prog_type()),
+            })
+        }
+    };
+    link.map_err(|e| DataPlaneError::Link {
         path: PathBuf::from(name),
         reason: e.to_string(),
     })
