@@ -22,6 +22,7 @@
 //! | [`workload`] | typed drivers and reports for the `mesh-workload` binary |
 
 pub mod agent;
+pub mod backends;
 pub mod bed;
 pub mod cgroup;
 pub mod config;

@@ -11,9 +11,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use mesh_tests::backends::{Backends, Protocol};
 use mesh_tests::cgroup;
 use mesh_tests::config::{line_of, render, Backend, Service};
-use mesh_tests::{Agent, Node, OrFail, Proc, Signal, TcpClientReport, TestBed};
+use mesh_tests::{Agent, Node, OrFail, Signal, TcpClientReport, TestBed};
 
 /// Per-connection timeout of the clients.
 const T: Duration = Duration::from_secs(1);
@@ -30,58 +31,30 @@ fn sa(s: &str) -> SocketAddr {
 /// after its node on `BACKEND_PORT`.
 struct Bed {
     // Fields drop in order: servers before the nodes and the bed.
-    _servers: Vec<Proc>,
+    backends: Backends,
     a: Node,
-    /// (node, the address its server listens on)
-    backends: Vec<(Node, SocketAddr)>,
     /// Held only for its teardown, which runs last.
     _bed: TestBed,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
 impl Bed {
-    fn new(test: &str, names: &[&str], proto: Proto, ipv6: bool) -> Result<Self> {
+    fn new(test: &str, names: &[&str], proto: Protocol, ipv6: bool) -> Result<Self> {
         let bed = TestBed::new(test)?;
         let a = bed.add_node("a")?;
-        let mut backends = Vec::new();
-        let mut servers = Vec::new();
-        for name in names {
-            let n = bed.add_node(name)?;
-            let ip = if ipv6 {
-                n.ipv6().into()
-            } else {
-                n.ipv4().into()
-            };
-            let addr = SocketAddr::new(ip, BACKEND_PORT);
-            servers.push(match proto {
-                Proto::Tcp => n.tcp_server("server", addr, name)?,
-                Proto::Udp => n.udp_server("server", addr, name)?,
-            });
-            backends.push((n, addr));
-        }
+        let backends = Backends::start(&bed, names, proto, ipv6, BACKEND_PORT)?;
         Ok(Self {
-            _servers: servers,
-            a,
             backends,
+            a,
             _bed: bed,
         })
     }
 
     fn addrs(&self) -> Vec<SocketAddr> {
-        self.backends.iter().map(|(_, a)| *a).collect()
+        self.backends.addrs()
     }
 
     fn addr_of(&self, name: &str) -> SocketAddr {
-        self.backends
-            .iter()
-            .find(|(n, _)| n.name() == name)
-            .map(|(_, a)| *a)
-            .expect("backend name")
+        self.backends.addr_of(name).or_fail()
     }
 
     /// Starts the agent on `a` with `services` and waits until the status shows them.
@@ -147,7 +120,7 @@ fn tcp_spreads_over_backends() {
     let s = Bed::new(
         "tcp_spreads_over_backends",
         &["b", "c", "d"],
-        Proto::Tcp,
+        Protocol::Tcp,
         false,
     )
     .or_fail();
@@ -166,7 +139,13 @@ fn tcp_spreads_over_backends() {
 /// b. Weights 1:3 with `lb = "weighted"`: the heavy backend gets 65-85 % of 400 connections.
 #[test]
 fn weighted_follows_weights() {
-    let s = Bed::new("weighted_follows_weights", &["b", "c"], Proto::Tcp, false).or_fail();
+    let s = Bed::new(
+        "weighted_follows_weights",
+        &["b", "c"],
+        Protocol::Tcp,
+        false,
+    )
+    .or_fail();
     let vip = sa("10.96.0.10:80");
     let svc = Service::tcp("web", vip, &[]).lb("weighted").backends(vec![
         Backend::weighted(s.addr_of("b"), 1),
@@ -190,7 +169,7 @@ fn affinity_sticks_per_client() {
     let s = Bed::new(
         "affinity_sticks_per_client",
         &["b", "c", "d"],
-        Proto::Tcp,
+        Protocol::Tcp,
         false,
     )
     .or_fail();
@@ -217,7 +196,7 @@ fn affinity_moves_only_the_departed_backends_clients() {
     let s = Bed::new(
         "affinity_moves_only_the_departed_backends_clients",
         &["b", "c", "d"],
-        Proto::Tcp,
+        Protocol::Tcp,
         false,
     )
     .or_fail();
@@ -265,7 +244,7 @@ fn removed_backend_drains_without_breaking_connections() {
     let s = Bed::new(
         "removed_backend_drains_without_breaking_connections",
         &["b", "c", "d"],
-        Proto::Tcp,
+        Protocol::Tcp,
         false,
     )
     .or_fail();
@@ -316,7 +295,7 @@ fn udp_replies_come_from_the_vip() {
     let s = Bed::new(
         "udp_replies_come_from_the_vip",
         &["b", "c"],
-        Proto::Udp,
+        Protocol::Udp,
         false,
     )
     .or_fail();
@@ -346,7 +325,7 @@ fn udp_replies_come_from_the_vip() {
 /// f. An IPv6 VIP in front of IPv6 backends: TCP works, spreads, and shows the VIP as peer.
 #[test]
 fn ipv6_vip_spreads() {
-    let s = Bed::new("ipv6_vip_spreads", &["b", "c", "d"], Proto::Tcp, true).or_fail();
+    let s = Bed::new("ipv6_vip_spreads", &["b", "c", "d"], Protocol::Tcp, true).or_fail();
     let vip = sa("[fd00:96::10]:80");
     let _agent = s
         .start_agent(&[Service::tcp("web", vip, &s.addrs())])
@@ -360,7 +339,13 @@ fn ipv6_vip_spreads() {
 /// g. `getpeername` on a connection to the VIP returns the VIP, not the backend.
 #[test]
 fn getpeername_shows_the_vip() {
-    let s = Bed::new("getpeername_shows_the_vip", &["b", "c"], Proto::Tcp, false).or_fail();
+    let s = Bed::new(
+        "getpeername_shows_the_vip",
+        &["b", "c"],
+        Protocol::Tcp,
+        false,
+    )
+    .or_fail();
     let vip = sa("10.96.0.10:80");
     let _agent = s
         .start_agent(&[Service::tcp("web", vip, &s.addrs())])
@@ -381,7 +366,7 @@ fn reverse_records_leave_with_their_sockets() {
     let s = Bed::new(
         "reverse_records_leave_with_their_sockets",
         &["b"],
-        Proto::Tcp,
+        Protocol::Tcp,
         false,
     )
     .or_fail();
@@ -443,7 +428,7 @@ fn agent_killed_and_restarted_keeps_the_data_plane() {
     let s = Bed::new(
         "agent_killed_and_restarted_keeps_the_data_plane",
         &["b", "c"],
-        Proto::Tcp,
+        Protocol::Tcp,
         false,
     )
     .or_fail();
@@ -497,7 +482,7 @@ fn invalid_config_keeps_the_last_good_state() {
     let s = Bed::new(
         "invalid_config_keeps_the_last_good_state",
         &["b", "c"],
-        Proto::Tcp,
+        Protocol::Tcp,
         false,
     )
     .or_fail();
@@ -565,7 +550,7 @@ fn invalid_config_keeps_the_last_good_state() {
 /// connection to an address that is no VIP passes through untouched.
 #[test]
 fn refusals_and_passthrough() {
-    let s = Bed::new("refusals_and_passthrough", &["b"], Proto::Tcp, false).or_fail();
+    let s = Bed::new("refusals_and_passthrough", &["b"], Protocol::Tcp, false).or_fail();
     let web = Service::tcp("web", sa("10.96.0.10:80"), &s.addrs());
     let empty = Service::tcp("empty", sa("10.96.0.20:80"), &[]);
     let agent = s.start_agent(&[web, empty]).or_fail();

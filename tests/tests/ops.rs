@@ -13,8 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use mesh_tests::backends::{Backends, Protocol};
 use mesh_tests::config::{render, Backend, Service};
-use mesh_tests::{Agent, Node, OrFail, Proc, TestBed};
+use mesh_tests::{Agent, Node, OrFail, TestBed};
 use serde_json::Value;
 
 /// Per-connection timeout of the clients.
@@ -32,10 +33,8 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 struct Bed {
     // Fields drop in order: agent and servers before the nodes and the bed.
     agent: Agent,
-    _servers: Vec<Proc>,
+    backends: Backends,
     a: Node,
-    /// (backend name, the address its server listens on)
-    backends: Vec<(String, SocketAddr)>,
     _bed: TestBed,
 }
 
@@ -45,15 +44,8 @@ impl Bed {
     fn new(test: &str, names: &[&str], vip: SocketAddr) -> Result<Self> {
         let bed = TestBed::new(test)?;
         let a = bed.add_node("a")?;
-        let mut backends = Vec::new();
-        let mut servers = Vec::new();
-        for name in names {
-            let n = bed.add_node(name)?;
-            let addr = SocketAddr::new(n.ipv4().into(), BACKEND_PORT);
-            servers.push(n.tcp_server("server", addr, name)?);
-            backends.push((name.to_string(), addr));
-        }
-        let addrs: Vec<SocketAddr> = backends.iter().map(|(_, a)| *a).collect();
+        let backends = Backends::start(&bed, names, Protocol::Tcp, false, BACKEND_PORT)?;
+        let addrs = backends.addrs();
         let web = Service::tcp("web", vip, &addrs);
         let agent = a.start_agent(&render("a", std::slice::from_ref(&web)))?;
         let mut want: Vec<String> = addrs.iter().map(ToString::to_string).collect();
@@ -61,9 +53,8 @@ impl Bed {
         agent.wait_status(APPLY, |st| Agent::backends_in(st, "web") == want)?;
         Ok(Self {
             agent,
-            _servers: servers,
-            a,
             backends,
+            a,
             _bed: bed,
         })
     }
@@ -230,7 +221,7 @@ fn scrape_counts_traffic_and_rejected_reloads() {
 
     let m = s.scrape().or_fail();
     let mut total = 0.0;
-    for (name, addr) in &s.backends {
+    for (name, addr) in s.backends.named() {
         let backend = addr.to_string();
         let counted = m
             .value(
