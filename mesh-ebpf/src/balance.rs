@@ -16,7 +16,7 @@ use aya_log_ebpf::debug;
 
 use mesh_common::{
     counters::Counter,
-    events::{AFFINITY_HIT, AFFINITY_MISS, AFFINITY_NONE, SETTING_DEBUG_LOG},
+    events::{FlowEvent, AFFINITY_HIT, AFFINITY_MISS, AFFINITY_NONE, SETTING_DEBUG_LOG},
     hash::client_hash,
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey,
@@ -25,7 +25,7 @@ use mesh_common::{
 };
 
 use crate::{
-    events::{self, Decision},
+    events,
     maps::{count, setting, AFFINITY, BACKENDS, BACKEND_COUNTS, REVERSE, SERVICES, SLOTS},
     sockaddr::{self, Dest},
 };
@@ -45,6 +45,9 @@ pub enum Verdict {
 
 /// Decides where a socket addressed to `dest` over `proto` goes, from `hook`
 /// (`events::HOOK_*`), and reports the decision as a flow event.
+///
+/// Most connects on a host are not to a VIP: they pay one map lookup (two for a miss) and a
+/// counter, nothing else; the socket cookie and the event are only made for VIP traffic.
 #[inline(always)]
 pub fn decide(ctx: &SockAddrContext, dest: &Dest, proto: u8, hook: u8) -> Verdict {
     let key = ServiceKey {
@@ -53,38 +56,28 @@ pub fn decide(ctx: &SockAddrContext, dest: &Dest, proto: u8, hook: u8) -> Verdic
         proto,
         family: dest.family,
     };
-    // SAFETY: the socket cookie helper accepts every sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let mut decision = Decision {
-        cookie,
-        vip: dest.addr,
-        vip_port: dest.port,
-        backend: [0; 4],
-        backend_port: 0,
-        family: dest.family,
-        proto,
-        verdict: Counter::Rewritten,
-        hook,
-        service_id: 0,
-        backend_id: 0,
-        affinity: AFFINITY_NONE,
-    };
     // SAFETY: the value is copied out at once; the agent replaces entries, never mutates them.
-    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
+    let service = unsafe { SERVICES.get(key) }.copied();
+    if service.is_none() {
         let marker = ServiceKey::vip_marker(dest.addr, dest.family);
         // SAFETY: as above, only existence is checked.
-        if unsafe { SERVICES.get(marker) }.is_some() {
-            return refuse(ctx, &mut decision, Counter::NoServicePort);
+        if unsafe { SERVICES.get(marker) }.is_none() {
+            count(Counter::Passthrough);
+            return Verdict::Pass;
         }
-        count(Counter::Passthrough);
-        return Verdict::Pass;
+    }
+    // SAFETY: the socket cookie helper accepts every sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let mut event = events::for_vip(cookie, dest, proto, hook);
+    let Some(service) = service else {
+        return refuse(ctx, &mut event, Counter::NoServicePort);
     };
-    decision.service_id = service.id;
+    event.service_id = service.id;
     if service.count == 0 {
-        return refuse(ctx, &mut decision, Counter::NoBackend);
+        return refuse(ctx, &mut event, Counter::NoBackend);
     }
     let Some((backend_id, backend, affinity)) = pick(ctx, &key, &service, cookie) else {
-        return refuse(ctx, &mut decision, Counter::SlotMissing);
+        return refuse(ctx, &mut event, Counter::SlotMissing);
     };
     let to = Dest {
         addr: backend.addr,
@@ -104,28 +97,28 @@ pub fn decide(ctx: &SockAddrContext, dest: &Dest, proto: u8, hook: u8) -> Verdic
     }
     count(Counter::Rewritten);
     count_backend(backend_id);
-    decision.backend = backend.addr;
-    decision.backend_port = backend.port;
-    decision.backend_id = backend_id;
-    decision.affinity = affinity;
-    events::emit(&decision);
+    event.backend = backend.addr;
+    event.backend_port = backend.port;
+    event.backend_id = backend_id;
+    event.affinity = affinity;
+    events::emit(&mut event);
     Verdict::Rewrite(to)
 }
 
 #[inline(always)]
-fn refuse(ctx: &SockAddrContext, decision: &mut Decision, reason: Counter) -> Verdict {
+fn refuse(ctx: &SockAddrContext, event: &mut FlowEvent, reason: Counter) -> Verdict {
     count(reason);
     if setting(SETTING_DEBUG_LOG) {
         debug!(
             ctx,
             "service {} refused: reason {} (socket {})",
-            decision.service_id,
+            event.service_id,
             reason as u32,
-            decision.cookie
+            event.cookie
         );
     }
-    decision.verdict = reason;
-    events::emit(decision);
+    event.verdict = reason as u8;
+    events::emit(event);
     Verdict::Refuse
 }
 

@@ -9,30 +9,42 @@ use aya_ebpf::{
 };
 use mesh_common::{
     counters::Counter,
-    events::{FlowEvent, EVENTS_PER_SECOND_PER_CPU, RING_BYTES, SETTING_FLOW_EVENTS},
+    events::{
+        FlowEvent, AFFINITY_NONE, EVENTS_PER_SECOND_PER_CPU, RING_BYTES, SETTING_FLOW_EVENTS,
+    },
 };
 
-use crate::maps::{count, setting, EVENTS, EVENT_BUDGET};
+use crate::{
+    maps::{count, setting, EVENTS, EVENT_BUDGET},
+    sockaddr::Dest,
+};
 
-/// What a decision looked like, in the map encoding.
-pub struct Decision {
-    pub cookie: u64,
-    pub vip: [u32; 4],
-    pub vip_port: u16,
-    pub backend: [u32; 4],
-    pub backend_port: u16,
-    pub family: u8,
-    pub proto: u8,
-    pub verdict: Counter,
-    pub hook: u8,
-    pub service_id: u32,
-    pub backend_id: u32,
-    pub affinity: u8,
+/// The event of a decision about a VIP, still without its outcome: rewritten, no backend.
+#[inline(always)]
+pub fn for_vip(cookie: u64, vip: &Dest, proto: u8, hook: u8) -> FlowEvent {
+    FlowEvent {
+        timestamp_ns: 0,
+        cookie,
+        cgroup_id: 0,
+        vip: vip.addr,
+        backend: [0; 4],
+        vip_port: vip.port,
+        backend_port: 0,
+        family: vip.family,
+        proto,
+        verdict: Counter::Rewritten as u8,
+        hook,
+        service_id: 0,
+        backend_id: 0,
+        affinity: AFFINITY_NONE,
+        _pad: [0; 7],
+    }
 }
 
-/// Sends `decision` to the agent if flow events are on and the budget allows.
+/// Stamps `event` with the time and the caller's cgroup and sends it to the agent, if flow
+/// events are on and the budget allows.
 #[inline(always)]
-pub fn emit(decision: &Decision) {
+pub fn emit(event: &mut FlowEvent) {
     if !setting(SETTING_FLOW_EVENTS) {
         return;
     }
@@ -42,24 +54,9 @@ pub fn emit(decision: &Decision) {
         count(Counter::EventDropped);
         return;
     }
-    let event = FlowEvent {
-        timestamp_ns: now,
-        cookie: decision.cookie,
-        // SAFETY: reads the calling task's cgroup; always valid in process context.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        vip: decision.vip,
-        backend: decision.backend,
-        vip_port: decision.vip_port,
-        backend_port: decision.backend_port,
-        family: decision.family,
-        proto: decision.proto,
-        verdict: decision.verdict as u8,
-        hook: decision.hook,
-        service_id: decision.service_id,
-        backend_id: decision.backend_id,
-        affinity: decision.affinity,
-        _pad: [0; 7],
-    };
+    event.timestamp_ns = now;
+    // SAFETY: reads the calling task's cgroup; always valid in process context.
+    event.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // Waking the agent for every event would cost a context switch per connection; it polls
     // the ring every `WAKEUP_POLL_MS` anyway, and is woken early only when the ring fills up.
     let wakeup = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) > u64::from(RING_BYTES / 4) {
@@ -68,7 +65,7 @@ pub fn emit(decision: &Decision) {
         BPF_RB_NO_WAKEUP
     };
     if EVENTS
-        .output::<FlowEvent>(&event, u64::from(wakeup))
+        .output::<FlowEvent>(&*event, u64::from(wakeup))
         .is_err()
     {
         count(Counter::EventDropped);
