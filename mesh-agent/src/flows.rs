@@ -305,10 +305,12 @@ impl CgroupNames {
             self.known.clear();
         }
         self.walk(root);
+        // A cgroup the walk did not find was removed after the event (ids are never reused),
+        // so the fallback is remembered too: its remaining events must not each walk the tree.
         self.known
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| format!("cgroup:{id}"))
+            .entry(id)
+            .or_insert_with(|| format!("cgroup:{id}"))
+            .clone()
     }
 
     fn walk(&mut self, root: &Path) {

@@ -98,11 +98,7 @@ impl StatusReport {
                 "config change rejected, previous config in force: {error}"
             );
         }
-        let mut services = Table::new();
-        services.load_preset(UTF8_BORDERS_ONLY).set_header([
-            "SERVICE", "FRONTEND", "PROTO", "LB", "AFFINITY", "SLOTS", "BACKENDS",
-        ]);
-        for service in &self.services {
+        let services = self.services.iter().map(|service| {
             let backends = if service.backends.is_empty() {
                 "(none: connects refused)".to_owned()
             } else {
@@ -113,7 +109,7 @@ impl StatusReport {
                     .collect::<Vec<_>>()
                     .join("\n")
             };
-            services.add_row([
+            [
                 service.name.clone(),
                 frontend(&service.vip, service.port),
                 service.protocol.clone(),
@@ -121,17 +117,20 @@ impl StatusReport {
                 service.affinity.clone(),
                 service.slots.to_string(),
                 backends,
-            ]);
-        }
-        let _ = writeln!(out, "{services}");
-        let mut counters = Table::new();
-        counters
-            .load_preset(UTF8_BORDERS_ONLY)
-            .set_header(["COUNTER", "VALUE"]);
-        for (name, value) in &self.counters {
-            counters.add_row([name.clone(), value.to_string()]);
-        }
-        let _ = writeln!(out, "{counters}");
+            ]
+        });
+        out.push_str(&table(
+            [
+                "SERVICE", "FRONTEND", "PROTO", "LB", "AFFINITY", "SLOTS", "BACKENDS",
+            ],
+            services,
+        ));
+        out.push_str(&table(
+            ["COUNTER", "VALUE"],
+            self.counters
+                .iter()
+                .map(|(name, value)| [name.clone(), value.to_string()]),
+        ));
         out
     }
 }
