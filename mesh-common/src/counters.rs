@@ -27,11 +27,19 @@ pub enum Counter {
     MapUpdateFailed = 8,
     /// A flow event was dropped: over the rate bound, or the ring buffer was full.
     EventDropped = 9,
+    /// A connect to an mTLS service was sent to the agent's outbound listener.
+    MtlsRedirected = 10,
+    /// A socket of the agent itself (marked `AGENT_MARK`) was left alone.
+    AgentSocket = 11,
+    /// A plaintext connection opening to a strict service's backend was dropped.
+    StrictDropped = 12,
+    /// A balanced TCP connect failed (reset, timeout or abandoned in SYN-SENT).
+    ConnectFailed = 13,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Rewritten,
         Counter::NoBackend,
         Counter::NoServicePort,
@@ -42,6 +50,10 @@ impl Counter {
         Counter::SlotMissing,
         Counter::MapUpdateFailed,
         Counter::EventDropped,
+        Counter::MtlsRedirected,
+        Counter::AgentSocket,
+        Counter::StrictDropped,
+        Counter::ConnectFailed,
     ];
 
     /// Number of counters in use; the array has room for [`crate::maps::COUNTERS_MAX`].
@@ -60,6 +72,10 @@ impl Counter {
             Counter::SlotMissing => "slot_missing",
             Counter::MapUpdateFailed => "map_update_failed",
             Counter::EventDropped => "events_dropped",
+            Counter::MtlsRedirected => "mtls_redirected",
+            Counter::AgentSocket => "agent_socket",
+            Counter::StrictDropped => "strict_dropped",
+            Counter::ConnectFailed => "connect_failed",
         }
     }
 }

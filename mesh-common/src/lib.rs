@@ -13,7 +13,9 @@
 pub mod counters;
 pub mod events;
 pub mod hash;
+pub mod health;
 pub mod maps;
+pub mod redirect;
 pub mod service;
 
 #[cfg(feature = "user")]

@@ -30,6 +30,17 @@ pub const EVENT_BUDGET: &str = "MESH_EVB_V1";
 /// sets up and reads its own programs' copies.
 pub const EVENTS: &str = "MESH_EVT_V1";
 
+/// mTLS connects awaiting their source port: socket cookie → original destination.
+pub const REDIRECT_BY_COOKIE: &str = "MESH_RDC_V1";
+/// Established mTLS connects: client address and port → original destination. The agent
+/// looks up (and deletes) the peer of each connection its outbound listener accepts.
+pub const REDIRECT_BY_PEER: &str = "MESH_RDP_V1";
+/// Backends of strict mTLS services: address and port → service id. Connection openings to
+/// them from anything but the agent are dropped.
+pub const STRICT_INBOUND: &str = "MESH_STRICT_V1";
+/// Connect outcomes per backend address, per CPU (passive health checking).
+pub const CONNECT_OUTCOMES: &str = "MESH_OUTCOME_V1";
+
 /// Frontend entries: services plus one VIP marker per distinct VIP address.
 pub const SERVICES_MAX: u32 = 65_536;
 /// Backend entries, mesh-wide on this host.
@@ -43,3 +54,7 @@ pub const REVERSE_MAX: u32 = 262_144;
 pub const AFFINITY_MAX: u32 = 131_072;
 /// Slots of the counters array: room for counters added later without a layout change.
 pub const COUNTERS_MAX: u32 = 32;
+/// mTLS connects between `connect` and the agent's `accept` (each lives a few round trips).
+pub const REDIRECT_MAX: u32 = 65_536;
+/// Backend addresses of strict services on this host.
+pub const STRICT_MAX: u32 = 65_536;

@@ -6,6 +6,8 @@
 #![allow(unsafe_code)]
 
 use crate::events::{EventBudget, FlowEvent};
+use crate::health::ConnectOutcomes;
+use crate::redirect::{OriginalDest, SockKey};
 use crate::service::{
     AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
 };
@@ -20,3 +22,6 @@ unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for EventBudget {}
+unsafe impl aya::Pod for SockKey {}
+unsafe impl aya::Pod for OriginalDest {}
+unsafe impl aya::Pod for ConnectOutcomes {}

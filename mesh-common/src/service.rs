@@ -64,6 +64,8 @@ pub const SERVICE_FLAG_AFFINITY_CGROUP: u32 = 1 << 0;
 pub const SERVICE_FLAG_AFFINITY_NETNS: u32 = 1 << 1;
 /// This entry only marks its address as a VIP; it is not a service.
 pub const SERVICE_FLAG_VIP_MARKER: u32 = 1 << 2;
+/// Connections go through the agents' mutual-TLS tunnel (see [`crate::redirect`]).
+pub const SERVICE_FLAG_MTLS: u32 = 1 << 3;
 
 /// The header of a service.
 #[repr(C)]
