@@ -27,6 +27,8 @@ use toml::Spanned;
 
 use crate::{desired, maglev};
 
+pub mod health;
+
 /// Seconds an affinity entry lives without use when the config says nothing (3 hours, as
 /// Kubernetes' `sessionAffinityConfig` default).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -70,6 +72,8 @@ pub struct ServiceConfig {
     pub affinity_timeout_s: u32,
     /// In file order, each address once, all of the VIP's family. May be empty.
     pub backends: Vec<BackendConfig>,
+    /// Active check, outlier detection and locality ([`health`]).
+    pub health: health::HealthSettings,
 }
 
 /// One backend of a service.
@@ -310,6 +314,9 @@ struct RawService {
     affinity: Option<Spanned<Affinity>>,
     affinity_timeout: Option<Spanned<i64>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    health: Option<Spanned<health::RawHealth>>,
+    outlier: Option<Spanned<health::RawOutlier>>,
+    locality: Option<Spanned<health::Locality>>,
 }
 
 #[derive(Deserialize)]
@@ -648,6 +655,16 @@ impl<'a> Source<'a> {
             }
         }
 
+        let health = health::settings(
+            health::RawSettings {
+                health: raw.health,
+                outlier: raw.outlier,
+                locality: raw.locality,
+            },
+            protocol,
+        )
+        .map_err(|e| self.invalid(e.span, format!("{path}.{}", e.field), e.message))?;
+
         Ok(CheckedService {
             name_span: raw.name.span(),
             vip_span: raw.vip.span(),
@@ -661,6 +678,7 @@ impl<'a> Source<'a> {
                 affinity,
                 affinity_timeout_s,
                 backends,
+                health,
             },
         })
     }

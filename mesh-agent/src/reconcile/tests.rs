@@ -227,6 +227,7 @@ fn svc(name: &str, vip: &str, port: u16, lb: LbPolicy, backends: &[(&str, u32)])
         lb,
         affinity: Affinity::None,
         affinity_timeout_s: 10_800,
+        health: Default::default(),
         backends: backends
             .iter()
             .map(|&(a, weight)| BackendConfig {
@@ -318,6 +319,7 @@ fn random_desired(rng: &mut Rng, maglev: bool) -> Desired {
                     Affinity::None
                 },
                 affinity_timeout_s: 60,
+                health: Default::default(),
                 backends,
             });
             s.name = format!("s{v}-{port}");
