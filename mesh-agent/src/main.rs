@@ -11,6 +11,7 @@ mod config;
 mod dataplane;
 mod desired;
 mod flows;
+mod health;
 mod kernel_addr;
 mod maglev;
 mod metrics;

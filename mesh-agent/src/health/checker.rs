@@ -1,0 +1,185 @@
+//! Scheduling active probes: one tokio task per checked (service, backend).
+//!
+//! [`Checker::sync`] makes the running tasks match the wanted targets (new ones start, gone or
+//! changed ones stop); each task probes every interval, at most [`MAX_IN_FLIGHT`] probes at a
+//! time across the agent, and sends each result to the agent's loop as a [`ProbeReport`]. The
+//! verdicts (thresholds, exclusion) are [`super::Health`]'s.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use tokio::{
+    sync::{mpsc, Semaphore},
+    task::AbortHandle,
+    time::MissedTickBehavior,
+};
+
+use super::probe::{self, ProbeError};
+use crate::config::health::ActiveCheck;
+
+/// Probes in flight at once, whatever the number of backends.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// What to check: a backend of a service, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub service: String,
+    pub backend: SocketAddr,
+    pub check: ActiveCheck,
+}
+
+/// The outcome of one probe.
+#[derive(Debug)]
+pub struct ProbeReport {
+    pub service: String,
+    pub backend: SocketAddr,
+    pub result: Result<(), ProbeError>,
+}
+
+/// The running probe tasks; they stop when it is dropped.
+pub struct Checker {
+    tasks: HashMap<(String, SocketAddr), (ActiveCheck, AbortHandle)>,
+    reports: mpsc::Sender<ProbeReport>,
+    permits: Arc<Semaphore>,
+}
+
+impl Checker {
+    /// A checker that sends its reports to `reports`.
+    pub fn new(reports: mpsc::Sender<ProbeReport>) -> Checker {
+        Checker {
+            tasks: HashMap::new(),
+            reports,
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+
+    /// Runs exactly one task per target (must be called inside the tokio runtime).
+    pub fn sync(&mut self, targets: impl IntoIterator<Item = Target>) {
+        let mut wanted: HashMap<(String, SocketAddr), ActiveCheck> = targets
+            .into_iter()
+            .map(|t| ((t.service, t.backend), t.check))
+            .collect();
+        self.tasks.retain(|key, (check, task)| {
+            let keep = wanted.get(key) == Some(check);
+            if keep {
+                wanted.remove(key);
+            } else {
+                task.abort();
+            }
+            keep
+        });
+        for ((service, backend), check) in wanted {
+            let task = tokio::spawn(run(
+                Target {
+                    service: service.clone(),
+                    backend,
+                    check: check.clone(),
+                },
+                self.reports.clone(),
+                Arc::clone(&self.permits),
+            ));
+            self.tasks
+                .insert((service, backend), (check, task.abort_handle()));
+        }
+    }
+
+    /// Targets being checked.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        for (_, task) in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Probes `target` every interval until aborted or the agent stops listening.
+async fn run(target: Target, reports: mpsc::Sender<ProbeReport>, permits: Arc<Semaphore>) {
+    let mut tick = tokio::time::interval(target.check.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(permit) = permits.acquire().await else {
+            return;
+        };
+        let result = probe::probe(target.backend, &target.check).await;
+        drop(permit);
+        let report = ProbeReport {
+            service: target.service.clone(),
+            backend: target.backend,
+            result,
+        };
+        if reports.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn target(service: &str, backend: SocketAddr, interval_ms: u64) -> Target {
+        Target {
+            service: service.into(),
+            backend,
+            check: ActiveCheck {
+                interval: Duration::from_millis(interval_ms),
+                timeout: Duration::from_millis(interval_ms / 2),
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+                http: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_every_target_and_follows_changes() {
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        let down_addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut checker = Checker::new(tx);
+        checker.sync([target("a", up_addr, 100), target("a", down_addr, 100)]);
+        assert_eq!(checker.len(), 2);
+        let mut seen = HashMap::new();
+        while seen.len() < 2 {
+            let r = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            seen.insert(r.backend, r.result.is_ok());
+        }
+        assert_eq!(seen[&up_addr], true);
+        assert_eq!(seen[&down_addr], false);
+
+        // The same target again keeps its task; a changed one is restarted; a gone one stops.
+        checker.sync([target("a", up_addr, 100), target("a", down_addr, 200)]);
+        assert_eq!(checker.len(), 2);
+        checker.sync([target("a", up_addr, 100)]);
+        assert_eq!(checker.len(), 1);
+        // Drain what was in flight, then only the remaining target reports.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        while rx.try_recv().is_ok() {}
+        for _ in 0..3 {
+            let r = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.backend, up_addr);
+        }
+        drop(checker);
+        drop(up);
+    }
+}
