@@ -11,6 +11,10 @@
 //! | `mesh_kernel_decisions_total` | counter | `reason` ([`Counter::name`]) |
 //! | `mesh_backend_connections_total` | counter | `service`, `backend` (address) |
 //! | `mesh_map_entries`, `mesh_map_capacity` | gauge | `map` (pinned map name) |
+//! | `mesh_backend_healthy` | gauge (0/1) | `service`, `backend` |
+//! | `mesh_service_panic` | gauge (0/1) | `service` |
+//! | `mesh_health_checks_total` | counter | `service`, `result` (`passed`, `failed`) |
+//! | `mesh_outlier_ejections_total` | counter | `service` |
 //! | `mesh_config_reloads_total` | counter | `result` (`applied`, `rejected`) |
 //! | `mesh_flows_recorded_total` | counter | |
 //! | `mesh_agent_uptime_seconds` | gauge | |
@@ -57,6 +61,8 @@ pub struct Snapshot {
     pub counters: Vec<(Counter, u64)>,
     pub backends: Vec<BackendSample>,
     pub maps: Vec<MapUsage>,
+    /// Health of every service's backends.
+    pub health: Vec<crate::health::ServiceSample>,
     /// Config reloads applied and rejected since start.
     pub reloads_applied: u64,
     pub reloads_rejected: u64,
@@ -213,6 +219,7 @@ fn encode_snapshot(s: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result
         "Maximum entries of each kernel map.",
         s.maps.iter().map(|m| ([("map", m.name)], m.capacity)),
     )?;
+    encode_health(&s.health, encoder)?;
     counter_family(
         encoder,
         "config_reloads",
@@ -243,6 +250,59 @@ fn encode_snapshot(s: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result
         None,
         build.metric_type(),
     )?)
+}
+
+/// The health metrics of every service.
+fn encode_health(
+    services: &[crate::health::ServiceSample],
+    encoder: &mut DescriptorEncoder,
+) -> fmt::Result {
+    let backends: Vec<(&str, String, bool)> = services
+        .iter()
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .map(|(addr, ok)| (s.service.as_str(), addr.to_string(), *ok))
+        })
+        .collect();
+    gauge_family(
+        encoder,
+        "backend_healthy",
+        "1 when the backend may be picked, 0 while health excludes it (even in panic).",
+        backends.iter().map(|(service, backend, ok)| {
+            (
+                [("service", *service), ("backend", backend.as_str())],
+                u64::from(*ok),
+            )
+        }),
+    )?;
+    gauge_family(
+        encoder,
+        "service_panic",
+        "1 while every backend of the service is unhealthy and all of them are used.",
+        services
+            .iter()
+            .map(|s| ([("service", s.service.as_str())], u64::from(s.panic))),
+    )?;
+    counter_family(
+        encoder,
+        "health_checks",
+        "Active health probes, by outcome.",
+        services.iter().flat_map(|s| {
+            [
+                ([("service", s.service.as_str()), ("result", "passed")], s.checks_passed),
+                ([("service", s.service.as_str()), ("result", "failed")], s.checks_failed),
+            ]
+        }),
+    )?;
+    counter_family(
+        encoder,
+        "outlier_ejections",
+        "Backends ejected after failed connects seen by the kernel.",
+        services
+            .iter()
+            .map(|s| ([("service", s.service.as_str())], s.ejections)),
+    )
 }
 
 /// One counter metric with a sample per label set (`name` gets the `_total` suffix).
@@ -308,6 +368,17 @@ mod tests {
                 entries: 3,
                 capacity: 65_536,
             }],
+            health: vec![crate::health::ServiceSample {
+                service: "web".into(),
+                panic: false,
+                checks_passed: 7,
+                checks_failed: 2,
+                ejections: 1,
+                backends: vec![
+                    ("10.1.0.2:8080".parse().unwrap(), true),
+                    ("[fd00:1::3]:8080".parse().unwrap(), false),
+                ],
+            }],
             reloads_applied: 2,
             reloads_rejected: 1,
             flows_recorded: 42,
@@ -334,6 +405,12 @@ mod tests {
             "# TYPE mesh_map_entries gauge",
             r#"mesh_map_entries{map="MESH_SVC_V1"} 3"#,
             r#"mesh_map_capacity{map="MESH_SVC_V1"} 65536"#,
+            r#"mesh_backend_healthy{service="web",backend="10.1.0.2:8080"} 1"#,
+            r#"mesh_backend_healthy{service="web",backend="[fd00:1::3]:8080"} 0"#,
+            r#"mesh_service_panic{service="web"} 0"#,
+            r#"mesh_health_checks_total{service="web",result="passed"} 7"#,
+            r#"mesh_health_checks_total{service="web",result="failed"} 2"#,
+            r#"mesh_outlier_ejections_total{service="web"} 1"#,
             r#"mesh_config_reloads_total{result="applied"} 2"#,
             r#"mesh_config_reloads_total{result="rejected"} 1"#,
             "mesh_flows_recorded_total 42",

@@ -6,7 +6,7 @@
 //! new connections keep flowing while the agent restarts or upgrades.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
@@ -26,6 +26,11 @@ use crate::{
     dataplane::{DataPlane, PinDir, Settings},
     desired::Desired,
     flows::{self, FlowLog, Names},
+    health::{
+        self,
+        checker::{Checker, ProbeReport},
+        Health,
+    },
     kernel_addr,
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
     reconcile::{self, KernelState},
@@ -72,7 +77,14 @@ struct Agent {
     cgroup: PathBuf,
     started: Instant,
     dataplane: DataPlane,
+    /// The config in force.
+    config: Config,
+    /// The services as the config (and later the catalog) gives them, before health.
+    catalog: Desired,
+    /// What the kernel was last brought to: the catalog with health applied.
     desired: Desired,
+    health: Health,
+    checker: Checker,
     kernel: KernelState,
     /// Kernel service id → name, for flows and metrics.
     service_names: HashMap<u32, String>,
@@ -158,20 +170,25 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         services = kernel.services.len(),
         "data plane installed"
     );
+    let (probes_tx, mut probes) = mpsc::channel::<ProbeReport>(1024);
     let mut agent = Agent {
         node,
         config_path: options.config.clone(),
         cgroup,
         started: Instant::now(),
         dataplane,
+        config: config.clone(),
+        catalog: Desired::default(),
         desired: Desired::default(),
+        health: Health::default(),
+        checker: Checker::new(probes_tx),
         kernel,
         service_names: HashMap::new(),
         config_error: None,
         reloads_applied: 0,
         reloads_rejected: 0,
     };
-    agent.apply(Desired::from_config(&config))?;
+    agent.load(config)?;
     let flow_log = Arc::new(FlowLog::default());
     let agent = Arc::new(SharedAgent {
         state: Mutex::new(agent),
@@ -201,6 +218,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let _watcher = watch::watch_file(&options.config, changes_tx)?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut health_poll = tokio::time::interval(health::POLL_INTERVAL);
+    health_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(admin_socket = %options.admin_socket.display(), "ready");
 
     loop {
@@ -213,6 +232,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 while changes.try_recv().is_ok() {}
                 agent.lock().reload();
             }
+            Some(report) = probes.recv() => agent.lock().on_probe(report),
+            _ = health_poll.tick() => agent.lock().poll_health(),
         }
     }
 
@@ -296,11 +317,54 @@ impl Agent {
         Ok(())
     }
 
+    /// Makes `config` the one in force: its services, health-checked, in the kernel. On error
+    /// the previous config stays in force, health included.
+    fn load(&mut self, config: Config) -> anyhow::Result<()> {
+        let catalog = Desired::from_config(&config);
+        self.health.sync(&catalog, &config);
+        let mut desired = catalog.clone();
+        self.health.apply(&mut desired);
+        if let Err(error) = self.apply(desired) {
+            self.health.sync(&self.catalog, &self.config);
+            return Err(error);
+        }
+        self.checker.sync(self.health.targets());
+        self.catalog = catalog;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Re-applies the catalog after a health change.
+    fn refresh(&mut self) {
+        let mut desired = self.catalog.clone();
+        self.health.apply(&mut desired);
+        if let Err(error) = self.apply(desired) {
+            tracing::error!("cannot apply a health change to the kernel: {error:#}");
+        }
+    }
+
+    fn on_probe(&mut self, report: ProbeReport) {
+        let result = report.result.map_err(|e| e.to_string());
+        if self
+            .health
+            .record_probe(&report.service, report.backend, result)
+        {
+            self.refresh();
+        }
+    }
+
+    /// Ends the ejections that are over (and, with the kernel's connect outcomes, ejects).
+    fn poll_health(&mut self) {
+        if self.health.expire(Instant::now()) {
+            self.refresh();
+        }
+    }
+
     /// Re-reads the config file; a bad file is rejected and the state in force stays.
     fn reload(&mut self) {
         let result = Config::load(&self.config_path)
             .map_err(anyhow::Error::from)
-            .and_then(|config| self.apply(Desired::from_config(&config)));
+            .and_then(|config| self.load(config));
         match result {
             Ok(()) => {
                 self.reloads_applied += 1;
@@ -330,7 +394,13 @@ impl Agent {
             cgroup: self.cgroup.display().to_string(),
             adopted: self.dataplane.adopted,
             config_error: self.config_error.clone(),
-            services: status::services(&self.desired, &self.kernel),
+            services: status::services(&self.desired, &self.kernel)
+                .into_iter()
+                .map(|s| status::ServiceStatus {
+                    panic: self.health.panic(&s.name),
+                    ..s
+                })
+                .collect(),
             counters,
         })
     }
@@ -349,23 +419,34 @@ impl Agent {
             .installed_backends()
             .map(|(id, name, addr)| ((name, addr), id))
             .collect();
+        let now = Instant::now();
+        let installed = &installed;
         self.desired
             .services
             .values()
             .flat_map(|service| {
-                service.backends.iter().map(|backend| {
+                let used: HashSet<u32> = service.table.iter().copied().collect();
+                service.backends.iter().enumerate().map(move |(i, backend)| {
                     let id = installed.get(&(service.name.as_str(), backend.addr));
-                    let state = match (backend.weight, id) {
-                        (0, _) => "drained",
-                        (_, Some(_)) => "active",
-                        (_, None) => "pending",
+                    let in_table = used.contains(&(i as u32));
+                    let state = match (backend.weight, id, in_table) {
+                        (0, _, _) => "drained",
+                        (_, Some(_), _) => "active",
+                        (_, None, true) => "pending",
+                        (_, None, false) => "excluded",
                     };
+                    let view = self.health.view(&service.name, backend.addr, now);
                     EndpointStatus {
                         service: service.name.clone(),
                         address: backend.addr.to_string(),
                         weight: backend.weight,
                         state: state.to_owned(),
                         connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
+                        health: view.as_ref().map(|v| v.state.to_owned()),
+                        health_reason: view.as_ref().and_then(|v| v.reason.clone()),
+                        ejected_until: view
+                            .and_then(|v| v.until)
+                            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
                     }
                 })
             })
@@ -401,6 +482,7 @@ impl Agent {
                     capacity: u64::from(mesh_common::maps::BACKENDS_MAX),
                 },
             ],
+            health: self.health.samples(),
             reloads_applied: self.reloads_applied,
             reloads_rejected: self.reloads_rejected,
             flows_recorded: 0,

@@ -42,6 +42,9 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
     /// Slots in the kernel's active table (0: connects are refused).
     pub slots: u32,
+    /// Every backend with weight is unhealthy, so all of them are used.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 /// One backend of a service.
@@ -57,11 +60,21 @@ pub struct EndpointStatus {
     pub service: String,
     pub address: String,
     pub weight: u32,
-    /// `active` (in the kernel's table), `drained` (weight 0) or `pending` (configured, not
-    /// installed: the last apply failed).
+    /// `active` (in the kernel's table), `drained` (weight 0), `excluded` (left out of the
+    /// table by health or locality) or `pending` (configured, not installed: the last apply
+    /// failed).
     pub state: String,
     /// Connections and UDP datagrams the kernel sent to it since it was added.
     pub connections: u64,
+    /// `healthy`, `unhealthy` (active check) or `ejected` (failed connects).
+    #[serde(default)]
+    pub health: Option<String>,
+    /// Why it is unhealthy or ejected.
+    #[serde(default)]
+    pub health_reason: Option<String>,
+    /// When an ejection ends (RFC 3339).
+    #[serde(default)]
+    pub ejected_until: Option<String>,
 }
 
 /// A node of the mesh as this agent sees it (`mesh-agent nodes`).
@@ -110,7 +123,7 @@ impl StatusReport {
                     .join("\n")
             };
             [
-                service.name.clone(),
+                service_name(service),
                 frontend(&service.vip, service.port),
                 service.protocol.clone(),
                 service.lb.clone(),
@@ -165,8 +178,18 @@ pub fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
                 })
                 .collect(),
             slots: kernel.services.get(key).map_or(0, |s| s.count),
+            panic: false,
         })
         .collect()
+}
+
+/// The name, marked when the service is in panic.
+fn service_name(service: &ServiceStatus) -> String {
+    if service.panic {
+        format!("{}\n(panic: all backends unhealthy, all used)", service.name)
+    } else {
+        service.name.clone()
+    }
 }
 
 fn affinity_name(flags: u32) -> &'static str {
@@ -200,7 +223,7 @@ pub fn render_services(services: &[ServiceStatus]) -> String {
         ],
         services.iter().map(|s| {
             [
-                s.name.clone(),
+                service_name(s),
                 frontend(&s.vip, s.port),
                 s.protocol.clone(),
                 s.lb.clone(),
@@ -215,13 +238,21 @@ pub fn render_services(services: &[ServiceStatus]) -> String {
 /// `mesh-agent endpoints`.
 pub fn render_endpoints(endpoints: &[EndpointStatus]) -> String {
     table(
-        ["SERVICE", "ENDPOINT", "WEIGHT", "STATE", "CONNECTIONS"],
+        ["SERVICE", "ENDPOINT", "WEIGHT", "STATE", "HEALTH", "CONNECTIONS"],
         endpoints.iter().map(|e| {
+            let mut health = e.health.clone().unwrap_or_else(|| "-".into());
+            if let Some(reason) = &e.health_reason {
+                health.push_str(&format!(": {reason}"));
+            }
+            if let Some(until) = &e.ejected_until {
+                health.push_str(&format!(" (until {until})"));
+            }
             [
                 e.service.clone(),
                 e.address.clone(),
                 e.weight.to_string(),
                 e.state.clone(),
+                health,
                 e.connections.to_string(),
             ]
         }),

@@ -355,14 +355,6 @@ impl Health {
             .collect()
     }
 
-    /// The services in panic.
-    pub fn panics(&self) -> BTreeSet<&str> {
-        self.services
-            .iter()
-            .filter(|(_, s)| s.panic)
-            .map(|(name, _)| name.as_str())
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -440,7 +432,6 @@ mod tests {
         }
         assert_eq!(table_of(&mut h, &catalog), set(&[B[0], B[1]]));
         assert!(h.panic("web"));
-        assert_eq!(h.panics(), BTreeSet::from(["web"]));
         let healthy: Vec<bool> = h.samples()[0].backends.iter().map(|&(_, ok)| ok).collect();
         assert_eq!(healthy, [false, false, true]);
         h.record_probe("web", a(B[0]), Ok(()));
