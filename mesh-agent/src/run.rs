@@ -361,9 +361,19 @@ impl Agent {
         }
     }
 
-    /// Ends the ejections that are over (and, with the kernel's connect outcomes, ejects).
+    /// Feeds the kernel's connect outcomes to the outlier detection and ends the ejections
+    /// that are over.
     fn poll_health(&mut self) {
-        if self.health.expire(Instant::now()) {
+        let now = Instant::now();
+        let mut changed = match self.dataplane.maps.connect_outcomes() {
+            Ok(outcomes) => self.health.observe_outcomes(&outcomes, now),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the connect outcomes; no passive health this round");
+                false
+            }
+        };
+        changed |= self.health.expire(now);
+        if changed {
             self.refresh();
         }
     }

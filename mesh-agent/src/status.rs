@@ -67,13 +67,13 @@ pub struct EndpointStatus {
     /// Connections and UDP datagrams the kernel sent to it since it was added.
     pub connections: u64,
     /// `healthy`, `unhealthy` (active check) or `ejected` (failed connects).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
     /// Why it is unhealthy or ejected.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_reason: Option<String>,
     /// When an ejection ends (RFC 3339).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ejected_until: Option<String>,
 }
 

@@ -17,7 +17,9 @@ pub enum Protocol {
 /// Backend nodes with their servers; the servers stop when this is dropped.
 pub struct Backends {
     // Fields drop in order: the servers before the nodes.
-    _servers: Vec<Proc>,
+    /// One per node; `None` while stopped ([`Backends::stop`]).
+    servers: Vec<Option<Proc>>,
+    protocol: Protocol,
     /// (node, the address its server listens on), in the order the names were given.
     nodes: Vec<(Node, SocketAddr)>,
 }
@@ -42,16 +44,36 @@ impl Backends {
                 node.ipv4().into()
             };
             let addr = SocketAddr::new(ip, port);
-            servers.push(match protocol {
-                Protocol::Tcp => node.tcp_server("server", addr, name)?,
-                Protocol::Udp => node.udp_server("server", addr, name)?,
-            });
+            servers.push(Some(serve(&node, protocol, addr)?));
             nodes.push((node, addr));
         }
         Ok(Self {
-            _servers: servers,
+            servers,
+            protocol,
             nodes,
         })
+    }
+
+    /// Kills the server on node `name` (its port then refuses connections).
+    pub fn stop(&mut self, name: &str) -> Result<()> {
+        let i = self.index_of(name)?;
+        self.servers[i] = None;
+        Ok(())
+    }
+
+    /// Starts the server on node `name` again, on the same address.
+    pub fn start_again(&mut self, name: &str) -> Result<()> {
+        let i = self.index_of(name)?;
+        let (node, addr) = &self.nodes[i];
+        self.servers[i] = Some(serve(node, self.protocol, *addr)?);
+        Ok(())
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|(node, _)| node.name() == name)
+            .with_context(|| format!("no backend named {name}"))
     }
 
     /// Every server's address, in order.
@@ -72,11 +94,24 @@ impl Backends {
             .with_context(|| format!("no backend named {name}"))
     }
 
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Result<&Node> {
+        Ok(&self.nodes[self.index_of(name)?].0)
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+}
+
+/// The server of `node` on `addr`, named after the node.
+fn serve(node: &Node, protocol: Protocol, addr: SocketAddr) -> Result<Proc> {
+    match protocol {
+        Protocol::Tcp => node.tcp_server("server", addr, node.name()),
+        Protocol::Udp => node.udp_server("server", addr, node.name()),
     }
 }

@@ -46,6 +46,8 @@ pub struct Service {
     /// A TOML value: `false`, `true`, `"cgroup"` or `"netns"` (quotes included).
     pub affinity: String,
     pub backends: Vec<Backend>,
+    /// More `key = value` lines, written as given (`health = { … }`, …).
+    pub extra: Vec<String>,
 }
 
 impl Service {
@@ -59,6 +61,7 @@ impl Service {
             lb: "random".into(),
             affinity: "false".into(),
             backends: backends.iter().map(Backend::new).collect(),
+            extra: Vec::new(),
         }
     }
 
@@ -82,6 +85,12 @@ impl Service {
         self
     }
 
+    /// Adds a `key = value` line to the service (`health = { interval_ms = 500 }`).
+    pub fn with(mut self, toml_line: &str) -> Self {
+        self.extra.push(toml_line.into());
+        self
+    }
+
     /// Replaces the backends.
     pub fn backends(mut self, backends: Vec<Backend>) -> Self {
         self.backends = backends;
@@ -96,9 +105,13 @@ pub fn render(node: &str, services: &[Service]) -> String {
     for svc in services {
         let _ = write!(
             s,
-            "\n[[services]]\nname = {:?}\nvip = {:?}\nport = {}\nprotocol = {:?}\nlb = {:?}\naffinity = {}\nbackends = [",
+            "\n[[services]]\nname = {:?}\nvip = {:?}\nport = {}\nprotocol = {:?}\nlb = {:?}\naffinity = {}",
             svc.name, svc.vip, svc.port, svc.protocol, svc.lb, svc.affinity
         );
+        for line in &svc.extra {
+            let _ = write!(s, "\n{line}");
+        }
+        s.push_str("\nbackends = [");
         for b in &svc.backends {
             let _ = write!(s, "\n  {{ address = {:?}", b.address);
             if let Some(w) = b.weight {

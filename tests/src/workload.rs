@@ -143,6 +143,33 @@ impl Node {
         Ok(p)
     }
 
+    /// Starts a TCP server like [`Node::tcp_server`] that also answers HTTP requests with
+    /// `status` (a health-check target).
+    pub fn http_server(
+        &self,
+        workload: &str,
+        listen: SocketAddr,
+        name: &str,
+        status: u16,
+    ) -> Result<Proc> {
+        let addr = listen.to_string();
+        let status = status.to_string();
+        let p = self.spawn(
+            workload,
+            command(&[
+                "tcp-server",
+                "--listen",
+                &addr,
+                "--name",
+                name,
+                "--http-status",
+                &status,
+            ])?,
+        )?;
+        p.wait_line(READY_TIMEOUT, |l| l == "ready")?;
+        Ok(p)
+    }
+
     /// Starts a UDP server named `name` on `listen`; returns once it is bound.
     pub fn udp_server(&self, workload: &str, listen: SocketAddr, name: &str) -> Result<Proc> {
         let addr = listen.to_string();

@@ -106,6 +106,7 @@ fn cli_json_answers_field_by_field() {
             {"address": c_addr.to_string(), "weight": 0},
         ],
         "slots": 1,
+        "panic": false,
     });
     assert_eq!(status["services"], json!([expected_service.clone()]));
     let counters = &status["counters"];
@@ -138,8 +139,8 @@ fn cli_json_answers_field_by_field() {
     assert_eq!(
         endpoints,
         json!([
-            {"service": "web", "address": b_addr.to_string(), "weight": 2, "state": "active", "connections": 20},
-            {"service": "web", "address": c_addr.to_string(), "weight": 0, "state": "drained", "connections": 0},
+            {"service": "web", "address": b_addr.to_string(), "weight": 2, "state": "active", "connections": 20, "health": "healthy"},
+            {"service": "web", "address": c_addr.to_string(), "weight": 0, "state": "drained", "connections": 0, "health": "healthy"},
         ])
     );
 

@@ -27,7 +27,7 @@ pub mod outlier;
 pub mod probe;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::SocketAddr,
     time::{Duration, Instant, SystemTime},
 };
@@ -359,6 +359,8 @@ impl Health {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn config(extra: &str, lb: &str, backends: &[(&str, u32)]) -> Config {

@@ -4,7 +4,7 @@
 //!
 //! | command | does |
 //! | --- | --- |
-//! | `tcp-server --listen ADDR:PORT --name NAME` | per connection (one thread each): writes `NAME\n`, then echoes every line until EOF; prints `ready` once listening |
+//! | `tcp-server --listen ADDR:PORT --name NAME [--http-status CODE]` | per connection (one thread each): writes `NAME\n`, then echoes every line until EOF; prints `ready` once listening. With `--http-status`, a connection whose peer sends an HTTP request within 300 ms first gets `HTTP/1.1 CODE` with body `NAME\n` and is closed (a health-check target); the others are served as above |
 //! | `udp-server --listen ADDR:PORT --name NAME` | answers each datagram with `NAME:<payload>`; prints `ready` once bound |
 //! | `tcp-client --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N sequential connections, reads each one's name line; prints a JSON [`TcpClientReport`] |
 //! | `tcp-hold --connect ADDR:PORT [--interval-ms I] [--duration-ms D] [--want NAME --max-attempts M]` | one long-lived connection (reconnecting until it reaches NAME if asked), prints `connected NAME`, then sends a line every I ms and checks the echo; prints a JSON [`HoldReport`] |
@@ -183,6 +183,10 @@ fn tcp_server(args: &Args) -> Result<ExitCode> {
     );
     // An idle connection is dropped after this, so threads cannot pile up forever.
     let idle = args.ms("idle-timeout-ms", 120_000)?;
+    let http_status = match args.opt_str("http-status") {
+        None => None,
+        Some(_) => Some(u16::try_from(args.num("http-status", 200)?).context("--http-status")?),
+    };
     exit_after_lifetime(args)?;
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     ready()?;
@@ -190,6 +194,12 @@ fn tcp_server(args: &Args) -> Result<ExitCode> {
         let Ok(stream) = conn else { continue };
         let name = name.clone();
         std::thread::spawn(move || {
+            if let Some(status) = http_status {
+                match answer_http(&stream, &name, status) {
+                    Ok(true) | Err(_) => return,
+                    Ok(false) => {}
+                }
+            }
             let _ = serve_tcp(stream, &name, idle);
         });
     }
@@ -209,6 +219,28 @@ fn serve_tcp(mut stream: TcpStream, name: &str, idle: Duration) -> io::Result<()
         }
         stream.write_all(&line)?;
     }
+}
+
+/// Answers an HTTP request if the peer sends one within 300 ms (true: answered, close now).
+fn answer_http(stream: &TcpStream, name: &str, status: u16) -> io::Result<bool> {
+    stream.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match io::Read::read(&mut &*stream, &mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if head.is_empty() && errno_name(&e) == "ETIMEDOUT" => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    let body = format!("{name}\n");
+    let reply = format!(
+        "HTTP/1.1 {status} Status\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    (&*stream).write_all(reply.as_bytes())?;
+    Ok(true)
 }
 
 fn udp_server(args: &Args) -> Result<ExitCode> {
