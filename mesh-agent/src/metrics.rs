@@ -441,7 +441,11 @@ mod tests {
         }
         let registry = registry(Arc::new(Shared(Arc::clone(&source))));
         assert!(render(&registry).unwrap().contains("10.1.0.2:8080"));
-        source.lock().unwrap().backends.remove(0);
+        {
+            let mut s = source.lock().unwrap();
+            s.backends.remove(0);
+            s.health[0].backends.remove(0);
+        }
         let text = render(&registry).unwrap();
         assert!(!text.contains("10.1.0.2:8080"), "{text}");
         assert!(text.contains("[fd00:1::3]:8080"), "{text}");

@@ -239,11 +239,17 @@ fn failed_connects_eject_a_backend_for_a_while() {
         .with("outlier = { consecutive_failures = 3, base_ejection_ms = 3000, max_ejection_ms = 30000 }");
     let agent = s.start_agent(&[web]).or_fail();
 
-    // Connect until the dead one is ejected; bounded by rounds.
+    // Connect until the dead one is ejected (the agent reads the kernel's counts every
+    // 250 ms); bounded in time and rounds.
     let mut failed = 0;
     let mut ejected = None;
-    for _ in 0..20 {
-        let r = s.a.tcp_client("client", vip, 10, T).or_fail();
+    let start = Instant::now();
+    for _ in 0..100 {
+        if start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let r = s.a.tcp_client("client", vip, 4, T).or_fail();
         failed += r.errors.get("ECONNREFUSED").copied().unwrap_or(0);
         let all = endpoints(&agent).or_fail();
         let e = endpoint(&all, "web", dead);
@@ -252,7 +258,13 @@ fn failed_connects_eject_a_backend_for_a_while() {
             break;
         }
     }
-    let e = ejected.unwrap_or_else(|| panic!("never ejected after {failed} refused connects\n{}", agent.log()));
+    let e = ejected.unwrap_or_else(|| {
+        panic!(
+            "never ejected after {failed} refused connects; status {}\n{}",
+            agent.status_json().map(|s| s.to_string()).unwrap_or_default(),
+            agent.log()
+        )
+    });
     assert!(failed >= 3, "ejected after {failed} failures");
     assert_eq!(e["state"], "excluded", "{e}");
     assert!(
@@ -275,8 +287,13 @@ fn failed_connects_eject_a_backend_for_a_while() {
     eprintln!("readmitted {took:?} after the ejection was seen");
     // Still dead: failing again ejects it again.
     let mut again = false;
-    for _ in 0..20 {
-        s.a.tcp_client("client", vip, 10, T).or_fail();
+    let start = Instant::now();
+    for _ in 0..100 {
+        if start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        s.a.tcp_client("client", vip, 4, T).or_fail();
         let all = endpoints(&agent).or_fail();
         if endpoint(&all, "web", dead)["health"] == "ejected" {
             again = true;

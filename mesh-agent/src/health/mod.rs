@@ -176,11 +176,20 @@ impl Health {
         let Some(active) = b.active.as_mut() else {
             return false;
         };
+        let mut changed = false;
         match &result {
-            Ok(()) => s.checks_passed += 1,
+            Ok(()) => {
+                s.checks_passed += 1;
+                // A passing check is direct evidence: it ends an ejection.
+                if b.outlier.readmit(Instant::now()).is_some() {
+                    tracing::info!(service, %backend, "active check passed, ejection ended");
+                    b.ejection_reason = None;
+                    changed = true;
+                }
+            }
             Err(_) => s.checks_failed += 1,
         }
-        match active.record(result, check) {
+        changed | match active.record(result, check) {
             Some(true) => {
                 tracing::info!(service, %backend, "backend healthy again: its checks pass");
                 true
@@ -195,7 +204,10 @@ impl Health {
     }
 
     /// Feeds the kernel's connect outcomes (monotonic, per backend address) read at `now`;
-    /// true when a backend was ejected.
+    /// true when a backend was ejected. A backend the kernel has no entry for has had no
+    /// connect outcome yet: it counts as zeros, so the connects that create its entry count.
+    /// (Only the very first reading is a mere baseline: a restarted agent adopts counts from
+    /// before it started.)
     pub fn observe_outcomes(
         &mut self,
         outcomes: &[(SocketAddr, ConnectOutcomes)],
@@ -208,9 +220,7 @@ impl Health {
                 continue;
             };
             for (addr, b) in &mut s.backends {
-                let Some(&counts) = outcomes.get(addr) else {
-                    continue;
-                };
+                let counts = outcomes.get(addr).copied().unwrap_or_default();
                 if let Some(Event::Ejected {
                     failures,
                     duration,
@@ -478,6 +488,36 @@ mod tests {
         let mut d = catalog.clone();
         h.apply(&mut d);
         assert_eq!(d.services.values().next().unwrap().table, full);
+    }
+
+    #[test]
+    fn a_new_kernel_entry_counts_from_zero() {
+        let (mut h, _) = setup("", "random", &[(B[0], 1), (B[1], 1)]);
+        let t0 = Instant::now();
+        assert!(!h.observe_outcomes(&[], t0));
+        let failed = ConnectOutcomes {
+            established: 0,
+            failed: 5,
+            syn_timeouts: 0,
+        };
+        assert!(h.observe_outcomes(&[(a(B[0]), failed)], t0));
+    }
+
+    #[test]
+    fn a_passing_check_ends_an_ejection() {
+        let (mut h, catalog) = setup(CHECK, "random", &[(B[0], 1), (B[1], 1)]);
+        let t0 = Instant::now();
+        let failed = |failed| ConnectOutcomes {
+            established: 0,
+            failed,
+            syn_timeouts: 0,
+        };
+        h.observe_outcomes(&[], t0);
+        assert!(h.observe_outcomes(&[(a(B[0]), failed(2))], t0));
+        assert_eq!(table_of(&mut h, &catalog), set(&[B[1]]));
+        assert!(h.record_probe("web", a(B[0]), Ok(())));
+        assert_eq!(h.view("web", a(B[0]), t0).unwrap().state, "healthy");
+        assert_eq!(table_of(&mut h, &catalog), set(&B[..2]));
     }
 
     #[test]

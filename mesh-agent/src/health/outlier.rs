@@ -5,8 +5,8 @@
 //! [`Outlier`] turns successive readings into decisions: `consecutive_failures` failed
 //! connects with no established one in between eject the backend for
 //! `base_ejection × 2^k` (k: ejections since the backend last stayed admitted for
-//! `max_ejection`), at most `max_ejection`; once that time has passed it is readmitted and
-//! judged afresh. This module is pure: it reads no clock and no map, so every rule is tested
+//! `max_ejection`), at most `max_ejection`; once that time has passed, or as soon as an
+//! active check passes (as Envoy does by default), it is readmitted and judged afresh. This module is pure: it reads no clock and no map, so every rule is tested
 //! with synthetic counts.
 
 use std::time::{Duration, Instant};
@@ -101,6 +101,15 @@ impl Outlier {
         }
     }
 
+    /// Ends an ejection early (an active check just passed), as if its time were over.
+    pub fn readmit(&mut self, now: Instant) -> Option<Event> {
+        self.ejected_until.map(|_| {
+            self.ejected_until = None;
+            self.admitted_at = Some(now);
+            Event::Readmitted
+        })
+    }
+
     /// The end of the current ejection, if the backend is ejected.
     pub fn ejected_until(&self) -> Option<Instant> {
         self.ejected_until
@@ -185,6 +194,7 @@ mod tests {
         // Failures while ejected (panic traffic) are not counted.
         assert_eq!(o.observe(c(0, 50), ms(t0, 500), &S), None);
         assert_eq!(o.expire(ms(t0, 1000)), Some(Event::Readmitted));
+        assert_eq!(o.readmit(ms(t0, 1000)), None, "not ejected any more");
         assert_eq!(o.ejected_until(), None);
         assert_eq!(o.expire(ms(t0, 1001)), None);
         // Judged afresh: the failures seen while ejected are not part of the next run.
@@ -223,6 +233,18 @@ mod tests {
         now += S.max_ejection;
         let e = o.observe(c(0, failed), now, &S);
         assert!(matches!(e, Some(Event::Ejected { duration, .. }) if duration == S.base_ejection));
+    }
+
+    #[test]
+    fn readmit_ends_an_ejection_early_and_keeps_the_backoff() {
+        let t0 = Instant::now();
+        let mut o = Outlier::default();
+        o.observe(c(0, 0), t0, &S);
+        o.observe(c(0, 3), t0, &S).unwrap();
+        assert_eq!(o.readmit(ms(t0, 10)), Some(Event::Readmitted));
+        assert_eq!(o.ejected_until(), None);
+        let e = o.observe(c(0, 6), ms(t0, 20), &S);
+        assert!(matches!(e, Some(Event::Ejected { duration, .. }) if duration == 2 * S.base_ejection));
     }
 
     #[test]
