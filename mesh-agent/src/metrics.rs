@@ -290,8 +290,14 @@ fn encode_health(
         "Active health probes, by outcome.",
         services.iter().flat_map(|s| {
             [
-                ([("service", s.service.as_str()), ("result", "passed")], s.checks_passed),
-                ([("service", s.service.as_str()), ("result", "failed")], s.checks_failed),
+                (
+                    [("service", s.service.as_str()), ("result", "passed")],
+                    s.checks_passed,
+                ),
+                (
+                    [("service", s.service.as_str()), ("result", "failed")],
+                    s.checks_failed,
+                ),
             ]
         }),
     )?;

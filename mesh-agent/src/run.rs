@@ -444,29 +444,33 @@ impl Agent {
             .values()
             .flat_map(|service| {
                 let used: HashSet<u32> = service.table.iter().copied().collect();
-                service.backends.iter().enumerate().map(move |(i, backend)| {
-                    let id = installed.get(&(service.name.as_str(), backend.addr));
-                    let in_table = used.contains(&(i as u32));
-                    let state = match (backend.weight, id, in_table) {
-                        (0, _, _) => "drained",
-                        (_, Some(_), _) => "active",
-                        (_, None, true) => "pending",
-                        (_, None, false) => "excluded",
-                    };
-                    let view = self.health.view(&service.name, backend.addr, now);
-                    EndpointStatus {
-                        service: service.name.clone(),
-                        address: backend.addr.to_string(),
-                        weight: backend.weight,
-                        state: state.to_owned(),
-                        connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
-                        health: view.as_ref().map(|v| v.state.to_owned()),
-                        health_reason: view.as_ref().and_then(|v| v.reason.clone()),
-                        ejected_until: view
-                            .and_then(|v| v.until)
-                            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                    }
-                })
+                service
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, backend)| {
+                        let id = installed.get(&(service.name.as_str(), backend.addr));
+                        let in_table = used.contains(&(i as u32));
+                        let state = match (backend.weight, id, in_table) {
+                            (0, _, _) => "drained",
+                            (_, Some(_), _) => "active",
+                            (_, None, true) => "pending",
+                            (_, None, false) => "excluded",
+                        };
+                        let view = self.health.view(&service.name, backend.addr, now);
+                        EndpointStatus {
+                            service: service.name.clone(),
+                            address: backend.addr.to_string(),
+                            weight: backend.weight,
+                            state: state.to_owned(),
+                            connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
+                            health: view.as_ref().map(|v| v.state.to_owned()),
+                            health_reason: view.as_ref().and_then(|v| v.reason.clone()),
+                            ejected_until: view
+                                .and_then(|v| v.until)
+                                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        }
+                    })
             })
             .collect()
     }

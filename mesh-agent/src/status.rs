@@ -186,7 +186,10 @@ pub fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
 /// The name, marked when the service is in panic.
 fn service_name(service: &ServiceStatus) -> String {
     if service.panic {
-        format!("{}\n(panic: all backends unhealthy, all used)", service.name)
+        format!(
+            "{}\n(panic: all backends unhealthy, all used)",
+            service.name
+        )
     } else {
         service.name.clone()
     }
@@ -238,7 +241,14 @@ pub fn render_services(services: &[ServiceStatus]) -> String {
 /// `mesh-agent endpoints`.
 pub fn render_endpoints(endpoints: &[EndpointStatus]) -> String {
     table(
-        ["SERVICE", "ENDPOINT", "WEIGHT", "STATE", "HEALTH", "CONNECTIONS"],
+        [
+            "SERVICE",
+            "ENDPOINT",
+            "WEIGHT",
+            "STATE",
+            "HEALTH",
+            "CONNECTIONS",
+        ],
         endpoints.iter().map(|e| {
             let mut health = e.health.clone().unwrap_or_else(|| "-".into());
             if let Some(reason) = &e.health_reason {

@@ -119,7 +119,11 @@ impl Bed {
 /// started again on the same address, it is readmitted and reached again.
 #[test]
 fn stopped_backend_is_ejected_and_readmitted() {
-    let mut s = Bed::new("stopped_backend_is_ejected_and_readmitted", &["b", "c", "d"]).or_fail();
+    let mut s = Bed::new(
+        "stopped_backend_is_ejected_and_readmitted",
+        &["b", "c", "d"],
+    )
+    .or_fail();
     let vip = sa("10.96.0.10:80");
     let addrs = s.backends.addrs();
     let web = Service::tcp("web", vip, &addrs)
@@ -133,7 +137,8 @@ fn stopped_backend_is_ejected_and_readmitted() {
 
     s.backends.stop("d").or_fail();
     let bound = Duration::from_millis(500 * 2) + SLACK;
-    let (e, took) = wait_endpoint(&agent, "web", d, bound, state_is("excluded", "unhealthy")).or_fail();
+    let (e, took) =
+        wait_endpoint(&agent, "web", d, bound, state_is("excluded", "unhealthy")).or_fail();
     let reason = e["health_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("failed probe(s): connect"), "{e}");
     eprintln!("stopped backend excluded after {took:?}");
@@ -158,7 +163,11 @@ fn stopped_backend_is_ejected_and_readmitted() {
 /// connects reach the backends (which refuse them) instead of failing for lack of backends.
 #[test]
 fn all_unhealthy_is_panic_and_keeps_every_backend() {
-    let mut s = Bed::new("all_unhealthy_is_panic_and_keeps_every_backend", &["b", "c"]).or_fail();
+    let mut s = Bed::new(
+        "all_unhealthy_is_panic_and_keeps_every_backend",
+        &["b", "c"],
+    )
+    .or_fail();
     let vip = sa("10.96.0.11:80");
     let addrs = s.backends.addrs();
     let web = Service::tcp("web", vip, &addrs)
@@ -216,7 +225,14 @@ fn http_check_excludes_a_backend_with_the_wrong_status() {
     );
     let agent = a.start_agent(&render("a", &[web])).or_fail();
     let bound = Duration::from_millis(400 * 2) + SLACK + APPLY;
-    let (e, _) = wait_endpoint(&agent, "web", c_addr, bound, state_is("excluded", "unhealthy")).or_fail();
+    let (e, _) = wait_endpoint(
+        &agent,
+        "web",
+        c_addr,
+        bound,
+        state_is("excluded", "unhealthy"),
+    )
+    .or_fail();
     let reason = e["health_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("HTTP status 503, expected 200"), "{e}");
     let all = endpoints(&agent).or_fail();
@@ -235,8 +251,9 @@ fn failed_connects_eject_a_backend_for_a_while() {
     let b = s.addr_of("b");
     // c's node is up, but nothing listens on this port: every connect is reset.
     let dead = SocketAddr::new(s.addr_of("c").ip(), BACKEND_PORT + 1);
-    let web = Service::tcp("web", vip, &[b, dead])
-        .with("outlier = { consecutive_failures = 3, base_ejection_ms = 3000, max_ejection_ms = 30000 }");
+    let web = Service::tcp("web", vip, &[b, dead]).with(
+        "outlier = { consecutive_failures = 3, base_ejection_ms = 3000, max_ejection_ms = 30000 }",
+    );
     let agent = s.start_agent(&[web]).or_fail();
 
     // Connect until the dead one is ejected (the agent reads the kernel's counts every
@@ -261,14 +278,20 @@ fn failed_connects_eject_a_backend_for_a_while() {
     let e = ejected.unwrap_or_else(|| {
         panic!(
             "never ejected after {failed} refused connects; status {}\n{}",
-            agent.status_json().map(|s| s.to_string()).unwrap_or_default(),
+            agent
+                .status_json()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
             agent.log()
         )
     });
     assert!(failed >= 3, "ejected after {failed} failures");
     assert_eq!(e["state"], "excluded", "{e}");
     assert!(
-        e["health_reason"].as_str().unwrap_or_default().contains("failed connects in a row"),
+        e["health_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failed connects in a row"),
         "{e}"
     );
     assert!(e["ejected_until"].is_string(), "{e}");

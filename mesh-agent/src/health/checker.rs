@@ -161,8 +161,8 @@ mod tests {
                 .unwrap();
             seen.insert(r.backend, r.result.is_ok());
         }
-        assert_eq!(seen[&up_addr], true);
-        assert_eq!(seen[&down_addr], false);
+        assert!(seen[&up_addr]);
+        assert!(!seen[&down_addr]);
 
         // The same target again keeps its task; a changed one is restarted; a gone one stops.
         checker.sync([target("a", up_addr, 100), target("a", down_addr, 200)]);

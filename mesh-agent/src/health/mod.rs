@@ -189,18 +189,19 @@ impl Health {
             }
             Err(_) => s.checks_failed += 1,
         }
-        changed | match active.record(result, check) {
-            Some(true) => {
-                tracing::info!(service, %backend, "backend healthy again: its checks pass");
-                true
+        changed
+            | match active.record(result, check) {
+                Some(true) => {
+                    tracing::info!(service, %backend, "backend healthy again: its checks pass");
+                    true
+                }
+                Some(false) => {
+                    let reason = active.reason().unwrap_or_default();
+                    tracing::warn!(service, %backend, %reason, "backend unhealthy");
+                    true
+                }
+                None => false,
             }
-            Some(false) => {
-                let reason = active.reason().unwrap_or_default();
-                tracing::warn!(service, %backend, %reason, "backend unhealthy");
-                true
-            }
-            None => false,
-        }
     }
 
     /// Feeds the kernel's connect outcomes (monotonic, per backend address) read at `now`;
@@ -222,9 +223,7 @@ impl Health {
             for (addr, b) in &mut s.backends {
                 let counts = outcomes.get(addr).copied().unwrap_or_default();
                 if let Some(Event::Ejected {
-                    failures,
-                    duration,
-                    ..
+                    failures, duration, ..
                 }) = b.outlier.observe(counts, now, &settings)
                 {
                     let reason = format!("{failures} failed connects in a row");
@@ -364,7 +363,6 @@ impl Health {
             })
             .collect()
     }
-
 }
 
 #[cfg(test)]

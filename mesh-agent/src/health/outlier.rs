@@ -180,7 +180,9 @@ mod tests {
         let mut o = Outlier::default();
         o.observe(c(5, 0), t0, &S);
         let e = o.observe(c(5, 7), ms(t0, 250), &S);
-        assert!(matches!(e, Some(Event::Ejected { failures: 7, until, .. }) if until == ms(t0, 1250)));
+        assert!(
+            matches!(e, Some(Event::Ejected { failures: 7, until, .. }) if until == ms(t0, 1250))
+        );
         assert_eq!(o.ejected_until(), Some(ms(t0, 1250)));
     }
 
@@ -212,7 +214,9 @@ mod tests {
         for _ in 0..5 {
             failed += 3;
             match o.observe(c(0, failed), now, &S) {
-                Some(Event::Ejected { duration, until, .. }) => {
+                Some(Event::Ejected {
+                    duration, until, ..
+                }) => {
                     durations.push(duration.as_secs());
                     now = until;
                 }
@@ -244,7 +248,9 @@ mod tests {
         assert_eq!(o.readmit(ms(t0, 10)), Some(Event::Readmitted));
         assert_eq!(o.ejected_until(), None);
         let e = o.observe(c(0, 6), ms(t0, 20), &S);
-        assert!(matches!(e, Some(Event::Ejected { duration, .. }) if duration == 2 * S.base_ejection));
+        assert!(
+            matches!(e, Some(Event::Ejected { duration, .. }) if duration == 2 * S.base_ejection)
+        );
     }
 
     #[test]
