@@ -6,11 +6,13 @@
 //! reference.
 
 mod admin;
+mod catalog;
 mod cgroup;
 mod config;
 mod dataplane;
 mod desired;
 mod flows;
+mod gossip;
 mod kernel_addr;
 mod maglev;
 mod metrics;
