@@ -151,6 +151,34 @@ impl Announcement {
     }
 }
 
+/// Everything this node's catalog is made of.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// This node's name.
+    pub node: String,
+    /// The services of the config in force.
+    pub config: Vec<ServiceConfig>,
+    /// Endpoints registered at run time.
+    pub registered: Registrations,
+    /// The announcements of the live peers, by node name.
+    pub peers: Vec<(String, Announcement)>,
+}
+
+impl Sources {
+    /// What this node announces.
+    pub fn announcement(&self) -> Announcement {
+        Announcement::local(&self.config, &self.registered)
+    }
+
+    /// The catalog of this node and its live peers.
+    pub fn catalog(&self) -> Catalog {
+        let local = self.announcement();
+        let mut members: Vec<(&str, &Announcement)> = vec![(&self.node, &local)];
+        members.extend(self.peers.iter().map(|(n, a)| (n.as_str(), a)));
+        merge(&self.node, &members)
+    }
+}
+
 /// Endpoints registered at run time, in registration order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registrations {
@@ -184,10 +212,6 @@ impl Registrations {
         self.endpoints
             .retain(|e| !(e.service == service && e.address == address));
         self.endpoints.len() != before
-    }
-
-    pub fn endpoints(&self) -> &[Endpoint] {
-        &self.endpoints
     }
 }
 
@@ -539,7 +563,15 @@ protocol = "udp"
             on_a.conflicts
         );
         assert_eq!(on_a.conflicts, on_b.conflicts);
-        assert_eq!(on_a.desired(), on_b.desired());
+        // Each node lists its own endpoints first; the kernel tables are the same.
+        let tables = |c: &Catalog| -> Vec<Vec<SocketAddr>> {
+            c.desired()
+                .services
+                .values()
+                .map(|s| s.table_addrs().collect())
+                .collect()
+        };
+        assert_eq!(tables(&on_a), tables(&on_b));
         let web = on_a.services.iter().find(|s| s.name == "web").unwrap();
         assert_eq!(web.lb, LbPolicy::Maglev, "a's definition wins");
         assert!(on_a.services.iter().all(|s| s.name != "www"));

@@ -67,7 +67,9 @@ pub struct DesiredBackend {
 }
 
 impl Desired {
-    /// The desired state of a validated config.
+    /// The desired state of a validated config (the agent goes through
+    /// [`crate::catalog::Catalog::desired`], which gives the same for a single node).
+    #[cfg(test)]
     pub fn from_config(config: &Config) -> Desired {
         let mut desired = Desired::default();
         for service in &config.services {

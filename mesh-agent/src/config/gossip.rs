@@ -5,6 +5,7 @@
 //! advertise = "10.0.0.1:15010"        # the address peers reach this node at (required)
 //! listen = "0.0.0.0:15010"            # default: the advertise port on every address
 //! seeds = ["10.0.0.2:15010"]          # one or two peers to join through; may be empty
+//!                                     # (an address without a port means port 15010)
 //! key_file = "/etc/mesh/gossip.key"   # the mesh key (absolute path; read when the agent starts)
 //! cluster = "mesh"                    # peers of another cluster name are refused
 //! interval = "100ms"                  # gossip round period
@@ -24,7 +25,7 @@ use toml::Spanned;
 
 use super::{ConfigError, Source};
 
-/// The gossip port when only `listen`'s or `advertise`'s address is meaningful.
+/// The gossip port of an address written without one.
 pub const DEFAULT_PORT: u16 = 15010;
 /// Gossip round period by default: a change reaches 16 nodes in a few rounds.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
@@ -71,13 +72,16 @@ pub(super) struct RawGossip {
 impl Source<'_> {
     pub(super) fn gossip(&self, raw: RawGossip) -> Result<GossipConfig, ConfigError> {
         let addr = |value: &Spanned<String>, field: &str| -> Result<SocketAddr, ConfigError> {
-            value.get_ref().trim().parse().map_err(|_| {
-                self.invalid(
-                    value.span(),
-                    field,
-                    format!("{:?} is not an IP:port", value.get_ref()),
-                )
-            })
+            let text = value.get_ref().trim();
+            text.parse()
+                .or_else(|_| text.parse().map(|ip| SocketAddr::new(ip, DEFAULT_PORT)))
+                .map_err(|_| {
+                    self.invalid(
+                        value.span(),
+                        field,
+                        format!("{text:?} is not an IP or IP:port"),
+                    )
+                })
         };
         let listen = raw
             .listen
@@ -197,7 +201,7 @@ mod tests {
     #[test]
     fn defaults_and_absence() {
         assert_eq!(Config::parse("", "m").unwrap().gossip, None);
-        let g = parse("advertise = '10.0.0.1:15010'\nkey_file = '/k'\n")
+        let g = parse("advertise = '10.0.0.1'\nkey_file = '/k'\n")
             .unwrap()
             .unwrap();
         assert_eq!(g.listen, "0.0.0.0:15010".parse().unwrap());
@@ -221,8 +225,8 @@ mod tests {
             ("key_file = '/k'\n", "mesh.toml:2: gossip.advertise: missing"),
             ("listen = '0.0.0.0:1'\nkey_file = '/k'\n", "mesh.toml:2: gossip.advertise: missing"),
             ("advertise = '0.0.0.0:1'\nkey_file = '/k'\n", "mesh.toml:2: gossip.advertise: 0.0.0.0:1: peers need a unicast address"),
-            ("advertise = '10.0.0.1'\nkey_file = '/k'\n", "mesh.toml:2: gossip.advertise: \"10.0.0.1\" is not an IP:port"),
-            ("advertise = '10.0.0.1:1'\nseeds = ['x:1']\nkey_file = '/k'\n", "mesh.toml:3: gossip.seeds[0]: \"x:1\" is not an IP:port"),
+            ("advertise = '10.0.0.x'\nkey_file = '/k'\n", "mesh.toml:2: gossip.advertise: \"10.0.0.x\" is not an IP or IP:port"),
+            ("advertise = '10.0.0.1:1'\nseeds = ['x:1']\nkey_file = '/k'\n", "mesh.toml:3: gossip.seeds[0]: \"x:1\" is not an IP or IP:port"),
             ("advertise = '10.0.0.1:1'\nkey_file = 'k'\n", "mesh.toml:3: gossip.key_file: \"k\" must be an absolute path"),
             ("advertise = '10.0.0.1:1'\n", "gossip: missing field `key_file`"),
             ("advertise = '10.0.0.1:1'\nkey_file = '/k'\ninterval = '5ms'\n", "mesh.toml:4: gossip.interval: \"5ms\" is not a duration"),

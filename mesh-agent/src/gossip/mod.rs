@@ -236,3 +236,69 @@ fn snapshot(chitchat: &Chitchat, this: &str) -> Vec<Member> {
         })
         .collect()
 }
+
+/// The next members' state; never resolves once gossip is off or has stopped.
+pub async fn next_members(
+    members: &mut Option<watch::Receiver<Arc<Vec<Member>>>>,
+) -> Arc<Vec<Member>> {
+    if let Some(rx) = members {
+        if rx.changed().await.is_ok() {
+            return Arc::clone(&rx.borrow_and_update());
+        }
+    }
+    std::future::pending().await
+}
+
+/// Logs members that joined, died, returned, restarted or were forgotten between two states.
+pub fn log_changes(before: &[Member], after: &[Member]) {
+    for member in after {
+        let state = if member.alive { "alive" } else { "dead" };
+        match before.iter().find(|m| m.name == member.name) {
+            None => tracing::info!(member = member.name, address = %member.address, state, "member joined"),
+            Some(old) if old.generation != member.generation => {
+                tracing::info!(member = member.name, state, "member restarted")
+            }
+            Some(old) if old.alive != member.alive => {
+                tracing::warn!(member = member.name, state, "member state changed")
+            }
+            Some(old) => {
+                if old.errors != member.errors {
+                    for error in &member.errors {
+                        tracing::warn!(member = member.name, %error, "member record left out");
+                    }
+                }
+            }
+        }
+    }
+    for gone in before.iter().filter(|m| !after.iter().any(|a| a.name == m.name)) {
+        tracing::info!(member = gone.name, "member forgotten");
+    }
+}
+
+/// `service=address` for each endpoint of `announcement`.
+pub fn endpoint_names(announcement: &Announcement) -> Vec<String> {
+    announcement
+        .endpoints
+        .iter()
+        .map(|e| format!("{}={}", e.service, e.address))
+        .collect()
+}
+
+/// A member as `mesh-agent nodes` shows it.
+pub fn node_status(member: &Member) -> crate::status::NodeStatus {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    crate::status::NodeStatus {
+        name: member.name.clone(),
+        role: "peer".to_owned(),
+        cgroup: String::new(),
+        version: member.node.agent.clone(),
+        uptime_s: now.saturating_sub(member.node.started),
+        address: member.address.to_string(),
+        state: if member.alive { "alive" } else { "dead" }.to_owned(),
+        endpoints: endpoint_names(&member.announcement),
+        rejected: member.errors.iter().map(ToString::to_string).collect(),
+    }
+}
