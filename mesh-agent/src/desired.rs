@@ -23,7 +23,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use mesh_common::service::{ServiceKey, LB_MAGLEV, LB_RANDOM};
 
-use crate::config::{Config, LbPolicy, Protocol, ServiceConfig};
+#[cfg(test)]
+use crate::config::Config;
+use crate::config::{LbPolicy, Protocol, ServiceConfig};
 use crate::kernel_addr;
 use crate::maglev::{self, MaglevBackend};
 
