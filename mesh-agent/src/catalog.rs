@@ -288,6 +288,10 @@ impl Catalog {
     }
 }
 
+/// Where a backend goes in its service's list: (0, position) for this node's endpoints,
+/// (1, 0) for the others (then in address order).
+type Order = (u8, usize);
+
 /// The catalog of `members`' announcements ((node name, announcement), this node's included).
 /// `local` names this node: its endpoints come first in each service's backend list, in the
 /// order it announces them (so a single node keeps its config's order); the others follow in
@@ -328,27 +332,28 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
 
     // Frontends: the lowest name wins.
     let mut frontends: HashMap<(IpAddr, u16, Protocol), &str> = HashMap::new();
-    winners.retain(|name, def| match frontends.get(&(def.vip, def.port, def.protocol)) {
-        Some(owner) => {
-            conflicts.push(Conflict {
-                service: (*name).to_owned(),
-                kind: ConflictKind::Frontend,
-                detail: format!(
-                    "{} is already served by {owner}; {name} is left out",
-                    def.frontend()
-                ),
-            });
-            false
-        }
-        None => {
-            frontends.insert((def.vip, def.port, def.protocol), name);
-            true
-        }
-    });
+    winners.retain(
+        |name, def| match frontends.get(&(def.vip, def.port, def.protocol)) {
+            Some(owner) => {
+                conflicts.push(Conflict {
+                    service: (*name).to_owned(),
+                    kind: ConflictKind::Frontend,
+                    detail: format!(
+                        "{} is already served by {owner}; {name} is left out",
+                        def.frontend()
+                    ),
+                });
+                false
+            }
+            None => {
+                frontends.insert((def.vip, def.port, def.protocol), name);
+                true
+            }
+        },
+    );
 
     // Endpoints: weight from the lowest node; this node's first, in its order.
-    // service → address → (weight, order key)
-    let mut endpoints: BTreeMap<&str, BTreeMap<SocketAddr, (u32, (u8, usize))>> = BTreeMap::new();
+    let mut endpoints: BTreeMap<&str, BTreeMap<SocketAddr, (u32, Order)>> = BTreeMap::new();
     let mut undefined: BTreeMap<&str, usize> = BTreeMap::new();
     for (node, announcement) in &members {
         for (i, endpoint) in announcement.endpoints.iter().enumerate() {
@@ -387,7 +392,7 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
     let services = winners
         .into_iter()
         .map(|(name, def)| {
-            let mut backends: Vec<(SocketAddr, u32, (u8, usize))> = endpoints
+            let mut backends: Vec<(SocketAddr, u32, Order)> = endpoints
                 .remove(name)
                 .unwrap_or_default()
                 .into_iter()
@@ -515,12 +520,19 @@ protocol = "udp"
         let local = Announcement::local(&c.services, &registered);
         // The config's weight wins over a registration of the same endpoint.
         assert_eq!(local.endpoints.len(), 3);
-        let b = only(vec![ep("web", "10.0.0.1:80", 1), ep("dns", "10.0.0.2:53", 3)]);
+        let b = only(vec![
+            ep("web", "10.0.0.1:80", 1),
+            ep("dns", "10.0.0.2:53", 3),
+        ]);
         let catalog = merge("a", &[("b", &b), ("a", &local)]);
         assert!(catalog.conflicts.is_empty(), "{:?}", catalog.conflicts);
         assert_eq!(
             backends(&catalog, "web"),
-            [("10.0.0.9:80".into(), 2), ("10.0.0.3:80".into(), 1), ("10.0.0.1:80".into(), 1)]
+            [
+                ("10.0.0.9:80".into(), 2),
+                ("10.0.0.3:80".into(), 1),
+                ("10.0.0.1:80".into(), 1)
+            ]
         );
         assert_eq!(
             backends(&catalog, "dns"),

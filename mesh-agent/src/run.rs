@@ -422,7 +422,8 @@ impl Agent {
                     tracing::warn!("the [gossip] table changed; restart the agent to apply it");
                 }
                 let previous = std::mem::replace(&mut self.sources.config, config.services);
-                self.recompute().inspect_err(|_| self.sources.config = previous)
+                self.recompute()
+                    .inspect_err(|_| self.sources.config = previous)
             });
         match result {
             Ok(()) => {

@@ -155,7 +155,12 @@ fn five_nodes_converge_withdraw_a_dead_node_and_take_it_back() {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|n| (n["state"].as_str().unwrap_or("").into(), n["role"].as_str().unwrap_or("").into()))
+        .map(|n| {
+            (
+                n["state"].as_str().unwrap_or("").into(),
+                n["role"].as_str().unwrap_or("").into(),
+            )
+        })
         .collect();
     assert_eq!(states.len(), 5, "{listed}");
     assert!(states.iter().all(|(s, _)| s == "alive"), "{listed}");
@@ -173,7 +178,11 @@ fn five_nodes_converge_withdraw_a_dead_node_and_take_it_back() {
     );
 
     // A stranger's datagram (wrong key) is dropped and counted.
-    let before = metric(&members[0].node, "mesh_gossip_auth_failures_total{kind=\"hmac\"}").or_fail();
+    let before = metric(
+        &members[0].node,
+        "mesh_gossip_auth_failures_total{kind=\"hmac\"}",
+    )
+    .or_fail();
     let target = SocketAddr::new(members[0].node.ipv4().into(), GOSSIP_PORT);
     members[1]
         .node
@@ -192,11 +201,18 @@ fn five_nodes_converge_withdraw_a_dead_node_and_take_it_back() {
         .or_fail();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let now = metric(&members[0].node, "mesh_gossip_auth_failures_total{kind=\"hmac\"}").or_fail();
+        let now = metric(
+            &members[0].node,
+            "mesh_gossip_auth_failures_total{kind=\"hmac\"}",
+        )
+        .or_fail();
         if now >= before + 3.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "auth failures stayed at {now} (before: {before})");
+        assert!(
+            Instant::now() < deadline,
+            "auth failures stayed at {now} (before: {before})"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let alive = metric(&members[0].node, "mesh_gossip_members{state=\"alive\"}").or_fail();
@@ -210,19 +226,27 @@ fn five_nodes_converge_withdraw_a_dead_node_and_take_it_back() {
     bed.switch().ip(&["link", "set", "p-e", "down"]).or_fail();
     let without_e: Vec<String> = all.iter().filter(|b| **b != e_backend).cloned().collect();
     wait_web(&members[..4], &without_e, cut + WITHDRAW).or_fail();
-    eprintln!("e's endpoint withdrawn everywhere after {:?}", cut.elapsed());
+    eprintln!(
+        "e's endpoint withdrawn everywhere after {:?}",
+        cut.elapsed()
+    );
     let report = members[0]
         .node
         .tcp_client("client", sa(VIP), 30, Duration::from_secs(1))
         .or_fail();
-    assert_eq!(report.failed(), 0, "nothing goes to the dead node: {report:?}");
+    assert_eq!(
+        report.failed(),
+        0,
+        "nothing goes to the dead node: {report:?}"
+    );
     assert!(!report.backends.contains_key("e"), "{report:?}");
     let listed = nodes(&members[1].agent).or_fail();
     assert!(
-        listed.as_array().into_iter().flatten().any(|n| n["name"]
-            .as_str()
-            .is_some_and(|s| s.ends_with("-e"))
-            && n["state"] == "dead"),
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["name"].as_str().is_some_and(|s| s.ends_with("-e")) && n["state"] == "dead"),
         "{listed}"
     );
 
@@ -265,7 +289,12 @@ fn five_nodes_converge_withdraw_a_dead_node_and_take_it_back() {
     let f = add_member(&bed, "f", Some(&members[1].node)).or_fail();
     let mut with_f = all.clone();
     with_f.push(f.backend());
-    wait_web(members.iter().chain([&f]), &with_f, Instant::now() + CONVERGE).or_fail();
+    wait_web(
+        members.iter().chain([&f]),
+        &with_f,
+        Instant::now() + CONVERGE,
+    )
+    .or_fail();
     let report = members[0]
         .node
         .tcp_client("client", sa(VIP), 80, Duration::from_secs(1))

@@ -168,7 +168,10 @@ fn post(request: &Request<Incoming>, agent: &dyn AgentView) -> Response<Body> {
     let parsed = serde_urlencoded::from_str::<EndpointQuery>(query);
     let result = match (request.uri().path(), parsed) {
         (path, Err(e)) if path.starts_with("/v1/endpoints/") => {
-            return text(StatusCode::BAD_REQUEST, &format!("bad endpoint query: {e}\n"));
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad endpoint query: {e}\n"),
+            );
         }
         ("/v1/endpoints/register", Ok(q)) => agent.register(Endpoint {
             service: q.service,

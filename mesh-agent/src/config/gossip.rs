@@ -103,7 +103,10 @@ impl Source<'_> {
             }
             (None, Some(l)) if !l.ip().is_unspecified() && l.port() != 0 => l,
             (None, _) => {
-                let span = raw.listen.as_ref().map_or(raw.key_file.span(), Spanned::span);
+                let span = raw
+                    .listen
+                    .as_ref()
+                    .map_or(raw.key_file.span(), Spanned::span);
                 return Err(self.invalid(
                     span,
                     "gossip.advertise",
@@ -222,16 +225,46 @@ mod tests {
     #[test]
     fn errors_name_line_and_field() {
         for (text, want) in [
-            ("key_file = '/k'\n", "mesh.toml:2: gossip.advertise: missing"),
-            ("listen = '0.0.0.0:1'\nkey_file = '/k'\n", "mesh.toml:2: gossip.advertise: missing"),
-            ("advertise = '0.0.0.0:1'\nkey_file = '/k'\n", "mesh.toml:2: gossip.advertise: 0.0.0.0:1: peers need a unicast address"),
-            ("advertise = '10.0.0.x'\nkey_file = '/k'\n", "mesh.toml:2: gossip.advertise: \"10.0.0.x\" is not an IP or IP:port"),
-            ("advertise = '10.0.0.1:1'\nseeds = ['x:1']\nkey_file = '/k'\n", "mesh.toml:3: gossip.seeds[0]: \"x:1\" is not an IP or IP:port"),
-            ("advertise = '10.0.0.1:1'\nkey_file = 'k'\n", "mesh.toml:3: gossip.key_file: \"k\" must be an absolute path"),
-            ("advertise = '10.0.0.1:1'\n", "gossip: missing field `key_file`"),
-            ("advertise = '10.0.0.1:1'\nkey_file = '/k'\ninterval = '5ms'\n", "mesh.toml:4: gossip.interval: \"5ms\" is not a duration"),
-            ("advertise = '10.0.0.1:1'\nkey_file = '/k'\nphi_threshold = 0\n", "mesh.toml:4: gossip.phi_threshold: 0 is out of range"),
-            ("advertise = '10.0.0.1:1'\nkey_file = '/k'\nseed = []\n", "mesh.toml:4: gossip.seed: unknown field `seed`"),
+            (
+                "key_file = '/k'\n",
+                "mesh.toml:2: gossip.advertise: missing",
+            ),
+            (
+                "listen = '0.0.0.0:1'\nkey_file = '/k'\n",
+                "mesh.toml:2: gossip.advertise: missing",
+            ),
+            (
+                "advertise = '0.0.0.0:1'\nkey_file = '/k'\n",
+                "mesh.toml:2: gossip.advertise: 0.0.0.0:1: peers need a unicast address",
+            ),
+            (
+                "advertise = '10.0.0.x'\nkey_file = '/k'\n",
+                "mesh.toml:2: gossip.advertise: \"10.0.0.x\" is not an IP or IP:port",
+            ),
+            (
+                "advertise = '10.0.0.1:1'\nseeds = ['x:1']\nkey_file = '/k'\n",
+                "mesh.toml:3: gossip.seeds[0]: \"x:1\" is not an IP or IP:port",
+            ),
+            (
+                "advertise = '10.0.0.1:1'\nkey_file = 'k'\n",
+                "mesh.toml:3: gossip.key_file: \"k\" must be an absolute path",
+            ),
+            (
+                "advertise = '10.0.0.1:1'\n",
+                "gossip: missing field `key_file`",
+            ),
+            (
+                "advertise = '10.0.0.1:1'\nkey_file = '/k'\ninterval = '5ms'\n",
+                "mesh.toml:4: gossip.interval: \"5ms\" is not a duration",
+            ),
+            (
+                "advertise = '10.0.0.1:1'\nkey_file = '/k'\nphi_threshold = 0\n",
+                "mesh.toml:4: gossip.phi_threshold: 0 is out of range",
+            ),
+            (
+                "advertise = '10.0.0.1:1'\nkey_file = '/k'\nseed = []\n",
+                "mesh.toml:4: gossip.seed: unknown field `seed`",
+            ),
         ] {
             let got = parse(text).unwrap_err();
             assert!(got.contains(want), "want {want:?}, got {got:?}");

@@ -125,7 +125,9 @@ pub async fn start(
         key,
         stats: Arc::clone(&stats),
     };
-    let records = record::encode(&node_record, announcement).into_iter().collect();
+    let records = record::encode(&node_record, announcement)
+        .into_iter()
+        .collect();
     let handle = spawn_chitchat(chitchat_config, records, &transport)
         .await
         .map_err(|cause| GossipError::Start {
@@ -185,11 +187,7 @@ impl Gossip {
 }
 
 /// Publishes the members each time chitchat's view of live members (or their records) changes.
-async fn follow(
-    chitchat: Arc<Mutex<Chitchat>>,
-    this: String,
-    tx: watch::Sender<Arc<Vec<Member>>>,
-) {
+async fn follow(chitchat: Arc<Mutex<Chitchat>>, this: String, tx: watch::Sender<Arc<Vec<Member>>>) {
     let mut changes = chitchat.lock().await.live_nodes_watcher();
     loop {
         let members = snapshot(&*chitchat.lock().await, &this);
@@ -254,7 +252,9 @@ pub fn log_changes(before: &[Member], after: &[Member]) {
     for member in after {
         let state = if member.alive { "alive" } else { "dead" };
         match before.iter().find(|m| m.name == member.name) {
-            None => tracing::info!(member = member.name, address = %member.address, state, "member joined"),
+            None => {
+                tracing::info!(member = member.name, address = %member.address, state, "member joined")
+            }
             Some(old) if old.generation != member.generation => {
                 tracing::info!(member = member.name, state, "member restarted")
             }
@@ -270,7 +270,10 @@ pub fn log_changes(before: &[Member], after: &[Member]) {
             }
         }
     }
-    for gone in before.iter().filter(|m| !after.iter().any(|a| a.name == m.name)) {
+    for gone in before
+        .iter()
+        .filter(|m| !after.iter().any(|a| a.name == m.name))
+    {
         tracing::info!(member = gone.name, "member forgotten");
     }
 }

@@ -286,7 +286,10 @@ mod tests {
             ("svc:web", V1_SERVICE),
             ("svc:Bad", V1_SERVICE),
             ("svc:dns", r#"{"vip":"224.0.0.1","port":53}"#),
-            ("svc:api", r#"{"vip":"10.0.0.1","port":80,"lb":"leastconn"}"#),
+            (
+                "svc:api",
+                r#"{"vip":"10.0.0.1","port":80,"lb":"leastconn"}"#,
+            ),
             ("ep:web:10.0.0.1", r#"{}"#),
             ("ep:web:10.0.0.2:80", r#"{"weight":10001}"#),
             ("ep:web:10.0.0.3:80", r#"{}"#),
@@ -307,6 +310,9 @@ mod tests {
         assert!(decoded.errors[2].to_string().contains("leastconn"));
         assert_eq!(decoded.announcement.services.len(), 1);
         assert_eq!(decoded.announcement.endpoints.len(), 1);
-        assert_eq!(decoded.announcement.endpoints[0].weight, 1, "default weight");
+        assert_eq!(
+            decoded.announcement.endpoints[0].weight, 1,
+            "default weight"
+        );
     }
 }
