@@ -21,12 +21,13 @@ use mesh_common::maps;
 use mesh_common::service::{
     PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS,
 };
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::{desired, maglev};
 
+pub mod gossip;
 pub mod health;
 
 /// Seconds an affinity entry lives without use when the config says nothing (3 hours, as
@@ -46,6 +47,8 @@ pub struct Config {
     pub node: NodeConfig,
     /// The `[[services]]`, in file order; names and (VIP, port, protocol) are unique.
     pub services: Vec<ServiceConfig>,
+    /// The `[gossip]` table; `None`: single-host mode.
+    pub gossip: Option<gossip::GossipConfig>,
 }
 
 /// The `[node]` table.
@@ -85,7 +88,9 @@ pub struct BackendConfig {
 }
 
 /// `protocol = "tcp" | "udp"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize, Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -113,7 +118,7 @@ impl fmt::Display for Protocol {
 }
 
 /// `lb = "random" | "weighted" | "maglev"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LbPolicy {
     /// Every backend with nonzero weight equally likely, whatever its weight.
@@ -263,7 +268,7 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
 
 /// Why a service name is unusable: it must be a DNS label (1..=63 of `[a-z0-9-]`, starting and
 /// ending with a letter or digit), since it names metrics, logs and later DNS records.
-fn check_service_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_service_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
@@ -295,6 +300,7 @@ struct RawConfig {
     node: Option<RawNode>,
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
+    gossip: Option<gossip::RawGossip>,
 }
 
 #[derive(Deserialize)]
@@ -401,6 +407,7 @@ impl<'a> Source<'a> {
             node.name = Some(name.into_inner());
         }
 
+        let gossip = raw.gossip.map(|g| self.gossip(g)).transpose()?;
         let mut services = Vec::with_capacity(raw.services.len());
         // name → (index, line); (vip, port, protocol) → (index, line)
         let mut names: HashMap<String, (usize, usize)> = HashMap::new();
@@ -487,7 +494,11 @@ impl<'a> Source<'a> {
             }
             services.push(svc.config);
         }
-        Ok(Config { node, services })
+        Ok(Config {
+            node,
+            services,
+            gossip,
+        })
     }
 
     fn service(&self, path: &str, raw: RawService) -> Result<CheckedService, ConfigError> {
@@ -965,7 +976,7 @@ backends = [{ address = "10.200.0.4:5353" }]
             ),
             (
                 "[[service]]\nname = 'a'\n",
-                "mesh.toml:1: service[0]: unknown field `service`, expected `node` or `services`",
+                "mesh.toml:1: service[0]: unknown field `service`, expected one of `node`, `services`, `gossip`",
             ),
             ("[[services]\nname = 'a'\n", "mesh.toml:1:12: "),
             ("[[services]]\nname = 'a\n", "mesh.toml:2:"),

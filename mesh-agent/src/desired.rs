@@ -23,7 +23,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use mesh_common::service::{ServiceKey, LB_MAGLEV, LB_RANDOM, SERVICE_FLAG_MTLS};
 
-use crate::config::{Config, LbPolicy, Protocol, ServiceConfig};
+#[cfg(test)]
+use crate::config::Config;
+use crate::config::{LbPolicy, Protocol, ServiceConfig};
 use crate::kernel_addr;
 use crate::maglev::{self, MaglevBackend};
 
@@ -67,7 +69,9 @@ pub struct DesiredBackend {
 }
 
 impl Desired {
-    /// The desired state of a validated config.
+    /// The desired state of a validated config (the agent goes through
+    /// [`crate::catalog::Catalog::desired`], which gives the same for a single node).
+    #[cfg(test)]
     pub fn from_config(config: &Config) -> Desired {
         let mut desired = Desired::default();
         for service in &config.services {

@@ -2,15 +2,17 @@
 //!
 //! `run` is the daemon; the other commands are tools around it: `check` validates a config,
 //! `status`, `services`, `endpoints`, `nodes`, `policies`, `certs` and `flows` ask a running
-//! agent over its admin socket, `uninstall` removes a node's data plane. See the README's CLI
+//! agent over its admin socket, `register` and `deregister` announce endpoints through it, `uninstall` removes a node's data plane. See the README's CLI
 //! reference.
 
 mod admin;
+mod catalog;
 mod cgroup;
 mod config;
 mod dataplane;
 mod desired;
 mod flows;
+mod gossip;
 mod health;
 mod kernel_addr;
 mod maglev;
@@ -66,6 +68,16 @@ enum Command {
     Endpoints(Query),
     /// List the nodes this agent knows.
     Nodes(Query),
+    /// Announce an endpoint this node hosts, without a config edit (until the agent restarts).
+    Register {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// Relative weight, 0 (drained) to 10000.
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Withdraw an endpoint announced with `register`.
+    Deregister(EndpointArgs),
     /// List authorization policies (none until mTLS is enabled).
     Policies(Query),
     /// List certificates in use (none until mTLS is enabled).
@@ -92,6 +104,19 @@ struct Query {
     admin_socket: PathBuf,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+/// One endpoint of a service, on the running agent.
+#[derive(Args)]
+struct EndpointArgs {
+    #[command(flatten)]
+    query: Query,
+    /// The service's name (it may be defined on another node).
+    #[arg(long)]
+    service: String,
+    /// The endpoint's IP:port.
+    #[arg(long)]
+    address: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -182,6 +207,12 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Nodes(query) => show(&query, "/v1/nodes", &|v| {
             typed(v, |n: Vec<status::NodeStatus>| status::render_nodes(&n))
         }),
+        Command::Register { endpoint, weight } => {
+            runtime.block_on(change_endpoint("register", &endpoint, Some(weight)))
+        }
+        Command::Deregister(endpoint) => {
+            runtime.block_on(change_endpoint("deregister", &endpoint, None))
+        }
         Command::Policies(query) => show(&query, "/v1/policies", &|_| {
             "no authorization policies (they come with mTLS, not enabled in this build)\n".into()
         }),
@@ -229,6 +260,31 @@ fn typed<T: serde::de::DeserializeOwned>(
         Ok(typed) => render(typed),
         Err(_) => format!("{value:#}\n"),
     }
+}
+
+/// `register` / `deregister`: one POST, then what changed.
+async fn change_endpoint(
+    action: &str,
+    args: &EndpointArgs,
+    weight: Option<u32>,
+) -> anyhow::Result<()> {
+    let query = serde_urlencoded::to_string(admin::EndpointQuery {
+        service: args.service.clone(),
+        address: args.address,
+        weight,
+    })?;
+    let path = format!("/v1/endpoints/{action}?{query}");
+    let answer: admin::Changed = admin::client::post(&args.query.admin_socket, &path).await?;
+    let value = serde_json::to_value(&answer)?;
+    print_output(args.query.output, &value, &|_| {
+        let what = format!("{} {}", args.service, args.address);
+        match (action, answer.changed) {
+            ("register", true) => format!("registered {what}\n"),
+            ("register", false) => format!("{what} was already registered with that weight\n"),
+            (_, true) => format!("deregistered {what}\n"),
+            (_, false) => format!("{what} was not registered\n"),
+        }
+    })
 }
 
 async fn flows(args: FlowsArgs) -> anyhow::Result<()> {

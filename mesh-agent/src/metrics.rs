@@ -19,6 +19,10 @@
 //! | `mesh_flows_recorded_total` | counter | |
 //! | `mesh_agent_uptime_seconds` | gauge | |
 //! | `mesh_build_info` | info (value 1) | `version` |
+//! | `mesh_gossip_members` | gauge | `state` (`alive`, `dead`; this node counts as alive) |
+//! | `mesh_gossip_bytes_total` | counter | `direction` (`sent`, `received`) |
+//! | `mesh_gossip_auth_failures_total` | counter | |
+//! | `mesh_catalog_conflicts` | gauge | `kind` ([`crate::catalog::ConflictKind::name`]) |
 
 use std::{convert::Infallible, fmt, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -69,6 +73,20 @@ pub struct Snapshot {
     /// Flows pushed to the history since start.
     pub flows_recorded: u64,
     pub uptime_seconds: f64,
+    /// Gossip members and traffic (all zero without gossip).
+    pub gossip: GossipSample,
+    /// Catalog conflicts in force, by kind.
+    pub conflicts: Vec<(&'static str, u64)>,
+}
+
+/// Gossip members by state and the gossip socket's counters.
+#[derive(Clone, Debug, Default)]
+pub struct GossipSample {
+    pub alive: u64,
+    pub dead: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub auth_failures: u64,
 }
 
 /// Produces a [`Snapshot`] on demand.
@@ -228,6 +246,36 @@ fn encode_snapshot(s: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result
             ([("result", "applied")], s.reloads_applied),
             ([("result", "rejected")], s.reloads_rejected),
         ],
+    )?;
+    gauge_family(
+        encoder,
+        "gossip_members",
+        "Members of the mesh by failure-detector state, this node included.",
+        [
+            ([("state", "alive")], s.gossip.alive),
+            ([("state", "dead")], s.gossip.dead),
+        ],
+    )?;
+    counter_family(
+        encoder,
+        "gossip_bytes",
+        "Bytes of gossip datagrams sent and received (framing included).",
+        [
+            ([("direction", "sent")], s.gossip.bytes_sent),
+            ([("direction", "received")], s.gossip.bytes_received),
+        ],
+    )?;
+    counter_family(
+        encoder,
+        "gossip_auth_failures",
+        "Gossip datagrams dropped because they failed authentication with the mesh key.",
+        [([("kind", "hmac")], s.gossip.auth_failures)],
+    )?;
+    gauge_family(
+        encoder,
+        "catalog_conflicts",
+        "Disagreements between nodes' announcements in the catalog in force, by kind.",
+        s.conflicts.iter().map(|(kind, n)| ([("kind", *kind)], *n)),
     )?;
     let flows = ConstCounter::new(s.flows_recorded);
     flows.encode(encoder.encode_descriptor(
@@ -389,6 +437,14 @@ mod tests {
             reloads_rejected: 1,
             flows_recorded: 42,
             uptime_seconds: 12.5,
+            gossip: GossipSample {
+                alive: 4,
+                dead: 1,
+                bytes_sent: 100,
+                bytes_received: 200,
+                auth_failures: 3,
+            },
+            conflicts: vec![("definition", 1)],
         }
     }
 
@@ -420,6 +476,12 @@ mod tests {
             r#"mesh_config_reloads_total{result="applied"} 2"#,
             r#"mesh_config_reloads_total{result="rejected"} 1"#,
             "mesh_flows_recorded_total 42",
+            r#"mesh_gossip_members{state="alive"} 4"#,
+            r#"mesh_gossip_members{state="dead"} 1"#,
+            r#"mesh_gossip_bytes_total{direction="sent"} 100"#,
+            r#"mesh_gossip_bytes_total{direction="received"} 200"#,
+            r#"mesh_gossip_auth_failures_total{kind="hmac"} 3"#,
+            r#"mesh_catalog_conflicts{kind="definition"} 1"#,
             "# UNIT mesh_agent_uptime_seconds seconds",
             "mesh_agent_uptime_seconds 12.5",
         ];

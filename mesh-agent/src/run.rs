@@ -21,11 +21,13 @@ use tokio::{
 
 use crate::{
     admin::{self, AgentView},
+    catalog::{Conflict, Endpoint, Sources},
     cgroup,
-    config::Config,
+    config::{gossip::GossipConfig, Config},
     dataplane::{DataPlane, PinDir, Settings},
     desired::Desired,
     flows::{self, FlowLog, Names},
+    gossip::{self, Member},
     health::{
         self,
         checker::{Checker, ProbeReport},
@@ -91,11 +93,22 @@ struct Agent {
     config_error: Option<String>,
     reloads_applied: u64,
     reloads_rejected: u64,
+    /// What the catalog is made of: config, registrations, live peers.
+    sources: Sources,
+    /// The conflicts of the catalog in force.
+    conflicts: Vec<Conflict>,
+    /// The `[gossip]` table the agent started with (a change needs a restart).
+    gossip_config: Option<GossipConfig>,
+    /// Every other gossip member, alive or dead.
+    members: Arc<Vec<Member>>,
+    gossip_stats: Option<Arc<gossip::Stats>>,
 }
 
 struct SharedAgent {
     state: Mutex<Agent>,
     flows: Arc<FlowLog>,
+    /// Asks the main loop to announce this node's endpoints again.
+    announce: mpsc::UnboundedSender<()>,
 }
 
 impl SharedAgent {
@@ -118,17 +131,46 @@ impl AgentView for SharedAgent {
 
     fn nodes(&self) -> Vec<NodeStatus> {
         let agent = self.lock();
-        vec![NodeStatus {
+        let this = NodeStatus {
             name: agent.node.clone(),
             role: "self".to_owned(),
             cgroup: agent.cgroup.display().to_string(),
             version: crate::VERSION.to_owned(),
             uptime_s: agent.started.elapsed().as_secs(),
-        }]
+            address: agent
+                .gossip_config
+                .as_ref()
+                .map(|g| g.advertise.to_string())
+                .unwrap_or_default(),
+            state: "alive".to_owned(),
+            endpoints: gossip::endpoint_names(&agent.sources.announcement()),
+            rejected: Vec::new(),
+        };
+        std::iter::once(this)
+            .chain(agent.members.iter().map(gossip::node_status))
+            .collect()
     }
 
     fn flows(&self) -> &FlowLog {
         &self.flows
+    }
+
+    fn register(&self, endpoint: Endpoint) -> Result<bool, String> {
+        let changed = self.lock().change_registrations(|r| r.register(endpoint))?;
+        if changed {
+            let _ = self.announce.send(());
+        }
+        Ok(changed)
+    }
+
+    fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String> {
+        let changed = self
+            .lock()
+            .change_registrations(|r| Ok(r.deregister(service, address)))?;
+        if changed {
+            let _ = self.announce.send(());
+        }
+        Ok(changed)
     }
 }
 
@@ -150,6 +192,7 @@ impl SnapshotSource for SharedAgent {
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
     let node = node_name(options.node.as_deref(), Some(&config))?;
+    let node_for_agent = node.clone();
     let cgroup_root = cgroup::unified_root()?;
     let cgroup = options
         .cgroup
@@ -175,7 +218,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     );
     let (probes_tx, mut probes) = mpsc::channel::<ProbeReport>(1024);
     let mut agent = Agent {
-        node,
+        node: node_for_agent,
         config_path: options.config.clone(),
         cgroup,
         started: Instant::now(),
@@ -190,12 +233,32 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         config_error: None,
         reloads_applied: 0,
         reloads_rejected: 0,
+        sources: Sources {
+            node: node.clone(),
+            config: config.services.clone(),
+            ..Sources::default()
+        },
+        conflicts: Vec::new(),
+        gossip_config: config.gossip.clone(),
+        members: Arc::default(),
+        gossip_stats: None,
     };
-    agent.load(config)?;
+    agent.recompute()?;
+    let gossip = match &config.gossip {
+        Some(settings) => {
+            let gossip = gossip::start(&node, settings, &agent.sources.announcement()).await?;
+            agent.gossip_stats = Some(Arc::clone(gossip.stats()));
+            Some(gossip)
+        }
+        None => None,
+    };
+    let mut members = gossip.as_ref().map(gossip::Gossip::members);
     let flow_log = Arc::new(FlowLog::default());
+    let (announce_tx, mut announce) = mpsc::unbounded_channel();
     let agent = Arc::new(SharedAgent {
         state: Mutex::new(agent),
         flows: Arc::clone(&flow_log),
+        announce: announce_tx.clone(),
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -234,12 +297,23 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 while changes.try_recv().is_ok() {}
                 agent.lock().reload();
+                let _ = announce_tx.send(());
             }
             Some(report) = probes.recv() => agent.lock().on_probe(report),
             _ = health_poll.tick() => agent.lock().poll_health(),
+            Some(()) = announce.recv() => {
+                while announce.try_recv().is_ok() {}
+                if let Some(gossip) = &gossip {
+                    let announcement = agent.lock().sources.announcement();
+                    gossip.announce(&announcement).await;
+                }
+            }
+            // chitchat publishes member changes once per gossip round: already batched.
+            latest = gossip::next_members(&mut members) => agent.lock().set_members(latest),
         }
     }
 
+    drop(gossip);
     tasks.abort_all();
     let _ = std::fs::remove_file(&options.admin_socket);
     let agent = agent.lock();
@@ -325,23 +399,6 @@ impl Agent {
         Ok(())
     }
 
-    /// Makes `config` the one in force: its services, health-checked, in the kernel. On error
-    /// the previous config stays in force, health included.
-    fn load(&mut self, config: Config) -> anyhow::Result<()> {
-        let catalog = Desired::from_config(&config);
-        self.health.sync(&catalog, &config);
-        let mut desired = catalog.clone();
-        self.health.apply(&mut desired);
-        if let Err(error) = self.apply(desired) {
-            self.health.sync(&self.catalog, &self.config);
-            return Err(error);
-        }
-        self.checker.sync(self.health.targets());
-        self.catalog = catalog;
-        self.config = config;
-        Ok(())
-    }
-
     /// Re-applies the catalog after a health change.
     fn refresh(&mut self) {
         let mut desired = self.catalog.clone();
@@ -378,11 +435,76 @@ impl Agent {
         }
     }
 
+    /// Merges the catalog's sources again, applies health and brings the kernel to the
+    /// result. On error the previous catalog stays in force, health included.
+    fn recompute(&mut self) -> anyhow::Result<()> {
+        let merged = self.sources.catalog();
+        let catalog = merged.desired();
+        self.health.sync(&catalog, &self.config);
+        let mut desired = catalog.clone();
+        self.health.apply(&mut desired);
+        if let Err(error) = self.apply(desired) {
+            self.health.sync(&self.catalog, &self.config);
+            return Err(error);
+        }
+        for conflict in &merged.conflicts {
+            if !self.conflicts.contains(conflict) {
+                tracing::warn!(%conflict, "catalog conflict");
+            }
+        }
+        self.conflicts = merged.conflicts;
+        self.checker.sync(self.health.targets());
+        self.catalog = catalog;
+        Ok(())
+    }
+
+    /// Changes the registered endpoints and applies the result; a change the kernel refuses
+    /// is undone.
+    fn change_registrations(
+        &mut self,
+        change: impl FnOnce(&mut crate::catalog::Registrations) -> Result<bool, String>,
+    ) -> Result<bool, String> {
+        let previous = self.sources.registered.clone();
+        if !change(&mut self.sources.registered)? {
+            return Ok(false);
+        }
+        self.recompute().map_err(|error| {
+            self.sources.registered = previous;
+            format!("{error:#}")
+        })?;
+        Ok(true)
+    }
+
+    /// Takes the gossip members' latest state and applies the catalog it makes.
+    fn set_members(&mut self, members: Arc<Vec<Member>>) {
+        gossip::log_changes(&self.members, &members);
+        self.sources.peers = members
+            .iter()
+            .filter(|m| m.alive)
+            .map(|m| (m.name.clone(), m.announcement.clone()))
+            .collect();
+        self.members = members;
+        if let Err(error) = self.recompute() {
+            tracing::error!("cannot apply the mesh catalog, the previous state stays: {error:#}");
+        }
+    }
+
     /// Re-reads the config file; a bad file is rejected and the state in force stays.
     fn reload(&mut self) {
         let result = Config::load(&self.config_path)
             .map_err(anyhow::Error::from)
-            .and_then(|config| self.load(config));
+            .and_then(|config| {
+                if config.gossip != self.gossip_config {
+                    tracing::warn!("the [gossip] table changed; restart the agent to apply it");
+                }
+                let previous_services =
+                    std::mem::replace(&mut self.sources.config, config.services.clone());
+                let previous = std::mem::replace(&mut self.config, config);
+                self.recompute().inspect_err(|_| {
+                    self.sources.config = previous_services;
+                    self.config = previous;
+                })
+            });
         match result {
             Ok(()) => {
                 self.reloads_applied += 1;
@@ -420,6 +542,7 @@ impl Agent {
                 })
                 .collect(),
             counters,
+            conflicts: self.conflicts.clone(),
         })
     }
 
@@ -509,6 +632,29 @@ impl Agent {
             reloads_rejected: self.reloads_rejected,
             flows_recorded: 0,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            gossip: self.gossip_sample(),
+            conflicts: crate::catalog::ConflictKind::ALL
+                .iter()
+                .map(|&kind| {
+                    let n = self.conflicts.iter().filter(|c| c.kind == kind).count();
+                    (kind.name(), count(n))
+                })
+                .collect(),
+        }
+    }
+
+    fn gossip_sample(&self) -> metrics::GossipSample {
+        let Some(stats) = &self.gossip_stats else {
+            return metrics::GossipSample::default();
+        };
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let alive = self.members.iter().filter(|m| m.alive).count() as u64;
+        metrics::GossipSample {
+            alive: alive + 1,
+            dead: self.members.len() as u64 - alive,
+            bytes_sent: load(&stats.bytes_sent),
+            bytes_received: load(&stats.bytes_received),
+            auth_failures: load(&stats.auth_failures),
         }
     }
 }

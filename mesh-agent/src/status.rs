@@ -10,7 +10,7 @@ use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use mesh_common::service::{SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS};
 use serde::{Deserialize, Serialize};
 
-use crate::{desired::Desired, reconcile::KernelState};
+use crate::{catalog::Conflict, desired::Desired, reconcile::KernelState};
 
 /// The whole status of one agent.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -27,6 +27,9 @@ pub struct StatusReport {
     pub services: Vec<ServiceStatus>,
     /// Kernel counters by reason, summed over CPUs.
     pub counters: BTreeMap<String, u64>,
+    /// Disagreements between the nodes' announcements, and how each was resolved.
+    #[serde(default)]
+    pub conflicts: Vec<Conflict>,
 }
 
 /// One service, as configured and as installed.
@@ -87,6 +90,18 @@ pub struct NodeStatus {
     pub version: String,
     /// Seconds since this agent started.
     pub uptime_s: u64,
+    /// Its gossip address (empty without gossip).
+    #[serde(default)]
+    pub address: String,
+    /// `alive` or `dead`, as the failure detector sees it.
+    #[serde(default)]
+    pub state: String,
+    /// The endpoints it announces, as `service=address`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Its records that were left out, and why.
+    #[serde(default)]
+    pub rejected: Vec<String>,
 }
 
 impl StatusReport {
@@ -110,6 +125,9 @@ impl StatusReport {
                 out,
                 "config change rejected, previous config in force: {error}"
             );
+        }
+        for conflict in &self.conflicts {
+            let _ = writeln!(out, "catalog conflict: {conflict}");
         }
         let services = self.services.iter().map(|service| {
             let backends = if service.backends.is_empty() {
@@ -272,14 +290,24 @@ pub fn render_endpoints(endpoints: &[EndpointStatus]) -> String {
 /// `mesh-agent nodes`.
 pub fn render_nodes(nodes: &[NodeStatus]) -> String {
     table(
-        ["NODE", "ROLE", "CGROUP", "VERSION", "UPTIME"],
+        [
+            "NODE",
+            "ROLE",
+            "ADDRESS",
+            "STATE",
+            "VERSION",
+            "UPTIME",
+            "ENDPOINTS",
+        ],
         nodes.iter().map(|n| {
             [
                 n.name.clone(),
                 n.role.clone(),
-                n.cgroup.clone(),
+                n.address.clone(),
+                n.state.clone(),
                 n.version.clone(),
                 format!("{}s", n.uptime_s),
+                n.endpoints.join("\n"),
             ]
         }),
     )

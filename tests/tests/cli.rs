@@ -84,9 +84,11 @@ fn cli_json_answers_field_by_field() {
             "adopted",
             "config_error",
             "services",
-            "counters"
+            "counters",
+            "conflicts"
         ])
     );
+    assert_eq!(status["conflicts"], json!([]));
     assert_eq!(status["node"], json!(a.full_name()));
     assert_eq!(
         status["cgroup"],
@@ -149,7 +151,22 @@ fn cli_json_answers_field_by_field() {
     assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
     assert_eq!(
         keys(node),
-        set(&["name", "role", "cgroup", "version", "uptime_s"])
+        set(&[
+            "name",
+            "role",
+            "cgroup",
+            "version",
+            "uptime_s",
+            "address",
+            "state",
+            "endpoints",
+            "rejected"
+        ])
+    );
+    assert_eq!(node["state"], json!("alive"));
+    assert_eq!(
+        node["endpoints"],
+        json!([format!("web={b_addr}"), format!("web={c_addr}")])
     );
     assert_eq!(node["name"], json!(a.full_name()));
     assert_eq!(node["role"], json!("self"));

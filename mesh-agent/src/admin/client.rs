@@ -15,6 +15,15 @@ use crate::flows::Flow;
 
 /// Sends `GET path` to the agent and returns the response once its status is a success.
 async fn get(socket: &Path, path: &str) -> Result<Response<Incoming>, AdminError> {
+    request(hyper::Method::GET, socket, path).await
+}
+
+/// Sends `METHOD path` to the agent and returns the response once its status is a success.
+async fn request(
+    method: hyper::Method,
+    socket: &Path,
+    path: &str,
+) -> Result<Response<Incoming>, AdminError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|cause| AdminError::Connect {
@@ -24,7 +33,9 @@ async fn get(socket: &Path, path: &str) -> Result<Response<Incoming>, AdminError
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let request = Request::get(path)
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "mesh-agent")
         .body(Full::new(Bytes::new()))
         .map_err(|e| AdminError::Status {
@@ -46,6 +57,16 @@ async fn get(socket: &Path, path: &str) -> Result<Response<Incoming>, AdminError
 /// Fetches one JSON document.
 pub async fn fetch<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, AdminError> {
     let body = get(socket, path).await?.into_body().collect().await?;
+    Ok(serde_json::from_slice(&body.to_bytes())?)
+}
+
+/// Sends `POST path` and decodes the JSON answer.
+pub async fn post<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, AdminError> {
+    let body = request(hyper::Method::POST, socket, path)
+        .await?
+        .into_body()
+        .collect()
+        .await?;
     Ok(serde_json::from_slice(&body.to_bytes())?)
 }
 

@@ -7,14 +7,16 @@
 //! | `GET /v1/status` | [`StatusReport`]: node, services, counters |
 //! | `GET /v1/services` | `[ServiceStatus]` |
 //! | `GET /v1/endpoints` | `[EndpointStatus]`: every backend with its state and connection count |
-//! | `GET /v1/nodes` | `[NodeStatus]`: the nodes this agent knows (itself, until gossip) |
+//! | `GET /v1/nodes` | `[NodeStatus]`: this node and every gossip member, alive or dead |
+//! | `POST /v1/endpoints/register?service=&address=&weight=` | [`Changed`]: announce an endpoint this node hosts |
+//! | `POST /v1/endpoints/deregister?service=&address=` | [`Changed`]: withdraw a registered endpoint |
 //! | `GET /v1/policies` | `[]`: authorization policies arrive with mTLS |
 //! | `GET /v1/certs` | `[]`: certificates arrive with mTLS |
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
 
 pub mod client;
 
-use std::{convert::Infallible, io, path::Path, sync::Arc};
+use std::{convert::Infallible, io, net::SocketAddr, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
@@ -31,6 +33,7 @@ use tokio::net::UnixListener;
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
+    catalog::Endpoint,
     flows::{FlowFilter, FlowLog},
     status::{EndpointStatus, NodeStatus, StatusReport},
 };
@@ -56,6 +59,26 @@ pub trait AgentView: Send + Sync + 'static {
     fn endpoints(&self) -> Result<Vec<EndpointStatus>, String>;
     fn nodes(&self) -> Vec<NodeStatus>;
     fn flows(&self) -> &FlowLog;
+    /// Adds (or reweights) an endpoint this node announces; whether anything changed.
+    fn register(&self, endpoint: Endpoint) -> Result<bool, String>;
+    /// Withdraws a registered endpoint; whether it was registered.
+    fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String>;
+}
+
+/// Query of the `register` and `deregister` routes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EndpointQuery {
+    pub service: String,
+    pub address: SocketAddr,
+    /// `register` only (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+/// Answer of the `register` and `deregister` routes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Changed {
+    pub changed: bool,
 }
 
 /// Query of `GET /v1/flows`.
@@ -116,6 +139,9 @@ pub async fn serve(listener: UnixListener, agent: Arc<dyn AgentView>) {
 }
 
 fn route(request: &Request<Incoming>, agent: Arc<dyn AgentView>) -> Response<Body> {
+    if request.method() == hyper::Method::POST {
+        return post(request, agent.as_ref());
+    }
     if request.method() != hyper::Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
     }
@@ -133,6 +159,31 @@ fn route(request: &Request<Incoming>, agent: Arc<dyn AgentView>) -> Response<Bod
             }
         }
         _ => text(StatusCode::NOT_FOUND, "no such route\n"),
+    }
+}
+
+/// The `POST` routes: registering endpoints.
+fn post(request: &Request<Incoming>, agent: &dyn AgentView) -> Response<Body> {
+    let query = request.uri().query().unwrap_or_default();
+    let parsed = serde_urlencoded::from_str::<EndpointQuery>(query);
+    let result = match (request.uri().path(), parsed) {
+        (path, Err(e)) if path.starts_with("/v1/endpoints/") => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad endpoint query: {e}\n"),
+            );
+        }
+        ("/v1/endpoints/register", Ok(q)) => agent.register(Endpoint {
+            service: q.service,
+            address: q.address,
+            weight: q.weight.unwrap_or(1),
+        }),
+        ("/v1/endpoints/deregister", Ok(q)) => agent.deregister(&q.service, q.address),
+        _ => return text(StatusCode::NOT_FOUND, "no such route\n"),
+    };
+    match result {
+        Ok(changed) => json(Ok::<_, String>(Changed { changed })),
+        Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
     }
 }
 

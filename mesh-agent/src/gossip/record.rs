@@ -1,0 +1,318 @@
+//! The wire format of what an agent announces: the key-value records it keeps in its gossip
+//! state.
+//!
+//! | key | value (JSON) |
+//! | --- | --- |
+//! | `node` | [`NodeRecord`]: agent version, start time |
+//! | `svc:<name>` | [`ServiceRecord`]: one service definition |
+//! | `ep:<service>:<address>` | [`EndpointRecord`]: one hosted endpoint's weight |
+//!
+//! Every value carries a format version `v` and is read tolerantly, so agents of adjacent
+//! versions coexist: unknown fields are ignored, missing optional fields take their defaults,
+//! keys of unknown kinds are skipped. A record that does not decode or fails validation is
+//! left out and reported ([`RecordError`]); the node's other records still count.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Announcement, Endpoint, ServiceDef};
+use crate::config::{Affinity, LbPolicy, Protocol, DEFAULT_AFFINITY_TIMEOUT_S};
+
+/// The record format this agent writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+const NODE_KEY: &str = "node";
+const SERVICE_PREFIX: &str = "svc:";
+const ENDPOINT_PREFIX: &str = "ep:";
+
+fn format_v1() -> u32 {
+    1
+}
+
+/// `node`: facts about the announcing agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    #[serde(default = "format_v1")]
+    pub v: u32,
+    /// The agent's version string.
+    #[serde(default)]
+    pub agent: String,
+    /// Unix time (s) the agent started.
+    #[serde(default)]
+    pub started: u64,
+}
+
+/// `svc:<name>`: a service definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    #[serde(default = "format_v1")]
+    pub v: u32,
+    pub vip: IpAddr,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    #[serde(default)]
+    pub affinity: WireAffinity,
+    #[serde(default = "default_affinity_timeout")]
+    pub affinity_timeout_s: u32,
+}
+
+fn default_affinity_timeout() -> u32 {
+    DEFAULT_AFFINITY_TIMEOUT_S
+}
+
+/// Affinity as written on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireAffinity {
+    #[default]
+    None,
+    Cgroup,
+    Netns,
+}
+
+/// `ep:<service>:<address>`: a hosted endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    #[serde(default = "format_v1")]
+    pub v: u32,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// A record left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("record {key:?}: {cause}")]
+pub struct RecordError {
+    pub key: String,
+    pub cause: String,
+}
+
+/// What a node's records say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decoded {
+    pub node: NodeRecord,
+    pub announcement: Announcement,
+    pub errors: Vec<RecordError>,
+}
+
+/// The records of `announcement` (and `node`), by key.
+pub fn encode(node: &NodeRecord, announcement: &Announcement) -> BTreeMap<String, String> {
+    let mut records = BTreeMap::new();
+    records.insert(NODE_KEY.to_owned(), to_json(node));
+    for (name, def) in &announcement.services {
+        let record = ServiceRecord {
+            v: FORMAT_VERSION,
+            vip: def.vip,
+            port: def.port,
+            protocol: def.protocol,
+            lb: def.lb,
+            affinity: match def.affinity {
+                Affinity::None => WireAffinity::None,
+                Affinity::Cgroup => WireAffinity::Cgroup,
+                Affinity::Netns => WireAffinity::Netns,
+            },
+            affinity_timeout_s: def.affinity_timeout_s,
+        };
+        records.insert(format!("{SERVICE_PREFIX}{name}"), to_json(&record));
+    }
+    for endpoint in &announcement.endpoints {
+        let record = EndpointRecord {
+            v: FORMAT_VERSION,
+            weight: endpoint.weight,
+        };
+        records.insert(
+            format!("{ENDPOINT_PREFIX}{}:{}", endpoint.service, endpoint.address),
+            to_json(&record),
+        );
+    }
+    records
+}
+
+/// Reads a node's records; what does not decode is reported in [`Decoded::errors`].
+pub fn decode<'a>(records: impl IntoIterator<Item = (&'a str, &'a str)>) -> Decoded {
+    let mut decoded = Decoded::default();
+    for (key, value) in records {
+        if let Err(cause) = decode_one(&mut decoded, key, value) {
+            decoded.errors.push(RecordError {
+                key: key.to_owned(),
+                cause,
+            });
+        }
+    }
+    // Announcement order is address order for peers; the catalog sorts them anyway.
+    decoded
+        .announcement
+        .endpoints
+        .sort_by(|a, b| (&a.service, a.address).cmp(&(&b.service, b.address)));
+    decoded
+}
+
+fn decode_one(decoded: &mut Decoded, key: &str, value: &str) -> Result<(), String> {
+    if key == NODE_KEY {
+        decoded.node = serde_json::from_str(value).map_err(|e| e.to_string())?;
+    } else if let Some(name) = key.strip_prefix(SERVICE_PREFIX) {
+        crate::config::check_service_name(name)?;
+        let r: ServiceRecord = serde_json::from_str(value).map_err(|e| e.to_string())?;
+        let def = ServiceDef {
+            vip: r.vip,
+            port: r.port,
+            protocol: r.protocol,
+            lb: r.lb,
+            affinity: match r.affinity {
+                WireAffinity::None => Affinity::None,
+                WireAffinity::Cgroup => Affinity::Cgroup,
+                WireAffinity::Netns => Affinity::Netns,
+            },
+            affinity_timeout_s: r.affinity_timeout_s,
+        };
+        def.check()?;
+        decoded.announcement.services.insert(name.to_owned(), def);
+    } else if let Some(rest) = key.strip_prefix(ENDPOINT_PREFIX) {
+        let (service, address) = rest
+            .split_once(':')
+            .ok_or("an endpoint key is ep:<service>:<address>")?;
+        let address: SocketAddr = address
+            .parse()
+            .map_err(|_| format!("{address:?} is not an IP:port"))?;
+        let r: EndpointRecord = serde_json::from_str(value).map_err(|e| e.to_string())?;
+        let endpoint = Endpoint {
+            service: service.to_owned(),
+            address,
+            weight: r.weight,
+        };
+        endpoint.check()?;
+        decoded.announcement.endpoints.push(endpoint);
+    }
+    // Other keys: a newer agent's records; skipped.
+    Ok(())
+}
+
+/// A record as JSON. Cannot fail: the record types have no maps with non-string keys.
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records as an agent of format 1 writes them (checked in; never regenerate).
+    const V1_SERVICE: &str = include_str!("testdata/service.v1.json");
+    const V1_ENDPOINT: &str = include_str!("testdata/endpoint.v1.json");
+    /// Records as a (hypothetical) format-2 agent writes them: new fields, a new key kind.
+    const V2_SERVICE: &str = include_str!("testdata/service.v2.json");
+    const V2_ENDPOINT: &str = include_str!("testdata/endpoint.v2.json");
+
+    fn announcement() -> Announcement {
+        let mut a = Announcement::default();
+        a.services.insert(
+            "web".into(),
+            ServiceDef {
+                vip: "10.96.0.10".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                lb: LbPolicy::Maglev,
+                affinity: Affinity::Netns,
+                affinity_timeout_s: 60,
+            },
+        );
+        a.endpoints.push(Endpoint {
+            service: "web".into(),
+            address: "[fd00::2]:8080".parse().unwrap(),
+            weight: 3,
+        });
+        a
+    }
+
+    #[test]
+    fn round_trip_and_v1_bytes_are_stable() {
+        let node = NodeRecord {
+            v: 1,
+            agent: "0.1.0".into(),
+            started: 7,
+        };
+        let records = encode(&node, &announcement());
+        assert_eq!(records["svc:web"], V1_SERVICE.trim_end());
+        assert_eq!(records["ep:web:[fd00::2]:8080"], V1_ENDPOINT.trim_end());
+        let decoded = decode(records.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        assert_eq!(decoded.errors, []);
+        assert_eq!(decoded.node, node);
+        assert_eq!(decoded.announcement, announcement());
+    }
+
+    #[test]
+    fn this_version_reads_v2_records() {
+        let decoded = decode([
+            ("svc:web", V2_SERVICE),
+            ("ep:web:[fd00::2]:8080", V2_ENDPOINT),
+            ("policy:web", r#"{"v":2,"allow":["spiffe://x"]}"#),
+        ]);
+        assert_eq!(decoded.errors, []);
+        assert_eq!(decoded.announcement, announcement());
+    }
+
+    /// What a format-2 agent would decode: this format plus optional fields.
+    #[derive(Deserialize)]
+    struct ServiceRecordV2 {
+        #[serde(flatten)]
+        v1: ServiceRecord,
+        #[serde(default)]
+        mtls: bool,
+    }
+
+    #[test]
+    fn a_v2_reader_reads_v1_records() {
+        let r: ServiceRecordV2 = serde_json::from_str(V1_SERVICE).unwrap();
+        assert!(!r.mtls);
+        assert_eq!(r.v1.v, 1);
+        assert_eq!(r.v1.lb, LbPolicy::Maglev);
+        let r: ServiceRecordV2 = serde_json::from_str(V2_SERVICE).unwrap();
+        assert!(r.mtls);
+        assert_eq!(r.v1.v, 2);
+    }
+
+    #[test]
+    fn bad_records_are_reported_and_left_out() {
+        let decoded = decode([
+            ("svc:web", V1_SERVICE),
+            ("svc:Bad", V1_SERVICE),
+            ("svc:dns", r#"{"vip":"224.0.0.1","port":53}"#),
+            (
+                "svc:api",
+                r#"{"vip":"10.0.0.1","port":80,"lb":"leastconn"}"#,
+            ),
+            ("ep:web:10.0.0.1", r#"{}"#),
+            ("ep:web:10.0.0.2:80", r#"{"weight":10001}"#),
+            ("ep:web:10.0.0.3:80", r#"{}"#),
+            ("node", "not json"),
+        ]);
+        let keys: Vec<&str> = decoded.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "svc:Bad",
+                "svc:dns",
+                "svc:api",
+                "ep:web:10.0.0.1",
+                "ep:web:10.0.0.2:80",
+                "node"
+            ]
+        );
+        assert!(decoded.errors[2].to_string().contains("leastconn"));
+        assert_eq!(decoded.announcement.services.len(), 1);
+        assert_eq!(decoded.announcement.endpoints.len(), 1);
+        assert_eq!(
+            decoded.announcement.endpoints[0].weight, 1,
+            "default weight"
+        );
+    }
+}
