@@ -14,6 +14,7 @@ mod flows;
 mod kernel_addr;
 mod maglev;
 mod metrics;
+mod mtls;
 mod reconcile;
 mod run;
 mod status;
