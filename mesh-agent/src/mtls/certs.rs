@@ -557,8 +557,10 @@ pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
         return "io";
     };
     match tls {
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-        | rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA) => "unknown_ca",
+        // A CA with another key but the same name as ours fails on the signature.
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => "unknown_ca",
         rustls::Error::InvalidCertificate(CertificateError::Other(other))
             if other.0.downcast_ref::<PeerIdentityError>().is_some() =>
         {
@@ -567,9 +569,9 @@ pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
         rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => "expired",
-        rustls::Error::InvalidCertificate(_) | rustls::Error::AlertReceived(_) => {
-            "bad_certificate"
-        }
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        // The peer refused our certificate (its log says why).
+        rustls::Error::AlertReceived(_) => "rejected_by_peer",
         rustls::Error::NoCertificatesPresented => "no_certificate",
         _ => "protocol",
     }

@@ -127,7 +127,7 @@ mod tests {
             (build(Method::CONNECT, "10.0.0.1", None), FrameError::Authority("10.0.0.1".into())),
             (build(Method::CONNECT, "10.0.0.1:0", None), FrameError::Authority("10.0.0.1:0".into())),
             (build(Method::CONNECT, "0.0.0.0:80", None), FrameError::Authority("0.0.0.0:80".into())),
-            (build(Method::CONNECT, "fd00::1:80", None), FrameError::Authority("fd00::1:80".into())),
+            (build(Method::CONNECT, "[fd00::1]", None), FrameError::Authority("[fd00::1]".into())),
             (build(Method::CONNECT, "http://10.0.0.1:80/x", None), FrameError::Path("http://10.0.0.1:80/x".into())),
             (build(Method::CONNECT, "10.0.0.1:80", Some(b"Pay ments")), FrameError::Service),
             (build(Method::CONNECT, "10.0.0.1:80", Some(b"")), FrameError::Service),
