@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_common::service::{ServiceKey, LB_MAGLEV, LB_RANDOM};
+use mesh_common::service::{ServiceKey, LB_MAGLEV, LB_RANDOM, SERVICE_FLAG_MTLS};
 
 use crate::config::{Config, LbPolicy, Protocol, ServiceConfig};
 use crate::kernel_addr;
@@ -74,6 +74,15 @@ impl Desired {
             desired.insert(DesiredService::from_config(service));
         }
         desired
+    }
+
+    /// The backends of every mTLS service, with that service's frontend key. Only the local
+    /// agent may open connections to them (see `mesh_common::redirect`).
+    pub fn strict_backends(&self) -> impl Iterator<Item = (SocketAddr, ServiceKey)> + '_ {
+        self.services
+            .iter()
+            .filter(|(_, service)| service.flags & SERVICE_FLAG_MTLS != 0)
+            .flat_map(|(key, service)| service.backends.iter().map(|b| (b.addr, *key)))
     }
 
     /// Add or replace the service at `service.key()`; returns the one it replaced.

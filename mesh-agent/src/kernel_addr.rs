@@ -9,6 +9,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use mesh_common::redirect::SockKey;
 use mesh_common::service::{Backend, ServiceKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 /// A map entry carried an address family that is neither [`FAMILY_V4`] nor [`FAMILY_V6`].
@@ -95,6 +96,25 @@ pub fn decode_backend(backend: &Backend) -> Result<SocketAddr, BadFamily> {
     Ok(SocketAddr::new(
         decode_ip(backend.addr, backend.family)?,
         decode_port(backend.port),
+    ))
+}
+
+/// The map key of a socket address (strict backends, connect outcomes, redirected peers).
+pub fn sock_key(addr: SocketAddr) -> SockKey {
+    let (words, family) = encode_ip(addr.ip());
+    SockKey {
+        addr: words,
+        port: encode_port(addr.port()),
+        family,
+        _pad: 0,
+    }
+}
+
+/// The socket address a map key holds.
+pub fn decode_sock_key(key: &SockKey) -> Result<SocketAddr, BadFamily> {
+    Ok(SocketAddr::new(
+        decode_ip(key.addr, key.family)?,
+        decode_port(key.port),
     ))
 }
 

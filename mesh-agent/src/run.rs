@@ -147,6 +147,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let settings = Settings {
         flow_events: !options.no_flow_events,
         debug_log: options.ebpf_debug_log,
+        // Connects to mTLS services go to this port on loopback. Without a listener there
+        // (no agent, or no [mtls] config) they are refused: strict flows fail closed.
+        outbound_port: mesh_common::redirect::DEFAULT_OUTBOUND_PORT,
     };
     let (dataplane, telemetry) = DataPlane::install(&cgroup, pins, settings)
         .with_context(|| format!("installing the data plane on cgroup {}", cgroup.display()))?;
@@ -287,6 +290,11 @@ impl Agent {
             })
             .collect();
         let report = result?;
+        let strict = desired
+            .strict_backends()
+            .filter_map(|(addr, key)| Some((addr, self.kernel.services.get(&key)?.id)))
+            .collect();
+        self.dataplane.maps.sync_strict(&strict)?;
         self.desired = desired;
         tracing::info!(
             %report,

@@ -35,11 +35,13 @@ pub enum Counter {
     StrictDropped = 12,
     /// A balanced TCP connect failed (reset, timeout or abandoned in SYN-SENT).
     ConnectFailed = 13,
+    /// A connect to an mTLS service was refused: no agent listens for it (fail closed).
+    MtlsNoAgent = 14,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Rewritten,
         Counter::NoBackend,
         Counter::NoServicePort,
@@ -54,6 +56,7 @@ impl Counter {
         Counter::AgentSocket,
         Counter::StrictDropped,
         Counter::ConnectFailed,
+        Counter::MtlsNoAgent,
     ];
 
     /// Number of counters in use; the array has room for [`crate::maps::COUNTERS_MAX`].
@@ -76,6 +79,7 @@ impl Counter {
             Counter::AgentSocket => "agent_socket",
             Counter::StrictDropped => "strict_dropped",
             Counter::ConnectFailed => "connect_failed",
+            Counter::MtlsNoAgent => "mtls_no_agent",
         }
     }
 }

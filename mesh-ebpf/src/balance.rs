@@ -20,18 +20,18 @@ use mesh_common::{
     hash::client_hash,
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey,
-        SlotKey, LB_MAGLEV, SERVICE_FLAG_AFFINITY_NETNS,
+        SlotKey, LB_MAGLEV, PROTO_TCP, SERVICE_FLAG_AFFINITY_NETNS, SERVICE_FLAG_MTLS,
     },
 };
 
 use crate::{
     events,
-    maps::{count, setting, AFFINITY, BACKENDS, BACKEND_COUNTS, REVERSE, SERVICES, SLOTS},
+    maps::{
+        count, setting, AFFINITY, BACKENDS, BACKEND_COUNTS, BPF_NOEXIST, REVERSE, SERVICES, SLOTS,
+    },
+    redirect,
     sockaddr::{self, Dest},
 };
-
-/// `BPF_NOEXIST`: create the entry only if it is absent.
-const BPF_NOEXIST: u64 = 1;
 
 /// What the program decided for a socket.
 pub enum Verdict {
@@ -79,10 +79,23 @@ pub fn decide(ctx: &SockAddrContext, dest: &Dest, proto: u8, hook: u8) -> Verdic
     let Some((backend_id, backend, affinity)) = pick(ctx, &key, &service, cookie) else {
         return refuse(ctx, &mut event, Counter::SlotMissing);
     };
-    let to = Dest {
+    let backend_dest = Dest {
         addr: backend.addr,
         port: backend.port,
         family: backend.family,
+    };
+    let to = if service.flags & SERVICE_FLAG_MTLS != 0 && proto == PROTO_TCP {
+        // Through the agents' tunnel: the agent finds the backend by this record.
+        let Some(listener) = redirect::outbound_listener(dest.family) else {
+            return refuse(ctx, &mut event, Counter::MtlsNoAgent);
+        };
+        redirect::record(cookie, service.id, &backend_dest);
+        count(Counter::MtlsRedirected);
+        event.verdict = Counter::MtlsRedirected as u8;
+        listener
+    } else {
+        count(Counter::Rewritten);
+        backend_dest
     };
     remember_vip(cookie, dest, &to);
     if setting(SETTING_DEBUG_LOG) {
@@ -95,7 +108,6 @@ pub fn decide(ctx: &SockAddrContext, dest: &Dest, proto: u8, hook: u8) -> Verdic
             affinity
         );
     }
-    count(Counter::Rewritten);
     count_backend(backend_id);
     event.backend = backend.addr;
     event.backend_port = backend.port;

@@ -5,6 +5,11 @@
 //! * `recvmsg4`/`recvmsg6`: replies from that backend appear to come from the VIP.
 //! * `getpeername4`/`getpeername6`: the application sees the VIP as its peer.
 //! * `sock_release`: a closing socket's reverse record is deleted.
+//! * `sock_ops`: mTLS sockets' records move to their address once established; balanced
+//!   sockets' connect outcomes are counted per backend (passive health).
+//! * `cgroup_skb/ingress`: plaintext connection openings to strict mTLS backends are dropped.
+//!
+//! Sockets of the agent itself (marked `AGENT_MARK`) are never balanced or redirected.
 //!
 //! Entry points are thin: [`balance::decide`] returns a verdict and this file turns it into the
 //! program's return code. Every decision bumps a per-reason counter.
@@ -14,15 +19,19 @@
 mod balance;
 mod events;
 mod maps;
+mod redirect;
 mod sockaddr;
+mod strict;
+mod tcp_events;
 
 use aya_ebpf::{
     helpers::bpf_set_retval,
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use balance::Verdict;
 use mesh_common::{
+    counters::Counter,
     events::{HOOK_CONNECT, HOOK_SENDMSG},
     service::{PROTO_TCP, PROTO_UDP},
 };
@@ -41,6 +50,10 @@ type Writer = fn(&SockAddrContext, &sockaddr::Dest);
 fn on_send(ctx: &SockAddrContext, dest: sockaddr::Dest, write: Writer, hook: u8) -> i32 {
     let proto = sockaddr::protocol(ctx);
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    if redirect::is_agent_socket(ctx) {
+        maps::count(Counter::AgentSocket);
         return ALLOW;
     }
     match balance::decide(ctx, &dest, proto, hook) {
@@ -135,6 +148,28 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn mesh_sock_release(ctx: SockContext) -> i32 {
     balance::forget_socket(&ctx);
     ALLOW
+}
+
+/// Connect outcomes and mTLS record re-keying (see [`tcp_events`]). Named apart from its
+/// section: a function called `sockops` fails to link.
+#[sock_ops]
+pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
+    tcp_events::handle(&ctx);
+    1
+}
+
+/// Return code of a cgroup_skb program that lets the packet through.
+const SKB_PASS: i32 = 1;
+/// Return code of a cgroup_skb program that drops the packet.
+const SKB_DROP: i32 = 0;
+
+#[cgroup_skb(ingress)]
+pub fn mesh_strict_ingress(ctx: SkBuffContext) -> i32 {
+    if strict::admit(&ctx) {
+        SKB_PASS
+    } else {
+        SKB_DROP
+    }
 }
 
 #[cfg(not(test))]

@@ -9,7 +9,9 @@ use aya_ebpf::{
 use mesh_common::{
     counters::Counter,
     events::{EventBudget, RING_BYTES, SETTINGS_MAX},
+    health::ConnectOutcomes,
     maps as limits,
+    redirect::{OriginalDest, SockKey},
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
     },
@@ -18,6 +20,9 @@ use mesh_common::{
 /// `BPF_F_NO_PREALLOC`: allocate entries on insert. The slot and backend maps are large and
 /// written only by the agent, so they need not reserve their full capacity up front.
 const NO_PREALLOC: u32 = 1;
+
+/// `BPF_NOEXIST`: create the entry only if it is absent.
+pub const BPF_NOEXIST: u64 = 1;
 
 #[map(name = "MESH_SVC_V1")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(limits::SERVICES_MAX, 0);
@@ -44,6 +49,22 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(limits::COUNTERS_MAX
 pub static BACKEND_COUNTS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::pinned(limits::BACKENDS_MAX, NO_PREALLOC);
 
+#[map(name = "MESH_RDC_V1")]
+pub static REDIRECT_BY_COOKIE: LruHashMap<u64, OriginalDest> =
+    LruHashMap::pinned(limits::REDIRECT_MAX, 0);
+
+#[map(name = "MESH_RDP_V1")]
+pub static REDIRECT_BY_PEER: LruHashMap<SockKey, OriginalDest> =
+    LruHashMap::pinned(limits::REDIRECT_MAX, 0);
+
+#[map(name = "MESH_STRICT_V1")]
+pub static STRICT_INBOUND: HashMap<SockKey, u32> = HashMap::pinned(limits::STRICT_MAX, 0);
+
+/// Per-CPU, so counting needs no atomics; created on a backend's first balanced connect.
+#[map(name = "MESH_OUTCOME_V1")]
+pub static CONNECT_OUTCOMES: PerCpuHashMap<SockKey, ConnectOutcomes> =
+    PerCpuHashMap::pinned(limits::BACKENDS_MAX, NO_PREALLOC);
+
 #[map(name = "MESH_SET_V1")]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_MAX, 0);
 
@@ -56,7 +77,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 /// True when the agent turned setting `index` on.
 #[inline(always)]
 pub fn setting(index: u32) -> bool {
-    SETTINGS.get(index).is_some_and(|value| *value != 0)
+    setting_value(index) != 0
 }
 
 /// Adds one to `counter` on this CPU.
@@ -67,4 +88,10 @@ pub fn count(counter: Counter) {
         // by this CPU while the program runs with preemption disabled.
         unsafe { *slot += 1 };
     }
+}
+
+/// The setting at `index` (0 when unset).
+#[inline(always)]
+pub fn setting_value(index: u32) -> u32 {
+    SETTINGS.get(index).copied().unwrap_or(0)
 }

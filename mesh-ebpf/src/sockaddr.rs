@@ -133,10 +133,21 @@ pub fn peer_of(ctx: &SockContext) -> Option<Dest> {
     if port == 0 {
         return None;
     }
-    let (addr, family) = match family {
-        AF_INET => ([ip4, 0, 0, 0], FAMILY_V4),
-        AF_INET6 => (ip6, FAMILY_V6),
-        _ => return None,
+    let family = family_of(family)?;
+    let addr = if family == FAMILY_V4 {
+        [ip4, 0, 0, 0]
+    } else {
+        ip6
     };
     Some(Dest { addr, port, family })
+}
+
+/// The maps' family code for a socket family (`AF_INET`/`AF_INET6`), if it is IP.
+#[inline(always)]
+pub fn family_of(af: u32) -> Option<u8> {
+    match af {
+        AF_INET => Some(FAMILY_V4),
+        AF_INET6 => Some(FAMILY_V6),
+        _ => None,
+    }
 }

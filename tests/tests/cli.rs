@@ -122,6 +122,11 @@ fn cli_json_answers_field_by_field() {
             "slot_missing",
             "map_update_failed",
             "events_dropped",
+            "mtls_redirected",
+            "agent_socket",
+            "strict_dropped",
+            "connect_failed",
+            "mtls_no_agent",
         ])
     );
     assert!(counters["rewritten"].as_u64() >= Some(20), "{counters}");

@@ -1,6 +1,9 @@
 //! Typed handles on the pinned maps: the reconciler writes through them, `status` reads them.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
@@ -8,11 +11,14 @@ use aya::{
 };
 use mesh_common::{
     counters::Counter,
+    health::ConnectOutcomes,
     maps,
+    redirect::SockKey,
     service::{Backend, Service, ServiceKey, SlotKey},
 };
 
 use super::{take_map as take, DataPlaneError};
+use crate::kernel_addr;
 use crate::reconcile::{KernelState, MapOp, MapWriteError, MapWriter};
 
 /// The maps the agent writes and reads.
@@ -22,6 +28,8 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend>,
     backend_counts: PerCpuHashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
+    strict_inbound: HashMap<MapData, SockKey, u32>,
+    connect_outcomes: PerCpuHashMap<MapData, SockKey, ConnectOutcomes>,
 }
 
 impl KernelMaps {
@@ -32,6 +40,8 @@ impl KernelMaps {
             backends: take(ebpf, maps::BACKENDS)?,
             backend_counts: take(ebpf, maps::BACKEND_COUNTS)?,
             counters: take(ebpf, maps::COUNTERS)?,
+            strict_inbound: take(ebpf, maps::STRICT_INBOUND)?,
+            connect_outcomes: take(ebpf, maps::CONNECT_OUTCOMES)?,
         })
     }
 
@@ -73,6 +83,58 @@ impl KernelMaps {
                 Ok((counter, per_cpu.iter().sum()))
             })
             .collect()
+    }
+}
+
+impl KernelMaps {
+    /// Makes the strict-inbound map hold exactly `backends` (address → service id): the
+    /// backends only the agent may open connections to. Entries are added before stale ones
+    /// are removed, and a failure leaves every entry written so far in place.
+    pub fn sync_strict(
+        &mut self,
+        backends: &BTreeMap<SocketAddr, u32>,
+    ) -> Result<(), DataPlaneError> {
+        let name = maps::STRICT_INBOUND;
+        let err = |cause| DataPlaneError::Map { name, cause };
+        let present: BTreeSet<SockKey> = self
+            .strict_inbound
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        let wanted: BTreeMap<SockKey, u32> = backends
+            .iter()
+            .map(|(&addr, &service)| (kernel_addr::sock_key(addr), service))
+            .collect();
+        for (key, service) in &wanted {
+            self.strict_inbound.insert(key, service, 0).map_err(err)?;
+        }
+        for stale in present.iter().filter(|key| !wanted.contains_key(key)) {
+            ignore_missing(self.strict_inbound.remove(stale)).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Connect outcomes of balanced TCP sockets per backend address, summed over CPUs; the
+    /// counts only grow while the entry lives.
+    pub fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, DataPlaneError> {
+        let name = maps::CONNECT_OUTCOMES;
+        let mut all = Vec::new();
+        for entry in self.connect_outcomes.iter() {
+            let (key, per_cpu) = entry.map_err(|cause| DataPlaneError::Map { name, cause })?;
+            let Ok(addr) = kernel_addr::decode_sock_key(&key) else {
+                continue;
+            };
+            let total =
+                per_cpu
+                    .iter()
+                    .fold(ConnectOutcomes::default(), |sum, cpu| ConnectOutcomes {
+                        established: sum.established + cpu.established,
+                        failed: sum.failed + cpu.failed,
+                        syn_timeouts: sum.syn_timeouts + cpu.syn_timeouts,
+                    });
+            all.push((addr, total));
+        }
+        Ok(all)
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod kernel_maps;
 mod pins;
+mod redirects;
 
 use std::{
     fs::{self, File},
@@ -21,7 +22,7 @@ use tokio::io::{unix::AsyncFd, Interest};
 
 use aya::{
     maps::{Array, MapData, RingBuf},
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, Program},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSkbAttachType, Program},
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -29,14 +30,16 @@ pub use kernel_maps::KernelMaps;
 use mesh_common::{
     events::{SETTING_DEBUG_LOG, SETTING_FLOW_EVENTS},
     maps,
+    redirect::SETTING_OUTBOUND_PORT,
 };
 pub use pins::{PinDir, PinError};
+pub use redirects::{Redirect, Redirects};
 
 /// The programs, compiled by `build.rs` from `mesh-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
 /// (program function, hook name used for its link pin).
-const HOOKS: [(&str, &str); 9] = [
+const HOOKS: [(&str, &str); 11] = [
     ("mesh_connect4", "connect4"),
     ("mesh_connect6", "connect6"),
     ("mesh_sendmsg4", "sendmsg4"),
@@ -46,6 +49,8 @@ const HOOKS: [(&str, &str); 9] = [
     ("mesh_getpeername4", "getpeername4"),
     ("mesh_getpeername6", "getpeername6"),
     ("mesh_sock_release", "sock_release"),
+    ("mesh_sock_ops", "sock_ops"),
+    ("mesh_strict_ingress", "strict_ingress"),
 ];
 
 /// Why the data plane could not be installed or removed.
@@ -71,6 +76,8 @@ pub enum DataPlaneError {
     Cgroup { path: PathBuf, cause: io::Error },
     #[error("cannot pin or unpin link {path}: {reason}")]
     Link { path: PathBuf, reason: String },
+    #[error("map {name} holds a bad entry: {reason}")]
+    Corrupt { name: &'static str, reason: String },
     #[error("map {name}")]
     Map {
         name: &'static str,
@@ -103,11 +110,15 @@ pub struct Settings {
     pub flow_events: bool,
     /// Log each decision from the kernel through aya-log (verbose; for debugging).
     pub debug_log: bool,
+    /// Port of the agent's outbound (mTLS) listener on loopback; 0 = none, and then connects
+    /// to mTLS services are refused.
+    pub outbound_port: u16,
 }
 
 /// The installed data plane: programs attached, state pinned, maps open for writing.
 pub struct DataPlane {
     pub maps: KernelMaps,
+    redirects: Redirects,
     pins: PinDir,
     /// True when maps of a previous agent were found and reused.
     pub adopted: bool,
@@ -144,15 +155,22 @@ impl DataPlane {
             replace_pinned_link(&pins.link(hook), link)?;
         }
         let maps = KernelMaps::take(&mut ebpf)?;
+        let redirects = Redirects::new(take_map(&mut ebpf, maps::REDIRECT_BY_PEER)?);
         let events = take_map(&mut ebpf, maps::EVENTS)?;
         Ok((
             Self {
                 maps,
+                redirects,
                 pins,
                 adopted,
             },
             Telemetry { events, logger },
         ))
+    }
+
+    /// The original destinations of redirected (mTLS) connections, for the outbound listener.
+    pub fn redirects(&self) -> Redirects {
+        self.redirects.clone()
     }
 
     /// Detaches every program and removes every pin of this node.
@@ -173,12 +191,13 @@ fn apply_settings(ebpf: &mut Ebpf, settings: Settings) -> Result<(), DataPlaneEr
         .ok_or(DataPlaneError::MissingMap(name))?
         .try_into()
         .map_err(|cause| DataPlaneError::Map { name, cause })?;
-    for (index, on) in [
-        (SETTING_FLOW_EVENTS, settings.flow_events),
-        (SETTING_DEBUG_LOG, settings.debug_log),
+    for (index, value) in [
+        (SETTING_FLOW_EVENTS, u32::from(settings.flow_events)),
+        (SETTING_DEBUG_LOG, u32::from(settings.debug_log)),
+        (SETTING_OUTBOUND_PORT, u32::from(settings.outbound_port)),
     ] {
         switches
-            .set(index, u32::from(on), 0)
+            .set(index, value, 0)
             .map_err(|cause| DataPlaneError::Map { name, cause })?;
     }
     Ok(())
@@ -203,6 +222,7 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, 
     // aya attaches through a BPF link here (kernel >= 5.7). Cgroup links always coexist with
     // other programs on the hook and the kernel rejects any attach flag on them with EINVAL,
     // so the mode must be `Single` (no flags), which does not make the link exclusive.
+    // One arm per program type: aya has no trait covering their `attach` methods.
     let link = match program {
         Program::CgroupSockAddr(program) => {
             program.load().map_err(err)?;
@@ -215,6 +235,24 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<FdLink, 
             program.load().map_err(err)?;
             let id = program
                 .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(err)?;
+            FdLink::try_from(program.take_link(id).map_err(err)?)
+        }
+        Program::SockOps(program) => {
+            program.load().map_err(err)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(err)?;
+            FdLink::try_from(program.take_link(id).map_err(err)?)
+        }
+        Program::CgroupSkb(program) => {
+            program.load().map_err(err)?;
+            let id = program
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
                 .map_err(err)?;
             FdLink::try_from(program.take_link(id).map_err(err)?)
         }

@@ -12,7 +12,9 @@ use std::{
 
 use aya::maps::MapData;
 use mesh_common::{
+    health::ConnectOutcomes,
     maps,
+    redirect::{OriginalDest, SockKey},
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
     },
@@ -161,6 +163,10 @@ fn expected_shape(name: &str) -> Option<(u32, u32, u32)> {
         maps::AFFINITY => shape::<AffinityKey, AffinityValue>(maps::AFFINITY_MAX),
         maps::COUNTERS => shape::<u32, u64>(maps::COUNTERS_MAX),
         maps::BACKEND_COUNTS => shape::<u32, u64>(maps::BACKENDS_MAX),
+        maps::REDIRECT_BY_COOKIE => shape::<u64, OriginalDest>(maps::REDIRECT_MAX),
+        maps::REDIRECT_BY_PEER => shape::<SockKey, OriginalDest>(maps::REDIRECT_MAX),
+        maps::STRICT_INBOUND => shape::<SockKey, u32>(maps::STRICT_MAX),
+        maps::CONNECT_OUTCOMES => shape::<SockKey, ConnectOutcomes>(maps::BACKENDS_MAX),
         _ => return None,
     })
 }
