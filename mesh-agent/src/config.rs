@@ -27,6 +27,9 @@ use toml::Spanned;
 
 use crate::{desired, maglev};
 
+mod mtls;
+pub use mtls::{mtls_services, MtlsConfig};
+
 /// Seconds an affinity entry lives without use when the config says nothing (3 hours, as
 /// Kubernetes' `sessionAffinityConfig` default).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -44,6 +47,10 @@ pub struct Config {
     pub node: NodeConfig,
     /// The `[[services]]`, in file order; names and (VIP, port, protocol) are unique.
     pub services: Vec<ServiceConfig>,
+    /// The `[mtls]` table; without it no service is strict and the tunnel is off.
+    pub mtls: Option<MtlsConfig>,
+    /// The `[[policies]]`, in file order; each names a strict service.
+    pub policies: crate::mtls::policy::Policies,
 }
 
 /// The `[node]` table.
@@ -70,6 +77,8 @@ pub struct ServiceConfig {
     pub affinity_timeout_s: u32,
     /// In file order, each address once, all of the VIP's family. May be empty.
     pub backends: Vec<BackendConfig>,
+    /// Strict mTLS (`mtls = "strict"`, or the `[mtls]` default): TCP only.
+    pub mtls: bool,
 }
 
 /// One backend of a service.
@@ -291,6 +300,9 @@ struct RawConfig {
     node: Option<RawNode>,
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
+    mtls: Option<mtls::RawMtls>,
+    #[serde(default)]
+    policies: Vec<Spanned<mtls::RawPolicy>>,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +322,7 @@ struct RawService {
     affinity: Option<Spanned<Affinity>>,
     affinity_timeout: Option<Spanned<i64>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    mtls: Option<Spanned<mtls::MtlsMode>>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +407,8 @@ impl<'a> Source<'a> {
             node.name = Some(name.into_inner());
         }
 
+        let mtls = raw.mtls.map(|m| self.mtls(m)).transpose()?;
+        let mtls_default = mtls.as_ref().map(|m| m.default).unwrap_or_default();
         let mut services = Vec::with_capacity(raw.services.len());
         // name → (index, line); (vip, port, protocol) → (index, line)
         let mut names: HashMap<String, (usize, usize)> = HashMap::new();
@@ -407,7 +422,14 @@ impl<'a> Source<'a> {
         for (i, raw_svc) in raw.services.into_iter().enumerate() {
             let path = format!("services[{i}]");
             let svc_span = raw_svc.span();
-            let svc = self.service(&path, raw_svc.into_inner())?;
+            let svc = self.service(&path, raw_svc.into_inner(), mtls_default)?;
+            if let (true, None, Some(span)) = (svc.config.mtls, &mtls, &svc.mtls_span) {
+                return Err(self.invalid(
+                    span.clone(),
+                    format!("{path}.mtls"),
+                    format!("service {:?} is strict but there is no [mtls] section", svc.config.name),
+                ));
+            }
 
             let line = self.position(svc.name_span.start).0;
             if let Some((j, other_line)) = names.insert(svc.config.name.clone(), (i, line)) {
@@ -480,10 +502,21 @@ impl<'a> Source<'a> {
             }
             services.push(svc.config);
         }
-        Ok(Config { node, services })
+        let policies = self.policies(raw.policies, &services)?;
+        Ok(Config {
+            node,
+            services,
+            mtls,
+            policies,
+        })
     }
 
-    fn service(&self, path: &str, raw: RawService) -> Result<CheckedService, ConfigError> {
+    fn service(
+        &self,
+        path: &str,
+        raw: RawService,
+        mtls_default: mtls::MtlsMode,
+    ) -> Result<CheckedService, ConfigError> {
         check_service_name(raw.name.get_ref())
             .map_err(|m| self.invalid(raw.name.span(), format!("{path}.name"), m))?;
 
@@ -522,6 +555,8 @@ impl<'a> Source<'a> {
             })?;
 
         let protocol = raw.protocol.map(Spanned::into_inner).unwrap_or_default();
+        let mtls_span = raw.mtls.as_ref().map(Spanned::span);
+        let mtls = self.service_mtls(path, raw.mtls, protocol, mtls_default)?;
         let (lb, lb_span) = match raw.lb {
             Some(lb) => (*lb.get_ref(), lb.span()),
             None => (LbPolicy::default(), raw.name.span()),
@@ -649,6 +684,7 @@ impl<'a> Source<'a> {
         }
 
         Ok(CheckedService {
+            mtls_span,
             name_span: raw.name.span(),
             vip_span: raw.vip.span(),
             backends_span,
@@ -661,12 +697,15 @@ impl<'a> Source<'a> {
                 affinity,
                 affinity_timeout_s,
                 backends,
+                mtls,
             },
         })
     }
 }
 
 struct CheckedService {
+    /// Where `mtls` was set, if it was.
+    mtls_span: Option<Range<usize>>,
     name_span: Range<usize>,
     vip_span: Range<usize>,
     backends_span: Range<usize>,
@@ -947,7 +986,7 @@ backends = [{ address = "10.200.0.4:5353" }]
             ),
             (
                 "[[service]]\nname = 'a'\n",
-                "mesh.toml:1: service[0]: unknown field `service`, expected `node` or `services`",
+                "mesh.toml:1: service[0]: unknown field `service`, expected one of `node`, `services`, `mtls`, `policies`",
             ),
             ("[[services]\nname = 'a'\n", "mesh.toml:1:12: "),
             ("[[services]]\nname = 'a\n", "mesh.toml:2:"),

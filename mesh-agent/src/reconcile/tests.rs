@@ -227,6 +227,7 @@ fn svc(name: &str, vip: &str, port: u16, lb: LbPolicy, backends: &[(&str, u32)])
         lb,
         affinity: Affinity::None,
         affinity_timeout_s: 10_800,
+        mtls: false,
         backends: backends
             .iter()
             .map(|&(a, weight)| BackendConfig {
@@ -319,6 +320,7 @@ fn random_desired(rng: &mut Rng, maglev: bool) -> Desired {
                 },
                 affinity_timeout_s: 60,
                 backends,
+                mtls: false,
             });
             s.name = format!("s{v}-{port}");
             services.push(s);
