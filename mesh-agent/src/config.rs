@@ -427,7 +427,10 @@ impl<'a> Source<'a> {
                 return Err(self.invalid(
                     span.clone(),
                     format!("{path}.mtls"),
-                    format!("service {:?} is strict but there is no [mtls] section", svc.config.name),
+                    format!(
+                        "service {:?} is strict but there is no [mtls] section",
+                        svc.config.name
+                    ),
                 ));
             }
 

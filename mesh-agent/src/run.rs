@@ -28,6 +28,7 @@ use crate::{
     flows::{self, FlowLog, Names},
     kernel_addr,
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
+    mtls::Tunnel,
     reconcile::{self, KernelState},
     status::{self, EndpointStatus, NodeStatus, StatusReport},
     watch,
@@ -84,6 +85,8 @@ struct Agent {
 struct SharedAgent {
     state: Mutex<Agent>,
     flows: Arc<FlowLog>,
+    /// The mTLS tunnel, when the config has an `[mtls]` section.
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 impl SharedAgent {
@@ -118,6 +121,17 @@ impl AgentView for SharedAgent {
     fn flows(&self) -> &FlowLog {
         &self.flows
     }
+
+    fn policies(&self) -> Vec<crate::mtls::policy::PolicyStatus> {
+        self.tunnel
+            .as_ref()
+            .map(|t| t.policies())
+            .unwrap_or_default()
+    }
+
+    fn certs(&self) -> Vec<crate::mtls::certs::CertStatus> {
+        self.tunnel.as_ref().map(|t| t.certs()).unwrap_or_default()
+    }
 }
 
 impl Names for SharedAgent {
@@ -130,6 +144,7 @@ impl SnapshotSource for SharedAgent {
     fn snapshot(&self) -> Snapshot {
         let mut snapshot = self.lock().snapshot();
         snapshot.flows_recorded = self.flows.recorded();
+        snapshot.tunnel = self.tunnel.as_ref().map(|t| t.sample());
         snapshot
     }
 }
@@ -149,8 +164,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         debug_log: options.ebpf_debug_log,
         // Connects to mTLS services go to this port on loopback. Without a listener there
         // (no agent, or no [mtls] config) they are refused: strict flows fail closed.
-        outbound_port: mesh_common::redirect::DEFAULT_OUTBOUND_PORT,
+        outbound_port: config
+            .mtls
+            .as_ref()
+            .map_or(mesh_common::redirect::DEFAULT_OUTBOUND_PORT, |m| {
+                m.outbound_port
+            }),
     };
+    let tunnel = config
+        .mtls
+        .as_ref()
+        .map(|m| Tunnel::new(&m.tunnel(), cgroup_root.clone()))
+        .transpose()?;
     let (dataplane, telemetry) = DataPlane::install(&cgroup, pins, settings)
         .with_context(|| format!("installing the data plane on cgroup {}", cgroup.display()))?;
     let kernel = dataplane.maps.read_state()?;
@@ -176,9 +201,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     agent.apply(Desired::from_config(&config))?;
     let flow_log = Arc::new(FlowLog::default());
+    if let Some(tunnel) = &tunnel {
+        tunnel.update(
+            &crate::config::mtls_services(&config.services),
+            config.policies.clone(),
+        );
+    }
+    let redirects = agent.dataplane.redirects();
     let agent = Arc::new(SharedAgent {
         state: Mutex::new(agent),
         flows: Arc::clone(&flow_log),
+        tunnel,
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -190,6 +223,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     ));
     if let Some(logger) = telemetry.logger {
         tasks.spawn(forward_kernel_log(logger));
+    }
+    if let (Some(tunnel), Some(mtls)) = (&agent.tunnel, &config.mtls) {
+        tunnel
+            .spawn(
+                &mtls.tunnel(),
+                Arc::new(redirects),
+                agent.clone(),
+                &mut tasks,
+            )
+            .await?;
     }
     let listener = admin::bind(&options.admin_socket)?;
     tasks.spawn(admin::serve(listener, agent.clone()));
@@ -214,7 +257,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 // Editors write in bursts (truncate, write, rename); let the burst settle.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 while changes.try_recv().is_ok() {}
-                agent.lock().reload();
+                let config = agent.lock().reload();
+                if let (Some(tunnel), Some(config)) = (&agent.tunnel, config) {
+                    tunnel.update(&crate::config::mtls_services(&config.services), config.policies);
+                }
             }
         }
     }
@@ -305,14 +351,16 @@ impl Agent {
     }
 
     /// Re-reads the config file; a bad file is rejected and the state in force stays.
-    fn reload(&mut self) {
+    /// Returns the config now in force when it changed.
+    fn reload(&mut self) -> Option<Config> {
         let result = Config::load(&self.config_path)
             .map_err(anyhow::Error::from)
-            .and_then(|config| self.apply(Desired::from_config(&config)));
+            .and_then(|config| self.apply(Desired::from_config(&config)).map(|()| config));
         match result {
-            Ok(()) => {
+            Ok(config) => {
                 self.reloads_applied += 1;
                 self.config_error = None;
+                Some(config)
             }
             Err(error) => {
                 self.reloads_rejected += 1;
@@ -320,6 +368,7 @@ impl Agent {
                     "rejected config change, the previous config stays in force: {error:#}"
                 );
                 self.config_error = Some(format!("{error:#}"));
+                None
             }
         }
     }
@@ -413,6 +462,7 @@ impl Agent {
             reloads_rejected: self.reloads_rejected,
             flows_recorded: 0,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            tunnel: None,
         }
     }
 }

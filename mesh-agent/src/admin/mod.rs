@@ -8,8 +8,8 @@
 //! | `GET /v1/services` | `[ServiceStatus]` |
 //! | `GET /v1/endpoints` | `[EndpointStatus]`: every backend with its state and connection count |
 //! | `GET /v1/nodes` | `[NodeStatus]`: the nodes this agent knows (itself, until gossip) |
-//! | `GET /v1/policies` | `[]`: authorization policies arrive with mTLS |
-//! | `GET /v1/certs` | `[]`: certificates arrive with mTLS |
+//! | `GET /v1/policies` | `[PolicyStatus]`: the authorization rules in force (`[]` without mTLS) |
+//! | `GET /v1/certs` | `[CertStatus]`: certificates loaded: identity, serial, expiry (`[]` without mTLS) |
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
 
 pub mod client;
@@ -56,6 +56,8 @@ pub trait AgentView: Send + Sync + 'static {
     fn endpoints(&self) -> Result<Vec<EndpointStatus>, String>;
     fn nodes(&self) -> Vec<NodeStatus>;
     fn flows(&self) -> &FlowLog;
+    fn policies(&self) -> Vec<crate::mtls::policy::PolicyStatus>;
+    fn certs(&self) -> Vec<crate::mtls::certs::CertStatus>;
 }
 
 /// Query of `GET /v1/flows`.
@@ -124,7 +126,8 @@ fn route(request: &Request<Incoming>, agent: Arc<dyn AgentView>) -> Response<Bod
         "/v1/services" => json(agent.status().map(|s| s.services)),
         "/v1/endpoints" => json(agent.endpoints()),
         "/v1/nodes" => json(Ok::<_, String>(agent.nodes())),
-        "/v1/policies" | "/v1/certs" => json(Ok::<_, String>(Vec::<()>::new())),
+        "/v1/policies" => json(Ok::<_, String>(agent.policies())),
+        "/v1/certs" => json(Ok::<_, String>(agent.certs())),
         "/v1/flows" => {
             match serde_urlencoded::from_str::<FlowQuery>(request.uri().query().unwrap_or_default())
             {

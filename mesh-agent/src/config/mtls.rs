@@ -145,8 +145,15 @@ impl Source<'_> {
         Ok(PathBuf::from(value.get_ref()))
     }
 
-    fn port(&self, value: Option<Spanned<i64>>, field: &str, default: u16) -> Result<u16, super::ConfigError> {
-        let Some(value) = value else { return Ok(default) };
+    fn port(
+        &self,
+        value: Option<Spanned<i64>>,
+        field: &str,
+        default: u16,
+    ) -> Result<u16, super::ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
         u16::try_from(*value.get_ref())
             .ok()
             .filter(|&p| p != 0)
@@ -168,8 +175,13 @@ impl Source<'_> {
                 format!("{trust_domain:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')"),
             ));
         }
-        let outbound_port = self.port(raw.outbound_port, "mtls.outbound_port", DEFAULT_OUTBOUND_PORT)?;
-        let inbound_port = self.port(raw.inbound_port, "mtls.inbound_port", DEFAULT_INBOUND_PORT)?;
+        let outbound_port = self.port(
+            raw.outbound_port,
+            "mtls.outbound_port",
+            DEFAULT_OUTBOUND_PORT,
+        )?;
+        let inbound_port =
+            self.port(raw.inbound_port, "mtls.inbound_port", DEFAULT_INBOUND_PORT)?;
         let idle_timeout_s = match raw.idle_timeout_s {
             None => DEFAULT_IDLE_TIMEOUT_S,
             Some(t) => u32::try_from(*t.get_ref())
@@ -189,7 +201,11 @@ impl Source<'_> {
             let path = format!("mtls.identities[{i}]");
             let raw_id = raw_id.into_inner();
             let spiffe_id: SpiffeId = raw_id.spiffe_id.get_ref().parse().map_err(|e| {
-                self.invalid(raw_id.spiffe_id.span(), format!("{path}.spiffe_id"), format!("{e}"))
+                self.invalid(
+                    raw_id.spiffe_id.span(),
+                    format!("{path}.spiffe_id"),
+                    format!("{e}"),
+                )
             })?;
             if spiffe_id.trust_domain() != trust_domain {
                 return Err(self.invalid(
@@ -329,14 +345,20 @@ mod tests {
         let c = parse(&text).unwrap();
         let mtls = c.mtls.as_ref().unwrap();
         assert_eq!(mtls.default, MtlsMode::Strict);
-        assert_eq!((mtls.outbound_port, mtls.inbound_port, mtls.idle_timeout_s), (15001, 15008, 30));
+        assert_eq!(
+            (mtls.outbound_port, mtls.inbound_port, mtls.idle_timeout_s),
+            (15001, 15008, 30)
+        );
         assert_eq!(mtls.identities[0].cgroup, PathBuf::from("shop/frontend"));
         let strict: Vec<bool> = c.services.iter().map(|s| s.mtls).collect();
         // The default covers payments; dns is UDP, web opted out.
         assert_eq!(strict, [true, false, false]);
         assert_eq!(c.policies.rules.len(), 1);
         assert_eq!(c.policies.rules[0].port, Some(443));
-        assert_eq!(mtls_services(&c.services)[0].backends, ["10.0.0.5:8443".parse().unwrap()]);
+        assert_eq!(
+            mtls_services(&c.services)[0].backends,
+            ["10.0.0.5:8443".parse().unwrap()]
+        );
         let tunnel = mtls.tunnel();
         assert_eq!(tunnel.sources.workloads.len(), 1);
         assert_eq!(tunnel.idle_timeout, Duration::from_secs(30));
@@ -370,7 +392,10 @@ mod tests {
         ];
         for (text, want) in cases {
             let got = parse(&text).unwrap_err().to_string();
-            assert!(got.contains(want), "\n--- config:\n{text}--- want: {want}\n--- got: {got}");
+            assert!(
+                got.contains(want),
+                "\n--- config:\n{text}--- want: {want}\n--- got: {got}"
+            );
         }
     }
 }

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -115,6 +115,19 @@ pub fn issue(ca: &Pem, id: &SpiffeId, valid_for: Duration) -> Result<Pem, CaErro
         cert: cert.pem(),
         key: key.serialize_pem(),
     })
+}
+
+/// Writes `pem` to `cert` and `key` (the key readable by its owner only).
+pub fn write(pem: &Pem, cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    std::fs::write(cert, &pem.cert)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(key)?;
+    file.write_all(pem.key.as_bytes())
 }
 
 #[cfg(test)]

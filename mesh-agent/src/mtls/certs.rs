@@ -18,9 +18,7 @@ use std::{
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
-    pki_types::{
-        pem::PemObject as _, CertificateDer, PrivateKeyDer, ServerName, UnixTime,
-    },
+    pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     server::{
         danger::{ClientCertVerified, ClientCertVerifier},
         ParsedCertificate, WebPkiClientVerifier,
@@ -46,7 +44,10 @@ const ALPN_H2: &[u8] = b"h2";
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("cannot read {}: {cause}", path.display())]
-    Read { path: PathBuf, cause: std::io::Error },
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{}: no PEM certificate in the file", path.display())]
     NoCertificate { path: PathBuf },
     #[error("{}: not a PEM private key: {cause}", path.display())]
@@ -68,13 +69,13 @@ pub enum CertError {
     #[error("{}: the certificate is for {found}, the config says {expected}", path.display())]
     WrongIdentity {
         path: PathBuf,
-        expected: SpiffeId,
-        found: SpiffeId,
+        expected: String,
+        found: String,
     },
     #[error("{}: {id} is not in the trust domain {trust_domain}", path.display())]
     WrongTrustDomain {
         path: PathBuf,
-        id: SpiffeId,
+        id: String,
         trust_domain: String,
     },
     #[error("{}: the certificate expired at {not_after}", path.display())]
@@ -111,17 +112,18 @@ pub struct CertInfo {
 impl CertInfo {
     /// Reads identity, serial and expiry from a DER certificate; `origin` names it in errors.
     pub fn from_der(der: &[u8], origin: &str) -> Result<CertInfo, CertError> {
-        let (_, cert) =
-            x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
-                CertError::Parse {
-                    path: origin.to_owned(),
-                    cause: e.to_string(),
-                }
-            })?;
-        let san = cert.subject_alternative_name().map_err(|e| CertError::Parse {
-            path: origin.to_owned(),
-            cause: e.to_string(),
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
+            CertError::Parse {
+                path: origin.to_owned(),
+                cause: e.to_string(),
+            }
         })?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| CertError::Parse {
+                path: origin.to_owned(),
+                cause: e.to_string(),
+            })?;
         let uri = san
             .into_iter()
             .flat_map(|ext| ext.value.general_names.iter())
@@ -145,6 +147,7 @@ impl CertInfo {
     }
 
     /// The first certificate of a PEM text.
+    #[cfg(test)]
     pub fn from_pem(pem: &str, origin: &str) -> Result<CertInfo, CertError> {
         let der = CertificateDer::pem_slice_iter(pem.as_bytes())
             .next()
@@ -230,7 +233,9 @@ pub struct Tls {
 
 impl fmt::Debug for Tls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tls").field("certs", &self.certs).finish_non_exhaustive()
+        f.debug_struct("Tls")
+            .field("certs", &self.certs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -253,15 +258,13 @@ impl Tls {
             keys.push((chain, key));
         }
         let node = certs[0].identity.clone();
-        let client_verifier = WebPkiClientVerifier::builder_with_provider(
-            Arc::clone(&roots),
-            Arc::clone(&provider),
-        )
-        .build()
-        .map_err(|e| CertError::Bundle {
-            path: sources.ca_bundle.clone(),
-            cause: e.to_string(),
-        })?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+                .build()
+                .map_err(|e| CertError::Bundle {
+                    path: sources.ca_bundle.clone(),
+                    cause: e.to_string(),
+                })?;
         let mut keys = keys.into_iter();
         let (node_chain, node_key) = keys.next().expect("the node identity comes first");
         let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
@@ -337,7 +340,11 @@ fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
     Ok(roots)
 }
 
-type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, CertInfo);
+type Identity = (
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+    CertInfo,
+);
 
 /// One identity's chain and key, checked: SPIFFE ID as expected and in the trust domain, not
 /// expired, signed by the bundle, key matching.
@@ -353,15 +360,15 @@ fn load_identity(
         if *expected != info.identity {
             return Err(CertError::WrongIdentity {
                 path: files.cert.clone(),
-                expected: expected.clone(),
-                found: info.identity,
+                expected: expected.to_string(),
+                found: info.identity.to_string(),
             });
         }
     }
     if info.identity.trust_domain() != sources.trust_domain {
         return Err(CertError::WrongTrustDomain {
             path: files.cert.clone(),
-            id: info.identity,
+            id: info.identity.to_string(),
             trust_domain: sources.trust_domain.clone(),
         });
     }
@@ -388,12 +395,11 @@ fn load_identity(
         bundle: sources.ca_bundle.clone(),
         cause,
     })?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|cause| {
-        CertError::Key {
+    let key =
+        PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|cause| CertError::Key {
             path: files.key.clone(),
             cause,
-        }
-    })?;
+        })?;
     let signing = provider()
         .key_provider
         .load_private_key(key.clone_key())
@@ -653,10 +659,7 @@ pub(crate) mod tests {
 
     impl Fixture {
         pub fn new(name: &str, trust_domain: &str, node: &str, workloads: &[&str]) -> Fixture {
-            let dir = std::env::temp_dir().join(format!(
-                "mesh-mtls-{name}-{}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir().join(format!("mesh-mtls-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let ca = ca::init(trust_domain, Duration::from_secs(86_400)).unwrap();
@@ -686,8 +689,8 @@ pub(crate) mod tests {
 
         /// Issues `id` into `<stem>.pem` / `<stem>-key.pem`.
         pub fn issue(&self, id: &str, stem: &str) -> IdentityFiles {
-            let pem = ca::issue(&self.ca, &id.parse().unwrap(), Duration::from_secs(86_400))
-                .unwrap();
+            let pem =
+                ca::issue(&self.ca, &id.parse().unwrap(), Duration::from_secs(86_400)).unwrap();
             let cert = self.dir.join(format!("{stem}.pem"));
             let key = self.dir.join(format!("{stem}-key.pem"));
             std::fs::write(&cert, pem.cert).unwrap();
@@ -726,7 +729,12 @@ pub(crate) mod tests {
 
     #[test]
     fn errors_name_the_file() {
-        let f = Fixture::new("errors", "mesh.test", "spiffe://mesh.test/ns/mesh/sa/node", &[]);
+        let f = Fixture::new(
+            "errors",
+            "mesh.test",
+            "spiffe://mesh.test/ns/mesh/sa/node",
+            &[],
+        );
         let expect = |sources: &Sources, want: &str| {
             let e = Tls::load(sources).unwrap_err().to_string();
             assert!(e.contains(want), "want {want:?} in {e}");
@@ -734,7 +742,10 @@ pub(crate) mod tests {
         // A missing file.
         let mut s = f.sources.clone();
         s.ca_bundle = f.dir.join("nope.pem");
-        expect(&s, &format!("cannot read {}", f.dir.join("nope.pem").display()));
+        expect(
+            &s,
+            &format!("cannot read {}", f.dir.join("nope.pem").display()),
+        );
         // A file with no certificate.
         let junk = f.dir.join("junk.pem");
         std::fs::write(&junk, "hello\n").unwrap();
@@ -744,18 +755,31 @@ pub(crate) mod tests {
         // A key file that holds a certificate.
         let mut s = f.sources.clone();
         s.node.key = f.sources.node.cert.clone();
-        expect(&s, &format!("{}: not a PEM private key", f.sources.node.cert.display()));
+        expect(
+            &s,
+            &format!("{}: not a PEM private key", f.sources.node.cert.display()),
+        );
         // Another identity's key.
         let other = f.issue("spiffe://mesh.test/ns/x/sa/y", "other");
         let mut s = f.sources.clone();
         s.node.key = other.key;
         expect(&s, "the key does not fit the certificate");
         // A certificate of another trust domain, and one of another CA.
-        let foreign = Fixture::new("errors-foreign", "other.test", "spiffe://other.test/ns/a/sa/b", &[]);
+        let foreign = Fixture::new(
+            "errors-foreign",
+            "other.test",
+            "spiffe://other.test/ns/a/sa/b",
+            &[],
+        );
         let mut s = f.sources.clone();
         s.node = foreign.sources.node.clone();
         expect(&s, "is not in the trust domain mesh.test");
-        let rogue = Fixture::new("errors-rogue", "mesh.test", "spiffe://mesh.test/ns/a/sa/b", &[]);
+        let rogue = Fixture::new(
+            "errors-rogue",
+            "mesh.test",
+            "spiffe://mesh.test/ns/a/sa/b",
+            &[],
+        );
         let mut s = f.sources.clone();
         s.node = rogue.sources.node.clone();
         expect(&s, "is not signed by the CA bundle");
@@ -769,7 +793,12 @@ pub(crate) mod tests {
 
     #[test]
     fn reload_keeps_the_last_good_credentials() {
-        let f = Fixture::new("reload", "mesh.test", "spiffe://mesh.test/ns/mesh/sa/node", &[]);
+        let f = Fixture::new(
+            "reload",
+            "mesh.test",
+            "spiffe://mesh.test/ns/mesh/sa/node",
+            &[],
+        );
         let creds = Credentials::load(f.sources.clone()).unwrap();
         let first = creds.current().certs[0].serial.clone();
         std::fs::write(&f.sources.node.cert, "garbage").unwrap();

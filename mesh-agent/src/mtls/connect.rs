@@ -19,7 +19,9 @@ pub fn request(backend: SocketAddr, service: Option<&str>) -> Request<()> {
         builder = builder.header(SERVICE_HEADER, service);
     }
     // A SocketAddr always prints as an authority and a service name is a DNS label.
-    builder.body(()).expect("a CONNECT request to an address is well formed")
+    builder
+        .body(())
+        .expect("a CONNECT request to an address is well formed")
 }
 
 /// What a well-formed request asks for.
@@ -60,7 +62,11 @@ pub fn parse<T>(request: &Request<T>) -> Result<Target, FrameError> {
         return Err(FrameError::Method(request.method().to_string()));
     }
     let uri = request.uri();
-    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty() && p.as_str() != "/") {
+    if uri.scheme().is_some()
+        || uri
+            .path_and_query()
+            .is_some_and(|p| !p.as_str().is_empty() && p.as_str() != "/")
+    {
         return Err(FrameError::Path(uri.to_string()));
     }
     let authority = uri.authority().ok_or(FrameError::NoAuthority)?;
@@ -120,23 +126,59 @@ mod tests {
             b.body(()).unwrap()
         };
         let cases = [
-            (build(Method::GET, "10.0.0.1:80", None), FrameError::Method("GET".into())),
-            (build(Method::POST, "http://10.0.0.1:80/x", None), FrameError::Method("POST".into())),
+            (
+                build(Method::GET, "10.0.0.1:80", None),
+                FrameError::Method("GET".into()),
+            ),
+            (
+                build(Method::POST, "http://10.0.0.1:80/x", None),
+                FrameError::Method("POST".into()),
+            ),
             (build(Method::CONNECT, "/", None), FrameError::NoAuthority),
-            (build(Method::CONNECT, "backend:80", None), FrameError::Authority("backend:80".into())),
-            (build(Method::CONNECT, "10.0.0.1", None), FrameError::Authority("10.0.0.1".into())),
-            (build(Method::CONNECT, "10.0.0.1:0", None), FrameError::Authority("10.0.0.1:0".into())),
-            (build(Method::CONNECT, "0.0.0.0:80", None), FrameError::Authority("0.0.0.0:80".into())),
-            (build(Method::CONNECT, "[fd00::1]", None), FrameError::Authority("[fd00::1]".into())),
-            (build(Method::CONNECT, "http://10.0.0.1:80/x", None), FrameError::Path("http://10.0.0.1:80/x".into())),
-            (build(Method::CONNECT, "10.0.0.1:80", Some(b"Pay ments")), FrameError::Service),
-            (build(Method::CONNECT, "10.0.0.1:80", Some(b"")), FrameError::Service),
-            (build(Method::CONNECT, "10.0.0.1:80", Some(b"\xff")), FrameError::Service),
+            (
+                build(Method::CONNECT, "backend:80", None),
+                FrameError::Authority("backend:80".into()),
+            ),
+            (
+                build(Method::CONNECT, "10.0.0.1", None),
+                FrameError::Authority("10.0.0.1".into()),
+            ),
+            (
+                build(Method::CONNECT, "10.0.0.1:0", None),
+                FrameError::Authority("10.0.0.1:0".into()),
+            ),
+            (
+                build(Method::CONNECT, "0.0.0.0:80", None),
+                FrameError::Authority("0.0.0.0:80".into()),
+            ),
+            (
+                build(Method::CONNECT, "[fd00::1]", None),
+                FrameError::Authority("[fd00::1]".into()),
+            ),
+            (
+                build(Method::CONNECT, "http://10.0.0.1:80/x", None),
+                FrameError::Path("http://10.0.0.1:80/x".into()),
+            ),
+            (
+                build(Method::CONNECT, "10.0.0.1:80", Some(b"Pay ments")),
+                FrameError::Service,
+            ),
+            (
+                build(Method::CONNECT, "10.0.0.1:80", Some(b"")),
+                FrameError::Service,
+            ),
+            (
+                build(Method::CONNECT, "10.0.0.1:80", Some(b"\xff")),
+                FrameError::Service,
+            ),
         ];
         for (request, want) in cases {
             assert_eq!(parse(&request), Err(want.clone()), "{request:?}");
         }
-        assert_eq!(FrameError::Method("GET".into()).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            FrameError::Method("GET".into()).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
         assert_eq!(FrameError::NoAuthority.status(), StatusCode::BAD_REQUEST);
     }
 }

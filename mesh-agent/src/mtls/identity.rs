@@ -49,7 +49,9 @@ impl Identities {
             .resolve(&self.cgroup_root, id);
         self.mapped
             .iter()
-            .find(|(mapped, _)| path == *mapped || path.starts_with(&format!("{}/", mapped.trim_end_matches('/'))))
+            .find(|(mapped, _)| {
+                path == *mapped || path.starts_with(&format!("{}/", mapped.trim_end_matches('/')))
+            })
             .map(|(_, identity)| identity.clone())
     }
 }

@@ -45,7 +45,7 @@ use self::{
     spiffe::SpiffeId,
     stats::{TunnelSample, TunnelStats},
 };
-pub use outbound::{OriginalDestinations, Redirect};
+pub use outbound::OriginalDestinations;
 
 /// Everything the tunnel needs from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,7 +83,11 @@ impl Tunnel {
         let credentials = Arc::new(Credentials::load(config.sources.clone())?);
         let stats = Arc::new(TunnelStats::default());
         Ok(Arc::new(Tunnel {
-            pool: Pool::new(Arc::clone(&credentials), Arc::clone(&stats), config.idle_timeout),
+            pool: Pool::new(
+                Arc::clone(&credentials),
+                Arc::clone(&stats),
+                config.idle_timeout,
+            ),
             credentials,
             stats,
             authz: RwLock::new(Arc::default()),
@@ -152,9 +156,24 @@ impl Tunnel {
                 .await
                 .map_err(|cause| TunnelError::Listen { addr, cause })
         };
-        let inbound = bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), config.inbound_port)).await?;
-        let mut outbound = vec![bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), config.outbound_port)).await?];
-        match bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), config.outbound_port)).await {
+        let inbound = bind(SocketAddr::new(
+            Ipv4Addr::UNSPECIFIED.into(),
+            config.inbound_port,
+        ))
+        .await?;
+        let mut outbound = vec![
+            bind(SocketAddr::new(
+                Ipv4Addr::LOCALHOST.into(),
+                config.outbound_port,
+            ))
+            .await?,
+        ];
+        match bind(SocketAddr::new(
+            Ipv6Addr::LOCALHOST.into(),
+            config.outbound_port,
+        ))
+        .await
+        {
             Ok(v6) => outbound.push(v6),
             Err(error) => tracing::info!(%error, "no IPv6 outbound listener"),
         }
@@ -212,13 +231,18 @@ impl Tunnel {
         match self.credentials.reload() {
             Ok(()) => {
                 self.stats.cert_reloads_ok.fetch_add(1, Ordering::Relaxed);
-                let serials: Vec<String> =
-                    self.certs().into_iter().map(|c| format!("{} {}", c.identity, c.serial)).collect();
+                let serials: Vec<String> = self
+                    .certs()
+                    .into_iter()
+                    .map(|c| format!("{} {}", c.identity, c.serial))
+                    .collect();
                 tracing::info!(?serials, "certificates reloaded; new handshakes use them");
                 self.credentials.warn_expiring();
             }
             Err(error) => {
-                self.stats.cert_reloads_failed.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .cert_reloads_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%error, "certificate reload refused; the previous certificates stay in force");
             }
         }

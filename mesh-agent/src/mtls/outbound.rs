@@ -12,20 +12,21 @@ use super::{
     stats::{ActiveStream, OUTBOUND},
     Tunnel,
 };
-use crate::flows::Names;
-
-/// The original destination of a redirected connection, as the kernel recorded it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Redirect {
-    pub backend: SocketAddr,
-    pub service_id: u32,
-    pub cgroup_id: u64,
-}
+use crate::{
+    dataplane::{Redirect, Redirects},
+    flows::Names,
+};
 
 /// Where redirected connections were going (the kernel's records; a fake in tests).
 pub trait OriginalDestinations: Send + Sync + 'static {
     /// The record of the connection whose client (peer) address is `client`, removed.
     fn take(&self, client: SocketAddr) -> Result<Option<Redirect>, Box<dyn Error + Send + Sync>>;
+}
+
+impl OriginalDestinations for Redirects {
+    fn take(&self, client: SocketAddr) -> Result<Option<Redirect>, Box<dyn Error + Send + Sync>> {
+        Ok(Redirects::take(self, client)?)
+    }
 }
 
 /// Accepts redirected connections until the task is dropped.

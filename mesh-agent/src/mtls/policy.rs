@@ -148,7 +148,9 @@ impl fmt::Display for Decision {
             Decision::AllowNoPolicy => f.write_str("allowed (no policy for the service)"),
             Decision::Allow { rule } => write!(f, "allowed by policies[{rule}]"),
             Decision::Deny { rule } => write!(f, "denied by policies[{rule}]"),
-            Decision::DenyNoMatch => f.write_str("denied (the service has allow rules and none matched)"),
+            Decision::DenyNoMatch => {
+                f.write_str("denied (the service has allow rules and none matched)")
+            }
         }
     }
 }
@@ -173,7 +175,9 @@ impl Policies {
         {
             return Decision::Deny { rule };
         }
-        let mut allows = applicable().filter(|(_, r)| r.action == Action::Allow).peekable();
+        let mut allows = applicable()
+            .filter(|(_, r)| r.action == Action::Allow)
+            .peekable();
         if allows.peek().is_none() {
             return Decision::AllowNoPolicy;
         }
@@ -227,7 +231,10 @@ mod tests {
     #[test]
     fn no_rules_admit_everyone() {
         let p = Policies::default();
-        assert_eq!(p.evaluate("payments", 443, &id(OTHER)), Decision::AllowNoPolicy);
+        assert_eq!(
+            p.evaluate("payments", 443, &id(OTHER)),
+            Decision::AllowNoPolicy
+        );
     }
 
     #[test]
@@ -235,10 +242,19 @@ mod tests {
         let p = Policies {
             rules: vec![rule("payments", Some(443), Action::Allow, &[FRONTEND])],
         };
-        assert_eq!(p.evaluate("payments", 443, &id(FRONTEND)), Decision::Allow { rule: 0 });
-        assert_eq!(p.evaluate("payments", 443, &id(BATCH)), Decision::DenyNoMatch);
+        assert_eq!(
+            p.evaluate("payments", 443, &id(FRONTEND)),
+            Decision::Allow { rule: 0 }
+        );
+        assert_eq!(
+            p.evaluate("payments", 443, &id(BATCH)),
+            Decision::DenyNoMatch
+        );
         // The rule is about port 443 only: another port of the service has no allow rule.
-        assert_eq!(p.evaluate("payments", 80, &id(BATCH)), Decision::AllowNoPolicy);
+        assert_eq!(
+            p.evaluate("payments", 80, &id(BATCH)),
+            Decision::AllowNoPolicy
+        );
         // Nor about another service.
         assert_eq!(p.evaluate("web", 443, &id(BATCH)), Decision::AllowNoPolicy);
     }
@@ -251,21 +267,39 @@ mod tests {
                 rule("payments", None, Action::Deny, &[BATCH]),
             ],
         };
-        assert_eq!(p.evaluate("payments", 443, &id(FRONTEND)), Decision::Allow { rule: 0 });
-        assert_eq!(p.evaluate("payments", 443, &id(BATCH)), Decision::Deny { rule: 1 });
-        assert_eq!(p.evaluate("payments", 443, &id(OTHER)), Decision::DenyNoMatch);
+        assert_eq!(
+            p.evaluate("payments", 443, &id(FRONTEND)),
+            Decision::Allow { rule: 0 }
+        );
+        assert_eq!(
+            p.evaluate("payments", 443, &id(BATCH)),
+            Decision::Deny { rule: 1 }
+        );
+        assert_eq!(
+            p.evaluate("payments", 443, &id(OTHER)),
+            Decision::DenyNoMatch
+        );
         assert!(!Decision::Deny { rule: 1 }.allowed());
     }
 
     #[test]
     fn principals() {
-        assert!("ns:shop".parse::<Principal>().unwrap().matches(&id(FRONTEND)));
+        assert!("ns:shop"
+            .parse::<Principal>()
+            .unwrap()
+            .matches(&id(FRONTEND)));
         assert!(!"ns:shop".parse::<Principal>().unwrap().matches(&id(OTHER)));
         let prefix: Principal = "prefix:spiffe://td/ns/shop/sa/front".parse().unwrap();
         assert!(prefix.matches(&id(FRONTEND)));
         assert!(!prefix.matches(&id(BATCH)));
         assert_eq!(prefix.to_string(), "prefix:spiffe://td/ns/shop/sa/front");
-        for bad in ["ns:", "ns:a/b", "prefix:td/ns", "prefix:spiffe://", "frontend"] {
+        for bad in [
+            "ns:",
+            "ns:a/b",
+            "prefix:td/ns",
+            "prefix:spiffe://",
+            "frontend",
+        ] {
             assert!(bad.parse::<Principal>().is_err(), "{bad}");
         }
     }

@@ -219,7 +219,8 @@ impl Pool {
 
     /// Lets go of connections idle for the timeout, and of closed ones; runs until dropped.
     pub async fn expire_idle(self: Arc<Self>) {
-        let period = (self.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let period =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut ticks = tokio::time::interval(period);
         loop {
             ticks.tick().await;
@@ -255,6 +256,7 @@ impl Pool {
     }
 
     /// Connections held now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.slots
             .lock()

@@ -57,7 +57,9 @@ pub async fn relay(
 
 fn h2_error(error: h2::Error) -> io::Error {
     if error.is_io() {
-        error.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
+        error
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::new(io::ErrorKind::ConnectionReset, error)
     }

@@ -29,11 +29,6 @@ pub enum SpiffeError {
 const SCHEME: &str = "spiffe://";
 
 impl SpiffeId {
-    /// Builds an ID from its parts, checking each.
-    pub fn new(trust_domain: &str, namespace: &str, account: &str) -> Result<Self, SpiffeError> {
-        format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{account}").parse()
-    }
-
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
@@ -47,9 +42,9 @@ impl SpiffeId {
 pub fn check_trust_domain(domain: &str) -> bool {
     !domain.is_empty()
         && domain.len() <= 255
-        && domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 fn valid_segment(segment: &str) -> bool {
@@ -118,7 +113,6 @@ mod tests {
         assert_eq!(id.trust_domain(), "mesh.local");
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.to_string(), "spiffe://mesh.local/ns/shop/sa/frontend");
-        assert_eq!(SpiffeId::new("mesh.local", "shop", "frontend").unwrap(), id);
     }
 
     #[test]

@@ -51,7 +51,10 @@ impl TunnelStats {
     }
 
     pub fn authz(&self, service: &str, decision: &'static str, identity: &str) {
-        bump(&self.authz, (service.to_owned(), decision, identity.to_owned()));
+        bump(
+            &self.authz,
+            (service.to_owned(), decision, identity.to_owned()),
+        );
     }
 
     pub fn flow(&self, side: &'static str, result: &'static str) {

@@ -22,9 +22,9 @@ use super::{
     inbound, outbound,
     policy::{Action, Policies, Rule},
     stats::{INBOUND, OUTBOUND},
-    OriginalDestinations, Redirect, Tunnel, TunnelConfig,
+    OriginalDestinations, Tunnel, TunnelConfig,
 };
-use crate::flows::Names;
+use crate::{dataplane::Redirect, flows::Names};
 
 const TD: &str = "mesh.test";
 const NODE: &str = "spiffe://mesh.test/ns/mesh/sa/node";
@@ -115,7 +115,11 @@ async fn agent(fixture: &Fixture, cgroups: &Cgroups, peer_port: u16, backend: So
             (cgroups.root.join("batch"), BATCH.parse().unwrap()),
         ],
         outbound_port: outbound.port(),
-        inbound_port: if peer_port == 0 { inbound.port() } else { peer_port },
+        inbound_port: if peer_port == 0 {
+            inbound.port()
+        } else {
+            peer_port
+        },
         idle_timeout: Duration::from_secs(60),
     };
     let tunnel = Tunnel::new(&config, cgroups.root.clone()).unwrap();
@@ -153,15 +157,32 @@ async fn agent(fixture: &Fixture, cgroups: &Cgroups, peer_port: u16, backend: So
 impl Agent {
     /// A client connection the kernel "redirected": recorded under its address, then connected.
     async fn connect(&self, backend: SocketAddr, service_id: u32, cgroup_id: u64) -> TcpStream {
-        self.try_connect(backend, service_id, cgroup_id).await.unwrap()
+        self.try_connect(backend, service_id, cgroup_id)
+            .await
+            .unwrap()
     }
 
     /// Sends `payload` on a new flow and returns what came back (an error when refused early).
-    async fn attempt(&self, backend: SocketAddr, service_id: u32, cgroup_id: u64, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-        exchange(self.try_connect(backend, service_id, cgroup_id).await?, payload).await
+    async fn attempt(
+        &self,
+        backend: SocketAddr,
+        service_id: u32,
+        cgroup_id: u64,
+        payload: &[u8],
+    ) -> std::io::Result<Vec<u8>> {
+        exchange(
+            self.try_connect(backend, service_id, cgroup_id).await?,
+            payload,
+        )
+        .await
     }
 
-    async fn try_connect(&self, backend: SocketAddr, service_id: u32, cgroup_id: u64) -> std::io::Result<TcpStream> {
+    async fn try_connect(
+        &self,
+        backend: SocketAddr,
+        service_id: u32,
+        cgroup_id: u64,
+    ) -> std::io::Result<TcpStream> {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let client = socket.local_addr().unwrap();
@@ -232,7 +253,12 @@ async fn bytes_echo_and_half_close_travels_both_ways() {
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let client = a.connect(backend, SERVICE_ID, cgroups.id("frontend")).await;
     let echoed = exchange(client, &payload).await.unwrap();
-    assert!(echoed == payload, "echoed {} of {} bytes", echoed.len(), payload.len());
+    assert!(
+        echoed == payload,
+        "echoed {} of {} bytes",
+        echoed.len(),
+        payload.len()
+    );
 
     // Half-close: after our FIN the backend can still answer, and its FIN reaches us.
     let mut client = a.connect(backend, SERVICE_ID, cgroups.id("frontend")).await;
@@ -244,11 +270,16 @@ async fn bytes_echo_and_half_close_travels_both_ways() {
 
     let sample = a.tunnel.sample();
     assert!(sample.bytes_sent >= 2 * 3_000_000, "{sample:?}");
-    assert!(sample
-        .authz
-        .iter()
-        .any(|((service, decision, id), n)| service == "payments" && *decision == "allow" && id == FRONTEND && *n == 2),
-        "{sample:?}");
+    assert!(
+        sample
+            .authz
+            .iter()
+            .any(|((service, decision, id), n)| service == "payments"
+                && *decision == "allow"
+                && id == FRONTEND
+                && *n == 2),
+        "{sample:?}"
+    );
     assert_eq!(a.count(OUTBOUND, "opened"), 2);
     // Both flows shared one connection and one handshake.
     assert_eq!(a.handshakes(OUTBOUND, "ok"), 1);
@@ -262,20 +293,38 @@ async fn deny_rule_unknown_target_and_missing_record_are_refused() {
     let backend = echo_backend().await;
     let a = agent(&fixture, &cgroups, 0, backend).await;
 
-    let outcome = a.attempt(backend, SERVICE_ID, cgroups.id("batch"), b"secret").await;
-    assert!(!matches!(&outcome, Ok(bytes) if !bytes.is_empty()), "{outcome:?}");
+    let outcome = a
+        .attempt(backend, SERVICE_ID, cgroups.id("batch"), b"secret")
+        .await;
+    assert!(
+        !matches!(&outcome, Ok(bytes) if !bytes.is_empty()),
+        "{outcome:?}"
+    );
     let sample = a.tunnel.sample();
-    assert!(sample
-        .authz
-        .iter()
-        .any(|((service, decision, id), n)| service == "payments" && *decision == "deny" && id == BATCH && *n == 1),
-        "{sample:?}");
-    eventually("the inbound side counted the denial", || a.count(INBOUND, "denied") == 1).await;
+    assert!(
+        sample
+            .authz
+            .iter()
+            .any(|((service, decision, id), n)| service == "payments"
+                && *decision == "deny"
+                && id == BATCH
+                && *n == 1),
+        "{sample:?}"
+    );
+    eventually("the inbound side counted the denial", || {
+        a.count(INBOUND, "denied") == 1
+    })
+    .await;
 
     // Another backend port on the same host is no mTLS backend: no open proxy.
     let elsewhere = SocketAddr::new(backend.ip(), a.inbound.port());
-    let outcome = a.attempt(elsewhere, UNKNOWN_SERVICE_ID, cgroups.id("frontend"), b"x").await;
-    assert!(!matches!(&outcome, Ok(bytes) if !bytes.is_empty()), "{outcome:?}");
+    let outcome = a
+        .attempt(elsewhere, UNKNOWN_SERVICE_ID, cgroups.id("frontend"), b"x")
+        .await;
+    assert!(
+        !matches!(&outcome, Ok(bytes) if !bytes.is_empty()),
+        "{outcome:?}"
+    );
     eventually("the inbound side counted the unknown target", || {
         a.count(INBOUND, "unknown_target") == 1
     })
@@ -286,16 +335,25 @@ async fn deny_rule_unknown_target_and_missing_record_are_refused() {
         let mut buf = [0u8; 1];
         assert_eq!(unrecorded.read(&mut buf).await.unwrap_or(0), 0);
     }
-    eventually("the outbound side counted the unrecorded connection", || {
-        a.count(OUTBOUND, "no_destination") == 1
-    })
+    eventually(
+        "the outbound side counted the unrecorded connection",
+        || a.count(OUTBOUND, "no_destination") == 1,
+    )
     .await;
 
     // An allowed identity still gets through, on the node identity too (cgroup "other").
-    let ok = a.attempt(backend, SERVICE_ID, cgroups.id("other"), b"hello").await;
+    let ok = a
+        .attempt(backend, SERVICE_ID, cgroups.id("other"), b"hello")
+        .await;
     assert_eq!(ok.unwrap(), b"hello");
     let sample = a.tunnel.sample();
-    assert!(sample.authz.iter().any(|((_, d, id), _)| *d == "allow" && id == NODE), "{sample:?}");
+    assert!(
+        sample
+            .authz
+            .iter()
+            .any(|((_, d, id), _)| *d == "allow" && id == NODE),
+        "{sample:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,8 +366,13 @@ async fn peers_of_another_ca_are_rejected_both_ways() {
 
     // A client that trusts only its own CA refuses the server.
     let client = agent(&rogue, &cgroups, server.inbound.port(), backend).await;
-    let outcome = client.attempt(backend, SERVICE_ID, cgroups.id("frontend"), b"secret").await;
-    assert!(!matches!(&outcome, Ok(bytes) if !bytes.is_empty()), "{outcome:?}");
+    let outcome = client
+        .attempt(backend, SERVICE_ID, cgroups.id("frontend"), b"secret")
+        .await;
+    assert!(
+        !matches!(&outcome, Ok(bytes) if !bytes.is_empty()),
+        "{outcome:?}"
+    );
     assert_eq!(client.handshakes(OUTBOUND, "unknown_ca"), 1);
     assert_eq!(client.count(OUTBOUND, "refused"), 1);
     eventually("the server saw its certificate refused", || {
@@ -323,8 +386,13 @@ async fn peers_of_another_ca_are_rejected_both_ways() {
     std::fs::write(&both, format!("{}{}", fixture.ca.cert, rogue.ca.cert)).unwrap();
     rogue.sources.ca_bundle = both;
     let client = agent(&rogue, &cgroups, server.inbound.port(), backend).await;
-    let outcome = client.attempt(backend, SERVICE_ID, cgroups.id("frontend"), b"secret").await;
-    assert!(!matches!(&outcome, Ok(bytes) if !bytes.is_empty()), "{outcome:?}");
+    let outcome = client
+        .attempt(backend, SERVICE_ID, cgroups.id("frontend"), b"secret")
+        .await;
+    assert!(
+        !matches!(&outcome, Ok(bytes) if !bytes.is_empty()),
+        "{outcome:?}"
+    );
     eventually("the server refused the client's CA", || {
         server.handshakes(INBOUND, "unknown_ca") == 1
     })
