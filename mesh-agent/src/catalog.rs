@@ -43,6 +43,8 @@ pub struct ServiceDef {
     pub lb: LbPolicy,
     pub affinity: Affinity,
     pub affinity_timeout_s: u32,
+    /// Strict mTLS: clients' connections go through the agents' tunnel.
+    pub mtls: bool,
 }
 
 impl ServiceDef {
@@ -55,6 +57,7 @@ impl ServiceDef {
             lb: service.lb,
             affinity: service.affinity,
             affinity_timeout_s: service.affinity_timeout_s,
+            mtls: service.mtls,
         }
     }
 
@@ -437,6 +440,7 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
                 // Health settings are each agent's own (by service name, from its config);
                 // they are not gossiped.
                 health: Default::default(),
+                mtls: def.mtls,
             }
         })
         .collect();

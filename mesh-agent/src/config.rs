@@ -29,6 +29,8 @@ use crate::{desired, maglev};
 
 pub mod gossip;
 pub mod health;
+mod mtls;
+pub use mtls::{mtls_services, MtlsConfig};
 
 /// Seconds an affinity entry lives without use when the config says nothing (3 hours, as
 /// Kubernetes' `sessionAffinityConfig` default).
@@ -49,6 +51,10 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// The `[gossip]` table; `None`: single-host mode.
     pub gossip: Option<gossip::GossipConfig>,
+    /// The `[mtls]` table; without it no service is strict and the tunnel is off.
+    pub mtls: Option<MtlsConfig>,
+    /// The `[[policies]]`, in file order; each names a strict service.
+    pub policies: crate::mtls::policy::Policies,
 }
 
 /// The `[node]` table.
@@ -77,6 +83,8 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Active check, outlier detection and locality ([`health`]).
     pub health: health::HealthSettings,
+    /// Strict mTLS (`mtls = "strict"`, or the `[mtls]` default): TCP only.
+    pub mtls: bool,
 }
 
 /// One backend of a service.
@@ -301,6 +309,9 @@ struct RawConfig {
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
     gossip: Option<gossip::RawGossip>,
+    mtls: Option<mtls::RawMtls>,
+    #[serde(default)]
+    policies: Vec<Spanned<mtls::RawPolicy>>,
 }
 
 #[derive(Deserialize)]
@@ -323,6 +334,7 @@ struct RawService {
     health: Option<Spanned<health::RawHealth>>,
     outlier: Option<Spanned<health::RawOutlier>>,
     locality: Option<Spanned<health::Locality>>,
+    mtls: Option<Spanned<mtls::MtlsMode>>,
 }
 
 #[derive(Deserialize)]
@@ -408,6 +420,8 @@ impl<'a> Source<'a> {
         }
 
         let gossip = raw.gossip.map(|g| self.gossip(g)).transpose()?;
+        let mtls = raw.mtls.map(|m| self.mtls(m)).transpose()?;
+        let mtls_default = mtls.as_ref().map(|m| m.default).unwrap_or_default();
         let mut services = Vec::with_capacity(raw.services.len());
         // name → (index, line); (vip, port, protocol) → (index, line)
         let mut names: HashMap<String, (usize, usize)> = HashMap::new();
@@ -421,7 +435,17 @@ impl<'a> Source<'a> {
         for (i, raw_svc) in raw.services.into_iter().enumerate() {
             let path = format!("services[{i}]");
             let svc_span = raw_svc.span();
-            let svc = self.service(&path, raw_svc.into_inner())?;
+            let svc = self.service(&path, raw_svc.into_inner(), mtls_default)?;
+            if let (true, None, Some(span)) = (svc.config.mtls, &mtls, &svc.mtls_span) {
+                return Err(self.invalid(
+                    span.clone(),
+                    format!("{path}.mtls"),
+                    format!(
+                        "service {:?} is strict but there is no [mtls] section",
+                        svc.config.name
+                    ),
+                ));
+            }
 
             let line = self.position(svc.name_span.start).0;
             if let Some((j, other_line)) = names.insert(svc.config.name.clone(), (i, line)) {
@@ -494,14 +518,22 @@ impl<'a> Source<'a> {
             }
             services.push(svc.config);
         }
+        let policies = self.policies(raw.policies, &services)?;
         Ok(Config {
             node,
             services,
             gossip,
+            mtls,
+            policies,
         })
     }
 
-    fn service(&self, path: &str, raw: RawService) -> Result<CheckedService, ConfigError> {
+    fn service(
+        &self,
+        path: &str,
+        raw: RawService,
+        mtls_default: mtls::MtlsMode,
+    ) -> Result<CheckedService, ConfigError> {
         check_service_name(raw.name.get_ref())
             .map_err(|m| self.invalid(raw.name.span(), format!("{path}.name"), m))?;
 
@@ -540,6 +572,8 @@ impl<'a> Source<'a> {
             })?;
 
         let protocol = raw.protocol.map(Spanned::into_inner).unwrap_or_default();
+        let mtls_span = raw.mtls.as_ref().map(Spanned::span);
+        let mtls = self.service_mtls(path, raw.mtls, protocol, mtls_default)?;
         let (lb, lb_span) = match raw.lb {
             Some(lb) => (*lb.get_ref(), lb.span()),
             None => (LbPolicy::default(), raw.name.span()),
@@ -677,6 +711,7 @@ impl<'a> Source<'a> {
         .map_err(|e| self.invalid(e.span, format!("{path}.{}", e.field), e.message))?;
 
         Ok(CheckedService {
+            mtls_span,
             name_span: raw.name.span(),
             vip_span: raw.vip.span(),
             backends_span,
@@ -690,12 +725,15 @@ impl<'a> Source<'a> {
                 affinity_timeout_s,
                 backends,
                 health,
+                mtls,
             },
         })
     }
 }
 
 struct CheckedService {
+    /// Where `mtls` was set, if it was.
+    mtls_span: Option<Range<usize>>,
     name_span: Range<usize>,
     vip_span: Range<usize>,
     backends_span: Range<usize>,
@@ -976,7 +1014,7 @@ backends = [{ address = "10.200.0.4:5353" }]
             ),
             (
                 "[[service]]\nname = 'a'\n",
-                "mesh.toml:1: service[0]: unknown field `service`, expected one of `node`, `services`, `gossip`",
+                "mesh.toml:1: service[0]: unknown field `service`, expected one of `node`, `services`, `gossip`, `mtls`, `policies`",
             ),
             ("[[services]\nname = 'a'\n", "mesh.toml:1:12: "),
             ("[[services]]\nname = 'a\n", "mesh.toml:2:"),

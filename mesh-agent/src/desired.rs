@@ -117,7 +117,12 @@ impl DesiredService {
                 LbPolicy::Random | LbPolicy::Weighted => LB_RANDOM,
                 LbPolicy::Maglev => LB_MAGLEV,
             },
-            flags: config.affinity.flags(),
+            flags: config.affinity.flags()
+                | if config.mtls {
+                    mesh_common::service::SERVICE_FLAG_MTLS
+                } else {
+                    0
+                },
             affinity_timeout_s: config.affinity_timeout_s,
             backends,
             table,

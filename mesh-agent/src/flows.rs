@@ -287,7 +287,7 @@ fn rfc3339(since_epoch: Duration) -> String {
 /// Cgroup id → path, found by walking the cgroup2 tree (a cgroup's id is its directory's inode
 /// number) and cached; a bounded cache, re-walked on a miss.
 #[derive(Default)]
-struct CgroupNames {
+pub(crate) struct CgroupNames {
     known: HashMap<u64, String>,
 }
 
@@ -297,7 +297,7 @@ const CGROUP_CACHE: usize = 16_384;
 const CGROUP_WALK_LIMIT: usize = 100_000;
 
 impl CgroupNames {
-    fn resolve(&mut self, root: &Path, id: u64) -> String {
+    pub(crate) fn resolve(&mut self, root: &Path, id: u64) -> String {
         if let Some(path) = self.known.get(&id) {
             return path.clone();
         }

@@ -17,6 +17,7 @@ mod health;
 mod kernel_addr;
 mod maglev;
 mod metrics;
+mod mtls;
 mod reconcile;
 mod run;
 mod status;
@@ -78,10 +79,16 @@ enum Command {
     },
     /// Withdraw an endpoint announced with `register`.
     Deregister(EndpointArgs),
-    /// List authorization policies (none until mTLS is enabled).
+    /// List the authorization policies in force (none without [mtls]).
     Policies(Query),
-    /// List certificates in use (none until mTLS is enabled).
+    /// List the certificates loaded: identity, serial, expiry (none without [mtls]).
     Certs(Query),
+    /// Manage a trust domain's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue workload and node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Show recent balancing decisions; with --follow, stream new ones.
     Flows(FlowsArgs),
     /// Detach the programs and remove the pinned state of a node.
@@ -94,6 +101,40 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new CA for a trust domain: writes its certificate and key (mode 0600).
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue a certificate for a SPIFFE ID (spiffe://<td>/ns/<ns>/sa/<account>), signed by the CA.
+    Issue {
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        days: u64,
     },
 }
 
@@ -213,12 +254,53 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Deregister(endpoint) => {
             runtime.block_on(change_endpoint("deregister", &endpoint, None))
         }
-        Command::Policies(query) => show(&query, "/v1/policies", &|_| {
-            "no authorization policies (they come with mTLS, not enabled in this build)\n".into()
+        Command::Policies(query) => show(&query, "/v1/policies", &|v| {
+            typed(v, |p: Vec<mtls::policy::PolicyStatus>| {
+                status::render_policies(&p)
+            })
         }),
-        Command::Certs(query) => show(&query, "/v1/certs", &|_| {
-            "no certificates (they come with mTLS, not enabled in this build)\n".into()
+        Command::Certs(query) => show(&query, "/v1/certs", &|v| {
+            typed(v, |c: Vec<mtls::certs::CertStatus>| {
+                status::render_certs(&c)
+            })
         }),
+        Command::Ca(CaCommand::Init {
+            trust_domain,
+            cert,
+            key,
+            days,
+        }) => {
+            let pem = mtls::ca::init(&trust_domain, std::time::Duration::from_secs(days * 86_400))?;
+            mtls::ca::write(&pem, &cert, &key)?;
+            println!(
+                "CA for trust domain {trust_domain}: {} (key {})",
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
+        Command::Cert(CertCommand::Issue {
+            ca_cert,
+            ca_key,
+            spiffe_id,
+            cert,
+            key,
+            days,
+        }) => {
+            let read = |path: &PathBuf| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+            };
+            let ca = mtls::ca::Pem {
+                cert: read(&ca_cert)?,
+                key: read(&ca_key)?,
+            };
+            let id: mtls::spiffe::SpiffeId = spiffe_id.parse()?;
+            let pem = mtls::ca::issue(&ca, &id, std::time::Duration::from_secs(days * 86_400))?;
+            mtls::ca::write(&pem, &cert, &key)?;
+            println!("{id}: {} (key {})", cert.display(), key.display());
+            Ok(())
+        }
         Command::Flows(args) => runtime.block_on(flows(args)),
         Command::Uninstall {
             node,

@@ -77,6 +77,8 @@ pub struct Snapshot {
     pub gossip: GossipSample,
     /// Catalog conflicts in force, by kind.
     pub conflicts: Vec<(&'static str, u64)>,
+    /// The mTLS tunnel's counters, when it runs.
+    pub tunnel: Option<crate::mtls::stats::TunnelSample>,
 }
 
 /// Gossip members by state and the gossip socket's counters.
@@ -291,6 +293,9 @@ fn encode_snapshot(s: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result
         Some(&Unit::Seconds),
         uptime.metric_type(),
     )?)?;
+    if let Some(tunnel) = &s.tunnel {
+        encode_tunnel(tunnel, encoder)?;
+    }
     let build = Info::new([("version", crate::VERSION)]);
     build.encode(encoder.encode_descriptor(
         "build",
@@ -357,6 +362,85 @@ fn encode_health(
             .iter()
             .map(|s| ([("service", s.service.as_str())], s.ejections)),
     )
+}
+
+/// The mTLS tunnel's metrics.
+fn encode_tunnel(
+    t: &crate::mtls::stats::TunnelSample,
+    encoder: &mut DescriptorEncoder,
+) -> fmt::Result {
+    counter_family(
+        encoder,
+        "mtls_handshakes",
+        "TLS handshakes of the tunnel by side (inbound, outbound) and result (ok or why it failed).",
+        t.handshakes
+            .iter()
+            .map(|((side, result), n)| ([("side", *side), ("result", *result)], *n)),
+    )?;
+    counter_family(
+        encoder,
+        "mtls_authz_decisions",
+        "Authorization decisions of the inbound side by service, decision and caller identity.",
+        t.authz.iter().map(|((service, decision, identity), n)| {
+            (
+                [
+                    ("service", service.as_str()),
+                    ("decision", *decision),
+                    ("identity", identity.as_str()),
+                ],
+                *n,
+            )
+        }),
+    )?;
+    counter_family(
+        encoder,
+        "mtls_flows",
+        "Tunneled flows by side and result (opened, or why refused).",
+        t.flows
+            .iter()
+            .map(|((side, result), n)| ([("side", *side), ("result", *result)], *n)),
+    )?;
+    counter_family(
+        encoder,
+        "mtls_bytes",
+        "Bytes carried through the tunnel by direction (sent: into the tunnel).",
+        [
+            ([("direction", "sent")], t.bytes_sent),
+            ([("direction", "received")], t.bytes_received),
+        ],
+    )?;
+    gauge_family(
+        encoder,
+        "mtls_streams_active",
+        "Tunneled flows open now.",
+        [([("side", "all")], t.streams_active)],
+    )?;
+    gauge_family(
+        encoder,
+        "mtls_pooled_connections",
+        "Pooled tunnel connections to peer agents open now.",
+        [([("side", "outbound")], t.pooled_connections)],
+    )?;
+    counter_family(
+        encoder,
+        "mtls_cert_reloads",
+        "Certificate reloads, applied or refused (the previous certificates stay).",
+        [
+            ([("result", "applied")], t.cert_reloads_ok),
+            ([("result", "rejected")], t.cert_reloads_failed),
+        ],
+    )?;
+    let mut expiry = encoder.encode_descriptor(
+        "mtls_cert_expiry",
+        "Seconds until each loaded certificate expires (negative once expired).",
+        Some(&Unit::Seconds),
+        MetricType::Gauge,
+    )?;
+    for (identity, seconds) in &t.cert_expiry {
+        ConstGauge::new(*seconds)
+            .encode(expiry.encode_family(&[("identity", identity.as_str())])?)?;
+    }
+    Ok(())
 }
 
 /// One counter metric with a sample per label set (`name` gets the `_total` suffix).
@@ -445,6 +529,15 @@ mod tests {
                 auth_failures: 3,
             },
             conflicts: vec![("definition", 1)],
+            tunnel: Some(crate::mtls::stats::TunnelSample {
+                handshakes: vec![(("inbound", "unknown_ca"), 2)],
+                authz: vec![(
+                    ("payments".into(), "deny", "spiffe://td/ns/a/sa/b".into()),
+                    3,
+                )],
+                cert_expiry: vec![("spiffe://td/ns/mesh/sa/node".into(), 86_000)],
+                ..Default::default()
+            }),
         }
     }
 
@@ -484,6 +577,9 @@ mod tests {
             r#"mesh_catalog_conflicts{kind="definition"} 1"#,
             "# UNIT mesh_agent_uptime_seconds seconds",
             "mesh_agent_uptime_seconds 12.5",
+            r#"mesh_mtls_handshakes_total{side="inbound",result="unknown_ca"} 2"#,
+            r#"mesh_mtls_authz_decisions_total{service="payments",decision="deny",identity="spiffe://td/ns/a/sa/b"} 3"#,
+            r#"mesh_mtls_cert_expiry_seconds{identity="spiffe://td/ns/mesh/sa/node"} 86000"#,
         ];
         for line in expected {
             assert!(lines.contains(&line), "no line {line:?} in:\n{text}");

@@ -35,6 +35,7 @@ use crate::{
     },
     kernel_addr,
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
+    mtls::Tunnel,
     reconcile::{self, KernelState},
     status::{self, EndpointStatus, NodeStatus, StatusReport},
     watch,
@@ -102,6 +103,9 @@ struct Agent {
     /// Every other gossip member, alive or dead.
     members: Arc<Vec<Member>>,
     gossip_stats: Option<Arc<gossip::Stats>>,
+    /// The mTLS tunnel, when the config has an `[mtls]` section; it follows the catalog's
+    /// strict services and the config's policies.
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 struct SharedAgent {
@@ -172,6 +176,22 @@ impl AgentView for SharedAgent {
         }
         Ok(changed)
     }
+
+    fn policies(&self) -> Vec<crate::mtls::policy::PolicyStatus> {
+        self.lock()
+            .tunnel
+            .as_ref()
+            .map(|t| t.policies())
+            .unwrap_or_default()
+    }
+
+    fn certs(&self) -> Vec<crate::mtls::certs::CertStatus> {
+        self.lock()
+            .tunnel
+            .as_ref()
+            .map(|t| t.certs())
+            .unwrap_or_default()
+    }
 }
 
 impl Names for SharedAgent {
@@ -204,8 +224,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         debug_log: options.ebpf_debug_log,
         // Connects to mTLS services go to this port on loopback. Without a listener there
         // (no agent, or no [mtls] config) they are refused: strict flows fail closed.
-        outbound_port: mesh_common::redirect::DEFAULT_OUTBOUND_PORT,
+        outbound_port: config
+            .mtls
+            .as_ref()
+            .map_or(mesh_common::redirect::DEFAULT_OUTBOUND_PORT, |m| {
+                m.outbound_port
+            }),
     };
+    let tunnel = config
+        .mtls
+        .as_ref()
+        .map(|m| Tunnel::new(&m.tunnel(), cgroup_root.clone()))
+        .transpose()?;
     let (dataplane, telemetry) = DataPlane::install(&cgroup, pins, settings)
         .with_context(|| format!("installing the data plane on cgroup {}", cgroup.display()))?;
     let kernel = dataplane.maps.read_state()?;
@@ -242,6 +272,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         gossip_config: config.gossip.clone(),
         members: Arc::default(),
         gossip_stats: None,
+        tunnel: tunnel.clone(),
     };
     agent.recompute()?;
     let gossip = match &config.gossip {
@@ -255,6 +286,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut members = gossip.as_ref().map(gossip::Gossip::members);
     let flow_log = Arc::new(FlowLog::default());
     let (announce_tx, mut announce) = mpsc::unbounded_channel();
+    let redirects = agent.dataplane.redirects();
     let agent = Arc::new(SharedAgent {
         state: Mutex::new(agent),
         flows: Arc::clone(&flow_log),
@@ -270,6 +302,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     ));
     if let Some(logger) = telemetry.logger {
         tasks.spawn(forward_kernel_log(logger));
+    }
+    if let (Some(tunnel), Some(mtls)) = (&tunnel, &config.mtls) {
+        tunnel
+            .spawn(
+                &mtls.tunnel(),
+                Arc::new(redirects),
+                agent.clone(),
+                &mut tasks,
+            )
+            .await?;
     }
     let listener = admin::bind(&options.admin_socket)?;
     tasks.spawn(admin::serve(listener, agent.clone()));
@@ -452,6 +494,12 @@ impl Agent {
                 tracing::warn!(%conflict, "catalog conflict");
             }
         }
+        if let Some(tunnel) = &self.tunnel {
+            tunnel.update(
+                &crate::config::mtls_services(&merged.services),
+                self.config.policies.clone(),
+            );
+        }
         self.conflicts = merged.conflicts;
         self.checker.sync(self.health.targets());
         self.catalog = catalog;
@@ -490,6 +538,7 @@ impl Agent {
     }
 
     /// Re-reads the config file; a bad file is rejected and the state in force stays.
+    /// Returns the config now in force when it changed.
     fn reload(&mut self) {
         let result = Config::load(&self.config_path)
             .map_err(anyhow::Error::from)
@@ -632,6 +681,7 @@ impl Agent {
             reloads_rejected: self.reloads_rejected,
             flows_recorded: 0,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            tunnel: self.tunnel.as_ref().map(|t| t.sample()),
             gossip: self.gossip_sample(),
             conflicts: crate::catalog::ConflictKind::ALL
                 .iter()

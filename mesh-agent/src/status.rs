@@ -312,3 +312,42 @@ pub fn render_nodes(nodes: &[NodeStatus]) -> String {
         }),
     )
 }
+
+/// `mesh-agent policies` as a table.
+pub fn render_policies(policies: &[crate::mtls::policy::PolicyStatus]) -> String {
+    if policies.is_empty() {
+        return "no authorization policies (every authenticated caller may reach mTLS services)\n"
+            .into();
+    }
+    table(
+        ["SERVICE", "PORT", "ACTION", "FROM"],
+        policies.iter().map(|p| {
+            [
+                p.service.clone(),
+                p.port
+                    .map_or_else(|| "*".to_owned(), |port| port.to_string()),
+                p.action.to_string(),
+                p.from.join("\n"),
+            ]
+        }),
+    )
+}
+
+/// `mesh-agent certs` as a table.
+pub fn render_certs(certs: &[crate::mtls::certs::CertStatus]) -> String {
+    if certs.is_empty() {
+        return "no certificates (mTLS is off: no [mtls] section)\n".into();
+    }
+    table(
+        ["IDENTITY", "SERIAL", "NOT AFTER", "DAYS LEFT", "FILE"],
+        certs.iter().map(|c| {
+            [
+                c.identity.clone(),
+                c.serial.clone(),
+                c.not_after.clone(),
+                c.days_left.to_string(),
+                c.file.clone(),
+            ]
+        }),
+    )
+}

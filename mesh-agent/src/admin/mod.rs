@@ -10,8 +10,8 @@
 //! | `GET /v1/nodes` | `[NodeStatus]`: this node and every gossip member, alive or dead |
 //! | `POST /v1/endpoints/register?service=&address=&weight=` | [`Changed`]: announce an endpoint this node hosts |
 //! | `POST /v1/endpoints/deregister?service=&address=` | [`Changed`]: withdraw a registered endpoint |
-//! | `GET /v1/policies` | `[]`: authorization policies arrive with mTLS |
-//! | `GET /v1/certs` | `[]`: certificates arrive with mTLS |
+//! | `GET /v1/policies` | `[PolicyStatus]`: the authorization rules in force (`[]` without mTLS) |
+//! | `GET /v1/certs` | `[CertStatus]`: certificates loaded: identity, serial, expiry (`[]` without mTLS) |
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
 
 pub mod client;
@@ -63,6 +63,8 @@ pub trait AgentView: Send + Sync + 'static {
     fn register(&self, endpoint: Endpoint) -> Result<bool, String>;
     /// Withdraws a registered endpoint; whether it was registered.
     fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String>;
+    fn policies(&self) -> Vec<crate::mtls::policy::PolicyStatus>;
+    fn certs(&self) -> Vec<crate::mtls::certs::CertStatus>;
 }
 
 /// Query of the `register` and `deregister` routes.
@@ -150,7 +152,8 @@ fn route(request: &Request<Incoming>, agent: Arc<dyn AgentView>) -> Response<Bod
         "/v1/services" => json(agent.status().map(|s| s.services)),
         "/v1/endpoints" => json(agent.endpoints()),
         "/v1/nodes" => json(Ok::<_, String>(agent.nodes())),
-        "/v1/policies" | "/v1/certs" => json(Ok::<_, String>(Vec::<()>::new())),
+        "/v1/policies" => json(Ok::<_, String>(agent.policies())),
+        "/v1/certs" => json(Ok::<_, String>(agent.certs())),
         "/v1/flows" => {
             match serde_urlencoded::from_str::<FlowQuery>(request.uri().query().unwrap_or_default())
             {

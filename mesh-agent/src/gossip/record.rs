@@ -59,6 +59,10 @@ pub struct ServiceRecord {
     pub affinity: WireAffinity,
     #[serde(default = "default_affinity_timeout")]
     pub affinity_timeout_s: u32,
+    /// Strict mTLS. Left out when false, so a plaintext service's record reads the same as
+    /// before the field existed (agents without it ignore it either way).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mtls: bool,
 }
 
 fn default_affinity_timeout() -> u32 {
@@ -121,6 +125,7 @@ pub fn encode(node: &NodeRecord, announcement: &Announcement) -> BTreeMap<String
                 Affinity::Netns => WireAffinity::Netns,
             },
             affinity_timeout_s: def.affinity_timeout_s,
+            mtls: def.mtls,
         };
         records.insert(format!("{SERVICE_PREFIX}{name}"), to_json(&record));
     }
@@ -173,6 +178,7 @@ fn decode_one(decoded: &mut Decoded, key: &str, value: &str) -> Result<(), Strin
                 WireAffinity::Netns => Affinity::Netns,
             },
             affinity_timeout_s: r.affinity_timeout_s,
+            mtls: r.mtls,
         };
         def.check()?;
         decoded.announcement.services.insert(name.to_owned(), def);
@@ -223,6 +229,7 @@ mod tests {
                 lb: LbPolicy::Maglev,
                 affinity: Affinity::Netns,
                 affinity_timeout_s: 60,
+                mtls: false,
             },
         );
         a.endpoints.push(Endpoint {

@@ -228,6 +228,7 @@ fn svc(name: &str, vip: &str, port: u16, lb: LbPolicy, backends: &[(&str, u32)])
         affinity: Affinity::None,
         affinity_timeout_s: 10_800,
         health: Default::default(),
+        mtls: false,
         backends: backends
             .iter()
             .map(|&(a, weight)| BackendConfig {
@@ -321,6 +322,7 @@ fn random_desired(rng: &mut Rng, maglev: bool) -> Desired {
                 affinity_timeout_s: 60,
                 health: Default::default(),
                 backends,
+                mtls: false,
             });
             s.name = format!("s{v}-{port}");
             services.push(s);

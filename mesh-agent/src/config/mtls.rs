@@ -1,0 +1,401 @@
+//! The config of path 2: the `[mtls]` table (trust domain, credentials, ports, the mesh-wide
+//! default), `[[mtls.identities]]` (cgroup → SPIFFE identity), each service's `mtls` mode and
+//! the `[[policies]]` rules. Checked here with the same `file:line: field: cause` errors as
+//! the rest of the file; turned into the tunnel's settings by [`MtlsConfig::tunnel`].
+
+use std::{collections::HashSet, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Protocol, ServiceConfig, Source};
+use crate::mtls::{
+    authz::MtlsService,
+    certs::{IdentityFiles, Sources},
+    policy::{Action, Policies, Principal, Rule},
+    spiffe::{check_trust_domain, SpiffeId},
+    TunnelConfig,
+};
+use mesh_common::redirect::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
+
+/// Seconds a pooled tunnel connection lives unused, by default.
+pub const DEFAULT_IDLE_TIMEOUT_S: u32 = 60;
+
+/// `mtls = "off" | "strict"` on a service, and `[mtls] default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Off,
+    /// Between hosts the flow travels only inside mutual TLS; plaintext openings to the
+    /// backends are dropped by the kernel.
+    Strict,
+}
+
+/// The validated `[mtls]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtlsConfig {
+    pub trust_domain: String,
+    pub ca_bundle: PathBuf,
+    /// The node's certificate and key (its SPIFFE ID is read from the certificate).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub default: MtlsMode,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub idle_timeout_s: u32,
+    pub identities: Vec<IdentityConfig>,
+}
+
+/// One `[[mtls.identities]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityConfig {
+    /// Absolute, or relative to the cgroup2 root.
+    pub cgroup: PathBuf,
+    pub spiffe_id: SpiffeId,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl MtlsConfig {
+    /// The tunnel's settings.
+    pub fn tunnel(&self) -> TunnelConfig {
+        TunnelConfig {
+            sources: Sources {
+                trust_domain: self.trust_domain.clone(),
+                ca_bundle: self.ca_bundle.clone(),
+                node: IdentityFiles {
+                    expected: None,
+                    cert: self.cert.clone(),
+                    key: self.key.clone(),
+                },
+                workloads: self
+                    .identities
+                    .iter()
+                    .map(|i| IdentityFiles {
+                        expected: Some(i.spiffe_id.clone()),
+                        cert: i.cert.clone(),
+                        key: i.key.clone(),
+                    })
+                    .collect(),
+            },
+            identities: self
+                .identities
+                .iter()
+                .map(|i| (i.cgroup.clone(), i.spiffe_id.clone()))
+                .collect(),
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            idle_timeout: Duration::from_secs(u64::from(self.idle_timeout_s)),
+        }
+    }
+}
+
+/// The mTLS services of a config, for the inbound side's catalog.
+pub fn mtls_services(services: &[ServiceConfig]) -> Vec<MtlsService> {
+    services
+        .iter()
+        .filter(|s| s.mtls)
+        .map(|s| MtlsService {
+            name: s.name.clone(),
+            port: s.port,
+            backends: s.backends.iter().map(|b| b.address).collect(),
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMtls {
+    trust_domain: Spanned<String>,
+    ca_bundle: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    default: Option<Spanned<MtlsMode>>,
+    outbound_port: Option<Spanned<i64>>,
+    inbound_port: Option<Spanned<i64>>,
+    idle_timeout_s: Option<Spanned<i64>>,
+    #[serde(default)]
+    identities: Vec<Spanned<RawIdentity>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    cgroup: Spanned<String>,
+    spiffe_id: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    service: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    action: Spanned<Action>,
+    from: Spanned<Vec<Spanned<String>>>,
+}
+
+impl Source<'_> {
+    fn path(&self, value: &Spanned<String>, field: &str) -> Result<PathBuf, super::ConfigError> {
+        if value.get_ref().trim().is_empty() {
+            return Err(self.invalid(value.span(), field, "must name a file"));
+        }
+        Ok(PathBuf::from(value.get_ref()))
+    }
+
+    fn port(
+        &self,
+        value: Option<Spanned<i64>>,
+        field: &str,
+        default: u16,
+    ) -> Result<u16, super::ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        u16::try_from(*value.get_ref())
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| {
+                self.invalid(
+                    value.span(),
+                    field,
+                    format!("{} is not a port number (1..=65535)", value.get_ref()),
+                )
+            })
+    }
+
+    pub(super) fn mtls(&self, raw: RawMtls) -> Result<MtlsConfig, super::ConfigError> {
+        let trust_domain = raw.trust_domain.get_ref().clone();
+        if !check_trust_domain(&trust_domain) {
+            return Err(self.invalid(
+                raw.trust_domain.span(),
+                "mtls.trust_domain",
+                format!("{trust_domain:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')"),
+            ));
+        }
+        let outbound_port = self.port(
+            raw.outbound_port,
+            "mtls.outbound_port",
+            DEFAULT_OUTBOUND_PORT,
+        )?;
+        let inbound_port =
+            self.port(raw.inbound_port, "mtls.inbound_port", DEFAULT_INBOUND_PORT)?;
+        let idle_timeout_s = match raw.idle_timeout_s {
+            None => DEFAULT_IDLE_TIMEOUT_S,
+            Some(t) => u32::try_from(*t.get_ref())
+                .ok()
+                .filter(|s| (1..=86_400).contains(s))
+                .ok_or_else(|| {
+                    self.invalid(
+                        t.span(),
+                        "mtls.idle_timeout_s",
+                        format!("{} seconds is out of range 1..=86400", t.get_ref()),
+                    )
+                })?,
+        };
+        let mut identities = Vec::with_capacity(raw.identities.len());
+        let mut cgroups = HashSet::new();
+        for (i, raw_id) in raw.identities.into_iter().enumerate() {
+            let path = format!("mtls.identities[{i}]");
+            let raw_id = raw_id.into_inner();
+            let spiffe_id: SpiffeId = raw_id.spiffe_id.get_ref().parse().map_err(|e| {
+                self.invalid(
+                    raw_id.spiffe_id.span(),
+                    format!("{path}.spiffe_id"),
+                    format!("{e}"),
+                )
+            })?;
+            if spiffe_id.trust_domain() != trust_domain {
+                return Err(self.invalid(
+                    raw_id.spiffe_id.span(),
+                    format!("{path}.spiffe_id"),
+                    format!("{spiffe_id} is not in the trust domain {trust_domain}"),
+                ));
+            }
+            let cgroup = self.path(&raw_id.cgroup, &format!("{path}.cgroup"))?;
+            if !cgroups.insert(cgroup.clone()) {
+                return Err(self.invalid(
+                    raw_id.cgroup.span(),
+                    format!("{path}.cgroup"),
+                    format!("{} is already mapped to an identity", cgroup.display()),
+                ));
+            }
+            identities.push(IdentityConfig {
+                cgroup,
+                spiffe_id,
+                cert: self.path(&raw_id.cert, &format!("{path}.cert"))?,
+                key: self.path(&raw_id.key, &format!("{path}.key"))?,
+            });
+        }
+        Ok(MtlsConfig {
+            ca_bundle: self.path(&raw.ca_bundle, "mtls.ca_bundle")?,
+            cert: self.path(&raw.cert, "mtls.cert")?,
+            key: self.path(&raw.key, "mtls.key")?,
+            trust_domain,
+            default: raw.default.map(Spanned::into_inner).unwrap_or_default(),
+            outbound_port,
+            inbound_port,
+            idle_timeout_s,
+            identities,
+        })
+    }
+
+    /// Whether a service is strict: its own `mtls`, else the mesh-wide default (which only
+    /// applies to TCP services).
+    pub(super) fn service_mtls(
+        &self,
+        path: &str,
+        raw: Option<Spanned<MtlsMode>>,
+        protocol: Protocol,
+        default: MtlsMode,
+    ) -> Result<bool, super::ConfigError> {
+        match raw {
+            Some(mode) if *mode.get_ref() == MtlsMode::Strict && protocol != Protocol::Tcp => {
+                Err(self.invalid(
+                    mode.span(),
+                    format!("{path}.mtls"),
+                    format!("mTLS carries TCP only; this service is {protocol}"),
+                ))
+            }
+            Some(mode) => Ok(*mode.get_ref() == MtlsMode::Strict),
+            None => Ok(default == MtlsMode::Strict && protocol == Protocol::Tcp),
+        }
+    }
+
+    pub(super) fn policies(
+        &self,
+        raw: Vec<Spanned<RawPolicy>>,
+        services: &[ServiceConfig],
+    ) -> Result<Policies, super::ConfigError> {
+        let mut rules = Vec::with_capacity(raw.len());
+        for (i, raw_rule) in raw.into_iter().enumerate() {
+            let path = format!("policies[{i}]");
+            let raw_rule = raw_rule.into_inner();
+            let name = raw_rule.service.get_ref();
+            let Some(service) = services.iter().find(|s| s.name == *name) else {
+                return Err(self.invalid(
+                    raw_rule.service.span(),
+                    format!("{path}.service"),
+                    format!("no service is named {name:?}"),
+                ));
+            };
+            if !service.mtls {
+                return Err(self.invalid(
+                    raw_rule.service.span(),
+                    format!("{path}.service"),
+                    format!("{name:?} is not an mTLS service (set mtls = \"strict\"); a policy needs the caller's identity"),
+                ));
+            }
+            let port = match raw_rule.port {
+                None => None,
+                Some(p) => Some(self.port(Some(p), &format!("{path}.port"), 0)?),
+            };
+            let from_span = raw_rule.from.span();
+            let from = raw_rule
+                .from
+                .into_inner()
+                .into_iter()
+                .enumerate()
+                .map(|(j, entry)| {
+                    entry.get_ref().parse::<Principal>().map_err(|e| {
+                        self.invalid(entry.span(), format!("{path}.from[{j}]"), e.to_string())
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if from.is_empty() {
+                return Err(self.invalid(
+                    from_span,
+                    format!("{path}.from"),
+                    "must list at least one identity, \"ns:<namespace>\" or \"prefix:<spiffe prefix>\"",
+                ));
+            }
+            rules.push(Rule {
+                service: name.clone(),
+                port,
+                action: *raw_rule.action.get_ref(),
+                from,
+            });
+        }
+        Ok(Policies { rules })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, ConfigError};
+    use super::*;
+
+    const MTLS: &str = "[mtls]\ntrust_domain = 'mesh.test'\nca_bundle = '/etc/mesh/ca.pem'\ncert = '/etc/mesh/node.pem'\nkey = '/etc/mesh/node-key.pem'\n";
+    const PAYMENTS: &str = "[[services]]\nname = 'payments'\nvip = '10.96.0.20'\nport = 443\nmtls = 'strict'\nbackends = [{ address = '10.0.0.5:8443' }]\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "mesh.toml")
+    }
+
+    #[test]
+    fn parses_mtls_identities_and_policies() {
+        let text = format!(
+            "{MTLS}default = 'strict'\nidle_timeout_s = 30\n[[mtls.identities]]\ncgroup = 'shop/frontend'\nspiffe_id = 'spiffe://mesh.test/ns/shop/sa/frontend'\ncert = 'f.pem'\nkey = 'f-key.pem'\n\
+             {PAYMENTS}[[services]]\nname = 'dns'\nvip = '10.96.0.53'\nport = 53\nprotocol = 'udp'\n\
+             [[services]]\nname = 'web'\nvip = '10.96.0.10'\nport = 80\nmtls = 'off'\n\
+             [[policies]]\nservice = 'payments'\nport = 443\naction = 'allow'\nfrom = ['spiffe://mesh.test/ns/shop/sa/frontend', 'ns:ops']\n"
+        );
+        let c = parse(&text).unwrap();
+        let mtls = c.mtls.as_ref().unwrap();
+        assert_eq!(mtls.default, MtlsMode::Strict);
+        assert_eq!(
+            (mtls.outbound_port, mtls.inbound_port, mtls.idle_timeout_s),
+            (15001, 15008, 30)
+        );
+        assert_eq!(mtls.identities[0].cgroup, PathBuf::from("shop/frontend"));
+        let strict: Vec<bool> = c.services.iter().map(|s| s.mtls).collect();
+        // The default covers payments; dns is UDP, web opted out.
+        assert_eq!(strict, [true, false, false]);
+        assert_eq!(c.policies.rules.len(), 1);
+        assert_eq!(c.policies.rules[0].port, Some(443));
+        assert_eq!(
+            mtls_services(&c.services)[0].backends,
+            ["10.0.0.5:8443".parse().unwrap()]
+        );
+        let tunnel = mtls.tunnel();
+        assert_eq!(tunnel.sources.workloads.len(), 1);
+        assert_eq!(tunnel.idle_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let cases: Vec<(String, &str)> = vec![
+            (PAYMENTS.to_owned(), "mesh.toml:5: services[0].mtls: service \"payments\" is strict but there is no [mtls] section"),
+            (format!("{MTLS}[[services]]\nname = 'dns'\nvip = '10.96.0.53'\nport = 53\nprotocol = 'udp'\nmtls = 'strict'\n"),
+             "mesh.toml:11: services[0].mtls: mTLS carries TCP only; this service is udp"),
+            (format!("{MTLS}{}", PAYMENTS.replace("'strict'", "'on'")), "mesh.toml:10: services[0].mtls: unknown variant `on`, expected `off` or `strict`"),
+            (MTLS.replace("mesh.test", "Mesh"), "mesh.toml:2: mtls.trust_domain: \"Mesh\" is not a trust domain"),
+            (format!("{MTLS}inbound_port = 0\n"), "mesh.toml:6: mtls.inbound_port: 0 is not a port number"),
+            (format!("{MTLS}idle_timeout_s = 0\n"), "mesh.toml:6: mtls.idle_timeout_s: 0 seconds is out of range"),
+            (format!("{MTLS}[[mtls.identities]]\ncgroup = 'a'\nspiffe_id = 'spiffe://other/ns/a/sa/b'\ncert = 'c'\nkey = 'k'\n"),
+             "mesh.toml:8: mtls.identities[0].spiffe_id: spiffe://other/ns/a/sa/b is not in the trust domain mesh.test"),
+            (format!("{MTLS}[[mtls.identities]]\ncgroup = 'a'\nspiffe_id = 'spiffe://mesh.test/a'\ncert = 'c'\nkey = 'k'\n"),
+             "mesh.toml:8: mtls.identities[0].spiffe_id: \"spiffe://mesh.test/a\": the path must be"),
+            (MTLS.replace("'/etc/mesh/node.pem'", "''"), "mesh.toml:4: mtls.cert: must name a file"),
+            (format!("{MTLS}{PAYMENTS}[[policies]]\nservice = 'nope'\naction = 'deny'\nfrom = ['ns:a']\n"),
+             "mesh.toml:13: policies[0].service: no service is named \"nope\""),
+            (format!("{MTLS}{PAYMENTS}[[policies]]\nservice = 'payments'\naction = 'deny'\nfrom = ['ns:a', 'frontend']\n"),
+             "mesh.toml:15: policies[0].from[1]: \"frontend\" is not a SPIFFE ID"),
+            (format!("{MTLS}{PAYMENTS}[[policies]]\nservice = 'payments'\naction = 'deny'\nfrom = []\n"),
+             "mesh.toml:15: policies[0].from: must list at least one"),
+            (format!("{MTLS}{PAYMENTS}[[policies]]\nservice = 'payments'\naction = 'permit'\nfrom = ['ns:a']\n"),
+             "mesh.toml:14: policies[0].action: unknown variant `permit`"),
+            (format!("{MTLS}[[services]]\nname = 'web'\nvip = '10.96.0.10'\nport = 80\n[[policies]]\nservice = 'web'\naction = 'deny'\nfrom = ['ns:a']\n"),
+             "policies[0].service: \"web\" is not an mTLS service"),
+        ];
+        for (text, want) in cases {
+            let got = parse(&text).unwrap_err().to_string();
+            assert!(
+                got.contains(want),
+                "\n--- config:\n{text}--- want: {want}\n--- got: {got}"
+            );
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The inbound listener (default `0.0.0.0:15008`): terminates mutual TLS from peer agents,
+//! accepts their HTTP/2 `CONNECT` streams, checks each against the catalog and the policy, and
+//! connects the allowed ones to their backend from a marked socket.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
+use http::{Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    authz::Verdict,
+    certs::{handshake_failure_reason, session_peer},
+    connect,
+    relay::relay,
+    socket::dial_marked,
+    spiffe::SpiffeId,
+    stats::{ActiveStream, INBOUND},
+    tuning, Tunnel,
+};
+
+/// How long a peer may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts peer agents until the task is dropped.
+pub async fn serve(tunnel: Arc<Tunnel>, listener: TcpListener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let tunnel = Arc::clone(&tunnel);
+        tokio::spawn(async move { connection(tunnel, tcp, peer).await });
+    }
+}
+
+async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let acceptor = TlsAcceptor::from(Arc::clone(&tunnel.credentials.current().server));
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            let reason = handshake_failure_reason(&error);
+            tracing::warn!(%peer, reason, %error, "refused a peer: TLS handshake failed");
+            tunnel.stats.handshake(INBOUND, reason);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "refused a peer: TLS handshake timed out");
+            tunnel.stats.handshake(INBOUND, "timeout");
+            return;
+        }
+    };
+    let Some(caller) = session_peer(tls.get_ref().1.peer_certificates()) else {
+        // The verifier admits no certificate without an identity; this is a bug if reached.
+        tracing::error!(%peer, "refused a peer: no identity after the handshake");
+        tunnel.stats.handshake(INBOUND, "bad_identity");
+        return;
+    };
+    tunnel.stats.handshake(INBOUND, "ok");
+    let mut h2 = match tuning::server().handshake(tls).await {
+        Ok(h2) => h2,
+        Err(error) => {
+            tracing::warn!(%peer, %caller, %error, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    while let Some(accepted) = h2.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                let tunnel = Arc::clone(&tunnel);
+                let caller = caller.clone();
+                tokio::spawn(async move { stream(&tunnel, &caller, request, respond).await });
+            }
+            Err(error) => {
+                tracing::debug!(%peer, %caller, %error, "tunnel connection ended");
+                return;
+            }
+        }
+    }
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    // The stream may already be gone (peer reset); nothing is owed to it then.
+    let _ = respond.send_response(response, true);
+}
+
+async fn stream(
+    tunnel: &Tunnel,
+    caller: &SpiffeId,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let stats = &tunnel.stats;
+    let target = match connect::parse(&request) {
+        Ok(target) => target,
+        Err(error) => {
+            tracing::warn!(%caller, %error, "refused a malformed flow request");
+            stats.flow(INBOUND, "malformed");
+            return refuse(&mut respond, error.status());
+        }
+    };
+    let verdict = tunnel.authz().check(&target, caller);
+    match &verdict {
+        Verdict::UnknownTarget => {
+            tracing::warn!(%caller, backend = %target.backend, service = ?target.service,
+                "refused a flow: the target is no backend of an mTLS service here");
+            stats.flow(INBOUND, "unknown_target");
+            return refuse(&mut respond, StatusCode::NOT_FOUND);
+        }
+        Verdict::Deny(service, decision) => {
+            tracing::warn!(%caller, service, backend = %target.backend, %decision, "authorization: denied");
+            stats.authz(service, decision.label(), &caller.to_string());
+            stats.flow(INBOUND, "denied");
+            return refuse(&mut respond, StatusCode::FORBIDDEN);
+        }
+        Verdict::Allow(decisions) => {
+            for (service, decision) in decisions {
+                tracing::debug!(%caller, service, backend = %target.backend, %decision, "authorization: allowed");
+                stats.authz(service, decision.label(), &caller.to_string());
+            }
+        }
+    }
+    let backend = match dial_marked(target.backend).await {
+        Ok(backend) => backend,
+        Err(error) => {
+            tracing::warn!(%caller, backend = %target.backend, %error, "backend unreachable");
+            stats.flow(INBOUND, "backend_unreachable");
+            return refuse(&mut respond, StatusCode::BAD_GATEWAY);
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(error) => {
+            tracing::debug!(%caller, %error, "the peer gave up on the flow");
+            return;
+        }
+    };
+    stats.flow(INBOUND, "opened");
+    let _active = ActiveStream::new(&stats.streams_active);
+    if let Err(error) = relay(
+        backend,
+        send,
+        request.into_body(),
+        &stats.bytes_sent,
+        &stats.bytes_received,
+    )
+    .await
+    {
+        tracing::debug!(%caller, backend = %target.backend, %error, "flow reset");
+    }
+}

@@ -1,0 +1,253 @@
+//! Path 2, the encrypted service flow, in user space: transparent mutual TLS between agents.
+//!
+//! A connect to a strict service is redirected by the kernel to the [`outbound`] listener,
+//! which carries it as an HTTP/2 `CONNECT` stream ([`connect`]) over one pooled TLS 1.3
+//! connection per (source identity, peer agent) ([`pool`]) to the peer's [`inbound`] listener;
+//! that side checks the caller's SPIFFE identity ([`spiffe`]) against the catalog and the
+//! policy ([`authz`], [`policy`]) and connects to the backend from a marked socket
+//! ([`socket`]); [`relay`] copies the bytes. Credentials come from files ([`certs`]) made by
+//! [`ca`], and are reloaded on change.
+//!
+//! [`Tunnel`] is the state both listeners share; the composition root builds it from the
+//! config and spawns [`Tunnel::spawn`].
+
+pub mod authz;
+pub mod ca;
+pub mod certs;
+pub mod connect;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod policy;
+pub mod pool;
+pub mod relay;
+pub mod socket;
+pub mod spiffe;
+pub mod stats;
+pub mod tuning;
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+
+use self::{
+    authz::{Authz, MtlsService},
+    certs::{CertError, CertStatus, Credentials, Sources},
+    identity::Identities,
+    policy::{Policies, PolicyStatus},
+    pool::Pool,
+    spiffe::SpiffeId,
+    stats::{TunnelSample, TunnelStats},
+};
+pub use outbound::OriginalDestinations;
+
+/// Everything the tunnel needs from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelConfig {
+    pub sources: Sources,
+    /// Cgroup (absolute, or relative to the cgroup2 root) → identity.
+    pub identities: Vec<(PathBuf, SpiffeId)>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub idle_timeout: Duration,
+}
+
+/// Why the tunnel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("mTLS credentials: {0}")]
+    Credentials(#[from] CertError),
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen { addr: SocketAddr, cause: io::Error },
+}
+
+/// The state the listeners share.
+pub struct Tunnel {
+    credentials: Arc<Credentials>,
+    stats: Arc<TunnelStats>,
+    authz: RwLock<Arc<Authz>>,
+    identities: Identities,
+    pool: Arc<Pool>,
+    inbound_port: u16,
+}
+
+impl Tunnel {
+    /// Loads the credentials; nothing listens yet.
+    pub fn new(config: &TunnelConfig, cgroup_root: PathBuf) -> Result<Arc<Tunnel>, TunnelError> {
+        let credentials = Arc::new(Credentials::load(config.sources.clone())?);
+        let stats = Arc::new(TunnelStats::default());
+        Ok(Arc::new(Tunnel {
+            pool: Pool::new(
+                Arc::clone(&credentials),
+                Arc::clone(&stats),
+                config.idle_timeout,
+            ),
+            credentials,
+            stats,
+            authz: RwLock::new(Arc::default()),
+            identities: Identities::new(cgroup_root, config.identities.clone()),
+            inbound_port: config.inbound_port,
+        }))
+    }
+
+    /// Puts a new catalog and policy in force (flows already open keep going).
+    pub fn update(&self, services: &[MtlsService], policies: Policies) {
+        let authz = Arc::new(Authz::new(services, policies));
+        *self
+            .authz
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = authz;
+    }
+
+    fn authz(&self) -> Arc<Authz> {
+        Arc::clone(
+            &self
+                .authz
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// The rules in force (`mesh-agent policies`).
+    pub fn policies(&self) -> Vec<PolicyStatus> {
+        self.authz().policies.rules.iter().map(Into::into).collect()
+    }
+
+    /// The certificates in force (`mesh-agent certs`).
+    pub fn certs(&self) -> Vec<CertStatus> {
+        self.credentials
+            .current()
+            .certs
+            .iter()
+            .map(certs::CertInfo::status)
+            .collect()
+    }
+
+    /// The tunnel's metrics now.
+    pub fn sample(&self) -> TunnelSample {
+        let mut sample = self.stats.sample();
+        sample.cert_expiry = self
+            .credentials
+            .current()
+            .certs
+            .iter()
+            .map(|c| (c.identity.to_string(), c.seconds_left()))
+            .collect();
+        sample
+    }
+
+    /// Binds the listeners (outbound on 127.0.0.1 and, if it binds, ::1; inbound on all
+    /// addresses) and spawns them with the credential watcher and the pool's idle expiry.
+    pub async fn spawn(
+        self: &Arc<Self>,
+        config: &TunnelConfig,
+        destinations: Arc<dyn OriginalDestinations>,
+        names: Arc<dyn crate::flows::Names + Send + Sync>,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(), TunnelError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|cause| TunnelError::Listen { addr, cause })
+        };
+        let inbound = bind(SocketAddr::new(
+            Ipv4Addr::UNSPECIFIED.into(),
+            config.inbound_port,
+        ))
+        .await?;
+        let mut outbound = vec![
+            bind(SocketAddr::new(
+                Ipv4Addr::LOCALHOST.into(),
+                config.outbound_port,
+            ))
+            .await?,
+        ];
+        match bind(SocketAddr::new(
+            Ipv6Addr::LOCALHOST.into(),
+            config.outbound_port,
+        ))
+        .await
+        {
+            Ok(v6) => outbound.push(v6),
+            Err(error) => tracing::info!(%error, "no IPv6 outbound listener"),
+        }
+        tracing::info!(
+            inbound_port = config.inbound_port,
+            outbound_port = config.outbound_port,
+            node = %self.credentials.current().node,
+            "mTLS tunnel listening"
+        );
+        tasks.spawn(inbound::serve(Arc::clone(self), inbound));
+        for listener in outbound {
+            tasks.spawn(outbound::serve(
+                Arc::clone(self),
+                listener,
+                Arc::clone(&destinations),
+                Arc::clone(&names),
+            ));
+        }
+        tasks.spawn(Arc::clone(&self.pool).expire_idle());
+        tasks.spawn(Arc::clone(self).follow_credentials());
+        Ok(())
+    }
+
+    /// Reloads the credentials when a file changes and warns daily about expiring ones.
+    async fn follow_credentials(self: Arc<Self>) {
+        let (changes_tx, mut changes) = mpsc::unbounded_channel();
+        let mut watchers = Vec::new();
+        for file in self.credentials.sources().files() {
+            match crate::watch::watch_file(file, changes_tx.clone()) {
+                Ok(watcher) => watchers.push(watcher),
+                Err(error) => tracing::error!(%error, "certificate changes will not be seen"),
+            }
+        }
+        self.credentials.warn_expiring();
+        let mut daily = tokio::time::interval(Duration::from_secs(86_400));
+        daily.tick().await;
+        loop {
+            tokio::select! {
+                _ = daily.tick() => {
+                    self.credentials.warn_expiring();
+                }
+                Some(()) = changes.recv() => {
+                    // Certificate and key are often written one after the other: let it settle.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while changes.try_recv().is_ok() {}
+                    self.reload_credentials();
+                }
+            }
+        }
+    }
+
+    /// Re-reads the credential files; a bad set is refused and the one in force stays.
+    pub fn reload_credentials(&self) {
+        use std::sync::atomic::Ordering;
+        match self.credentials.reload() {
+            Ok(()) => {
+                self.stats.cert_reloads_ok.fetch_add(1, Ordering::Relaxed);
+                let serials: Vec<String> = self
+                    .certs()
+                    .into_iter()
+                    .map(|c| format!("{} {}", c.identity, c.serial))
+                    .collect();
+                tracing::info!(?serials, "certificates reloaded; new handshakes use them");
+                self.credentials.warn_expiring();
+            }
+            Err(error) => {
+                self.stats
+                    .cert_reloads_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "certificate reload refused; the previous certificates stay in force");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,266 @@
+//! Pooled tunnel connections: one TLS 1.3 + HTTP/2 connection per (source identity, peer
+//! agent), carrying any number of flows as streams, so a new flow costs one `CONNECT`
+//! round trip and no handshake. A connection no flow used for the idle timeout is let go
+//! (HTTP/2 GOAWAY once its last handle is dropped); a broken one is replaced on next use.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{client::SendRequest, RecvStream, SendStream};
+use http::StatusCode;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::{
+    certs::{handshake_failure_reason, Credentials},
+    connect,
+    socket::dial_marked,
+    spiffe::SpiffeId,
+    stats::{TunnelStats, OUTBOUND},
+    tuning,
+};
+
+/// Why a flow could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no certificate for identity {0}")]
+    NoCertificate(SpiffeId),
+    #[error("cannot connect to peer agent {peer}: {cause}")]
+    Connect { peer: SocketAddr, cause: io::Error },
+    #[error("TLS handshake with peer agent {peer} failed: {cause}")]
+    Handshake { peer: SocketAddr, cause: io::Error },
+    #[error("HTTP/2 with peer agent {peer} failed: {cause}")]
+    H2 { peer: SocketAddr, cause: h2::Error },
+    #[error("peer agent {peer} refused the flow to {backend}: {status}")]
+    Refused {
+        peer: SocketAddr,
+        backend: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+type Key = (SpiffeId, SocketAddr);
+
+/// One pooled connection.
+#[derive(Clone)]
+struct Pooled {
+    send: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+/// The pool: per key a slot whose async lock serialises connection set-up.
+pub struct Pool {
+    credentials: Arc<Credentials>,
+    stats: Arc<TunnelStats>,
+    idle_timeout: Duration,
+    slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Option<Pooled>>>>>,
+}
+
+/// A flow's stream, counted as active on its connection until dropped.
+pub struct Flow {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    _active: ActiveFlow,
+}
+
+struct ActiveFlow {
+    active: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+impl Drop for ActiveFlow {
+    fn drop(&mut self) {
+        *self
+            .last_used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    pub fn new(
+        credentials: Arc<Credentials>,
+        stats: Arc<TunnelStats>,
+        idle_timeout: Duration,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            credentials,
+            stats,
+            idle_timeout,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slot(&self, key: &Key) -> Arc<tokio::sync::Mutex<Option<Pooled>>> {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(slots.entry(key.clone()).or_default())
+    }
+
+    /// Opens a flow to `backend` through the agent at `peer`, as `source`.
+    pub async fn open(
+        &self,
+        source: &SpiffeId,
+        peer: SocketAddr,
+        backend: SocketAddr,
+        service: Option<&str>,
+    ) -> Result<Flow, OpenError> {
+        let key = (source.clone(), peer);
+        let pooled = self.connection(&key).await?;
+        let pooled = match pooled.send.clone().ready().await {
+            Ok(_) => pooled,
+            Err(_) => {
+                // The connection died (peer restarted, idle close raced us): one fresh try.
+                pooled.closed.store(true, Ordering::Relaxed);
+                self.connection(&key).await?
+            }
+        };
+        pooled.active.fetch_add(1, Ordering::Relaxed);
+        let active = ActiveFlow {
+            active: Arc::clone(&pooled.active),
+            last_used: Arc::clone(&pooled.last_used),
+        };
+        let h2 = |cause| OpenError::H2 { peer, cause };
+        let mut send_request = pooled.send.ready().await.map_err(h2)?;
+        let (response, send) = send_request
+            .send_request(connect::request(backend, service), false)
+            .map_err(h2)?;
+        let response = response.await.map_err(h2)?;
+        if response.status() != StatusCode::OK {
+            return Err(OpenError::Refused {
+                peer,
+                backend,
+                status: response.status(),
+            });
+        }
+        Ok(Flow {
+            send,
+            recv: response.into_body(),
+            _active: active,
+        })
+    }
+
+    /// The live connection of `key`, made if there is none.
+    async fn connection(&self, key: &Key) -> Result<Pooled, OpenError> {
+        let slot = self.slot(key);
+        let mut slot = slot.lock().await;
+        if let Some(pooled) = slot.as_ref() {
+            if !pooled.closed.load(Ordering::Relaxed) {
+                return Ok(pooled.clone());
+            }
+        }
+        let pooled = self.dial(key).await?;
+        *slot = Some(pooled.clone());
+        Ok(pooled)
+    }
+
+    async fn dial(&self, (source, peer): &Key) -> Result<Pooled, OpenError> {
+        let peer = *peer;
+        let config = self
+            .credentials
+            .current()
+            .client(source)
+            .ok_or_else(|| OpenError::NoCertificate(source.clone()))?;
+        let tcp = dial_marked(peer)
+            .await
+            .map_err(|cause| OpenError::Connect { peer, cause })?;
+        let tls = match TlsConnector::from(config)
+            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+            .await
+        {
+            Ok(tls) => {
+                self.stats.handshake(OUTBOUND, "ok");
+                tls
+            }
+            Err(cause) => {
+                self.stats
+                    .handshake(OUTBOUND, handshake_failure_reason(&cause));
+                return Err(OpenError::Handshake { peer, cause });
+            }
+        };
+        let (send, connection) = tuning::client()
+            .handshake(tls)
+            .await
+            .map_err(|cause| OpenError::H2 { peer, cause })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let stats = Arc::clone(&self.stats);
+        stats.pooled_connections.fetch_add(1, Ordering::Relaxed);
+        let done = Arc::clone(&closed);
+        let source = source.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %source, %error, "tunnel connection ended");
+            }
+            done.store(true, Ordering::Relaxed);
+            stats.pooled_connections.fetch_sub(1, Ordering::Relaxed);
+        });
+        tracing::debug!(%peer, "tunnel connection established");
+        Ok(Pooled {
+            send,
+            closed,
+            active: Arc::new(AtomicUsize::new(0)),
+            last_used: Arc::new(Mutex::new(Instant::now())),
+        })
+    }
+
+    /// Lets go of connections idle for the timeout, and of closed ones; runs until dropped.
+    pub async fn expire_idle(self: Arc<Self>) {
+        let period =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            ticks.tick().await;
+            self.expire_once();
+        }
+    }
+
+    fn expire_once(&self) {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots.retain(|_, slot| {
+            // A slot being dialled is busy, not idle.
+            let Ok(mut guard) = slot.try_lock() else {
+                return true;
+            };
+            let expired = guard.as_ref().is_none_or(|p| {
+                let idle = p
+                    .last_used
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .elapsed();
+                p.closed.load(Ordering::Relaxed)
+                    || (p.active.load(Ordering::Relaxed) == 0 && idle >= self.idle_timeout)
+            });
+            if expired {
+                // Dropping the last SendRequest lets h2 close the connection gracefully.
+                guard.take();
+            }
+            !expired
+        });
+    }
+
+    /// Connections held now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
