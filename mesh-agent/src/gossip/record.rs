@@ -273,17 +273,17 @@ mod tests {
         #[serde(flatten)]
         v1: ServiceRecord,
         #[serde(default)]
-        mtls: bool,
+        mirror: Option<String>,
     }
 
     #[test]
     fn a_v2_reader_reads_v1_records() {
         let r: ServiceRecordV2 = serde_json::from_str(V1_SERVICE).unwrap();
-        assert!(!r.mtls);
+        assert_eq!(r.mirror, None);
         assert_eq!(r.v1.v, 1);
         assert_eq!(r.v1.lb, LbPolicy::Maglev);
         let r: ServiceRecordV2 = serde_json::from_str(V2_SERVICE).unwrap();
-        assert!(r.mtls);
+        assert_eq!(r.mirror.as_deref(), Some("shadow"));
         assert_eq!(r.v1.v, 2);
     }
 
