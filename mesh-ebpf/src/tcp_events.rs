@@ -142,7 +142,6 @@ fn remote(ctx: &SockOpsContext) -> Option<Dest> {
             read_volatile(addr_of!((*ops).remote_port)),
         )
     };
-    #[expect(clippy::cast_possible_truncation, reason = "the port is 16 bits")]
     dest(af, ip4, ip6, (port >> 16) as u16)
 }
 
