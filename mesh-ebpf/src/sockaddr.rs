@@ -133,7 +133,14 @@ pub fn peer_of(ctx: &SockContext) -> Option<Dest> {
     if port == 0 {
         return None;
     }
-    let family = family_of(family)?;
+    from_parts(family, ip4, ip6, port)
+}
+
+/// The address of a socket from its fields as the kernel exposes them (`AF_*` family, both
+/// address fields, the port in network order); `None` for a family that is not IP.
+#[inline(always)]
+pub fn from_parts(af: u32, ip4: u32, ip6: [u32; 4], port: u16) -> Option<Dest> {
+    let family = family_of(af)?;
     let addr = if family == FAMILY_V4 {
         [ip4, 0, 0, 0]
     } else {
@@ -144,7 +151,7 @@ pub fn peer_of(ctx: &SockContext) -> Option<Dest> {
 
 /// The maps' family code for a socket family (`AF_INET`/`AF_INET6`), if it is IP.
 #[inline(always)]
-pub fn family_of(af: u32) -> Option<u8> {
+fn family_of(af: u32) -> Option<u8> {
     match af {
         AF_INET => Some(FAMILY_V4),
         AF_INET6 => Some(FAMILY_V6),

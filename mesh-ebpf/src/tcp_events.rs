@@ -11,14 +11,12 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockOpsContext, EbpfContext as _};
-use mesh_common::{
-    counters::Counter, health::ConnectOutcomes, redirect::SockKey, service::FAMILY_V4,
-};
+use mesh_common::{counters::Counter, health::ConnectOutcomes, redirect::SockKey};
 
 use crate::{
     maps::{count, BPF_NOEXIST, CONNECT_OUTCOMES, REVERSE},
     redirect,
-    sockaddr::{family_of, Dest},
+    sockaddr::{from_parts, Dest},
 };
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -142,7 +140,7 @@ fn remote(ctx: &SockOpsContext) -> Option<Dest> {
             read_volatile(addr_of!((*ops).remote_port)),
         )
     };
-    dest(af, ip4, ip6, (port >> 16) as u16)
+    from_parts(af, ip4, ip6, (port >> 16) as u16)
 }
 
 /// The socket's own address; `local_port` is in host order.
@@ -164,16 +162,5 @@ fn local(ctx: &SockOpsContext) -> Option<Dest> {
         )
     };
     #[expect(clippy::cast_possible_truncation, reason = "the port is 16 bits")]
-    dest(af, ip4, ip6, (port as u16).to_be())
-}
-
-#[inline(always)]
-fn dest(af: u32, ip4: u32, ip6: [u32; 4], port: u16) -> Option<Dest> {
-    let family = family_of(af)?;
-    let addr = if family == FAMILY_V4 {
-        [ip4, 0, 0, 0]
-    } else {
-        ip6
-    };
-    Some(Dest { addr, port, family })
+    from_parts(af, ip4, ip6, (port as u16).to_be())
 }
