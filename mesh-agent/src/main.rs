@@ -11,6 +11,7 @@ mod cgroup;
 mod config;
 mod dataplane;
 mod desired;
+mod fdlimit;
 mod flows;
 mod gossip;
 mod health;

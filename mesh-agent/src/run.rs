@@ -211,6 +211,7 @@ impl SnapshotSource for SharedAgent {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
+    crate::fdlimit::raise_and_log();
     let node = node_name(options.node.as_deref(), Some(&config))?;
     let node_for_agent = node.clone();
     let cgroup_root = cgroup::unified_root()?;

@@ -19,6 +19,8 @@
 //! | [`bed`] | the bridge, the nodes, their addresses, teardown |
 //! | [`config`] | rendering the agent's TOML config |
 //! | [`agent`] | starting, querying, killing and reconfiguring `mesh-agent` |
+//! | [`metrics`] | scraping an agent's metrics endpoint inside its node |
+//! | [`pki`] | CAs and certificates made with `mesh-agent ca init` / `cert issue` |
 //! | [`workload`] | typed drivers and reports for the `mesh-workload` binary |
 
 pub mod agent;
@@ -27,14 +29,16 @@ pub mod bed;
 pub mod cgroup;
 pub mod config;
 pub mod host;
+pub mod metrics;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod workload;
 
 pub use agent::Agent;
 pub use bed::{Node, TestBed};
 pub use process::{Proc, Signal};
-pub use workload::{HoldReport, TcpClientReport, UdpClientReport};
+pub use workload::{FlowsReport, HoldReport, TcpClientReport, UdpClientReport};
 
 /// Turns an error into a panic at the caller, with the whole error chain.
 ///

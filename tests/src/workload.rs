@@ -67,6 +67,17 @@ pub struct HoldReport {
     pub errors: Vec<String>,
 }
 
+/// What `tcp-flows` saw over its concurrent connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowsReport {
+    /// Connections that were open at the same time (each read its server's name line).
+    pub opened: u64,
+    /// Of those, connections whose final line came back echoed.
+    pub echoed: u64,
+    /// Errno name (`EOF`, `ETIMEDOUT`, `BAD_NAME`, `InvalidData` for a wrong echo) → count.
+    pub errors: BTreeMap<String, u64>,
+}
+
 /// What `udp-client` saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UdpClientReport {
@@ -105,6 +116,23 @@ impl Hold {
 
     /// Waits for the hold to end by itself and returns its report.
     pub fn finish(self) -> Result<HoldReport> {
+        let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
+        parse_last_json(&out.stdout)
+    }
+}
+
+/// A running `tcp-flows`, holding its connections open.
+#[derive(Debug)]
+pub struct Flows {
+    proc: Proc,
+    /// How many connections are open at once.
+    pub opened: u64,
+    timeout: Duration,
+}
+
+impl Flows {
+    /// Waits for the flows to echo and close; returns the report.
+    pub fn finish(self) -> Result<FlowsReport> {
         let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
         parse_last_json(&out.stdout)
     }
@@ -252,6 +280,42 @@ impl Node {
             proc: p,
             backend,
             timeout: duration + Duration::from_secs(10),
+        })
+    }
+
+    /// Starts a `tcp-flows`: `count` connections to `target` open at once, held for `hold`,
+    /// then each echoes a line. Returns once all are open (or failed to open).
+    pub fn tcp_flows(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        count: u32,
+        hold: Duration,
+    ) -> Result<Flows> {
+        let (addr, n) = (target.to_string(), count.to_string());
+        let p = self.spawn(
+            workload,
+            command(&[
+                "tcp-flows",
+                "--connect",
+                &addr,
+                "--count",
+                &n,
+                "--hold-ms",
+                &ms(hold),
+            ])?,
+        )?;
+        // Opening is sequential; allow a generous per-connection budget.
+        let opening = Duration::from_secs(10) + Duration::from_millis(5) * count;
+        let line = p.wait_line(opening, |l| l.starts_with("holding "))?;
+        let opened = line["holding ".len()..]
+            .trim()
+            .parse()
+            .with_context(|| format!("tcp-flows printed {line:?}"))?;
+        Ok(Flows {
+            proc: p,
+            opened,
+            timeout: hold + opening + Duration::from_secs(10),
         })
     }
 

@@ -8,13 +8,12 @@
 //!
 //! Needs root, cgroup2, bpffs and built `mesh-agent` / `mesh-workload`; fails, never skips.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use mesh_tests::config::{render, Service};
-use mesh_tests::{Agent, Node, OrFail, Proc, Signal, TestBed};
+use mesh_tests::{metrics, Agent, Node, OrFail, Proc, Signal, TestBed};
 
 const VIP: &str = "10.96.0.10:80";
 const BACKEND_PORT: u16 = 8080;
@@ -112,17 +111,8 @@ fn nodes(agent: &Agent) -> Result<serde_json::Value> {
 
 /// The value of metric line `name` on `node`'s metrics endpoint.
 fn metric(node: &Node, name: &str) -> Result<f64> {
-    let text = node.netns().run_in(|| -> Result<String> {
-        let mut s = TcpStream::connect("127.0.0.1:15020")?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
-    })??;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .with_context(|| format!("no metric {name} in:\n{text}"))
+    let text = metrics::scrape(node)?;
+    metrics::value(&text, name).with_context(|| format!("no metric {name} in:\n{text}"))
 }
 
 #[test]

@@ -11,16 +11,16 @@
 //! Needs root, cgroup2, bpffs, tcpdump and built `mesh-agent` / `mesh-workload`; fails, never
 //! skips.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::config::{render, Service};
+use mesh_tests::config::{mtls_table, render, Service};
+use mesh_tests::pki::{Ca, Issued};
 use mesh_tests::process::{self, Capture};
-use mesh_tests::{host, Agent, Node, OrFail, Proc, Signal, TcpClientReport, TestBed};
+use mesh_tests::{metrics, Agent, Node, OrFail, Proc, Signal, TcpClientReport, TestBed};
 
 const VIP: &str = "10.96.0.30:80";
 const BACKEND_PORT: u16 = 8080;
@@ -37,75 +37,6 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-/// A certificate authority made by `mesh-agent ca init` in the bed's scratch directory.
-struct Ca {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A certificate and key made by `mesh-agent cert issue`.
-struct Issued {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// Runs `mesh-agent ARGS…` (a CLI command that needs no agent) and fails unless it succeeds.
-fn agent_cli(args: &[&str]) -> Result<()> {
-    let mut cmd = Command::new(host::agent_bin()?);
-    cmd.args(args);
-    process::spawn("mesh-agent cli", cmd, None, None, Capture::Lines)?
-        .finish(Duration::from_secs(10))?
-        .ok(&format!("mesh-agent {}", args[..2].join(" ")))?;
-    Ok(())
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-impl Ca {
-    fn init(bed: &TestBed, name: &str) -> Result<Ca> {
-        let ca = Ca {
-            cert: bed.tmpdir().join(format!("{name}.pem")),
-            key: bed.tmpdir().join(format!("{name}-key.pem")),
-        };
-        agent_cli(&[
-            "ca",
-            "init",
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--cert",
-            path_str(&ca.cert),
-            "--key",
-            path_str(&ca.key),
-        ])?;
-        Ok(ca)
-    }
-
-    /// Issues a certificate for `spiffe_id`, written as `<stem>.pem` / `<stem>-key.pem`.
-    fn issue(&self, bed: &TestBed, spiffe_id: &str, stem: &str) -> Result<Issued> {
-        let out = Issued {
-            cert: bed.tmpdir().join(format!("{stem}.pem")),
-            key: bed.tmpdir().join(format!("{stem}-key.pem")),
-        };
-        agent_cli(&[
-            "cert",
-            "issue",
-            "--ca-cert",
-            path_str(&self.cert),
-            "--ca-key",
-            path_str(&self.key),
-            "--spiffe-id",
-            spiffe_id,
-            "--cert",
-            path_str(&out.cert),
-            "--key",
-            path_str(&out.key),
-        ])?;
-        Ok(out)
-    }
-}
-
 /// The agent config of `node`: the strict service `pay` (backend on `b`), its `[mtls]` table
 /// with the node certificate, the `client` and `intruder` workload cgroups mapped to their
 /// identities, and `policies` (TOML, may be empty).
@@ -119,21 +50,15 @@ fn config(
 ) -> Result<String> {
     let pay = Service::tcp("pay", sa(VIP), &[backend]).with("mtls = \"strict\"");
     let mut text = render(node.name(), &[pay]);
-    text.push_str(&format!(
-        "\n[mtls]\ntrust_domain = {TRUST_DOMAIN:?}\nca_bundle = {:?}\ncert = {:?}\nkey = {:?}\n",
-        path_str(ca_bundle),
-        path_str(&node_cert.cert),
-        path_str(&node_cert.key),
-    ));
+    let mut identities = Vec::new();
     for (workload, id, issued) in workloads {
-        let cgroup = node.workload_cgroup(workload)?;
-        text.push_str(&format!(
-            "\n[[mtls.identities]]\ncgroup = {:?}\nspiffe_id = {id:?}\ncert = {:?}\nkey = {:?}\n",
-            path_str(cgroup.path()),
-            path_str(&issued.cert),
-            path_str(&issued.key),
-        ));
+        identities.push((node.workload_cgroup(workload)?, *id, *issued));
     }
+    let identities: Vec<_> = identities
+        .iter()
+        .map(|(cgroup, id, issued)| (cgroup.path(), *id, *issued))
+        .collect();
+    text.push_str(&mtls_table(TRUST_DOMAIN, ca_bundle, node_cert, &identities));
     text.push_str(policies);
     Ok(text)
 }
@@ -155,7 +80,7 @@ fn pair(bed: &TestBed, marker: &str, policies: &str) -> Result<Pair> {
     let b = bed.add_node("b")?;
     let backend = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
     let server = b.tcp_server("server", backend, marker)?;
-    let ca = Ca::init(bed, "ca")?;
+    let ca = Ca::init(bed, TRUST_DOMAIN, "ca")?;
     let node_a = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/a", "node-a")?;
     let node_b = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b")?;
     let client = ca.issue(bed, CLIENT_ID, "client")?;
@@ -187,23 +112,9 @@ impl Pair {
     }
 }
 
-/// The text of `node`'s metrics endpoint.
-fn metrics(node: &Node) -> Result<String> {
-    node.netns().run_in(|| -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&sa("127.0.0.1:15020"), Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
-    })?
-}
-
-/// The value of the metric line that starts with `series` (name and labels), 0 if absent.
+/// The value of `series` in `text` (a scrape), 0 if absent.
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    metrics::value(text, series).unwrap_or(0.0)
 }
 
 fn authz_series(decision: &str, identity: &str) -> String {
@@ -212,22 +123,8 @@ fn authz_series(decision: &str, identity: &str) -> String {
     )
 }
 
-/// Polls `node`'s metrics (every 50 ms, up to [`SETTLE`]) until `series` is at least `want`.
 fn wait_metric(node: &Node, series: &str, want: f64) -> Result<()> {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let text = metrics(node)?;
-        if metric(&text, series) >= want {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "{series} on {} never reached {want}; metrics:\n{text}",
-                node.name()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    metrics::wait_at_least(node, series, want, SETTLE)
 }
 
 /// `tcpdump` writing every packet of the bridge port of node `a` to a file.
@@ -404,7 +301,7 @@ fn policy_admits_the_allowed_identity_and_refuses_another() {
     );
     assert_eq!(refused.failed(), 3, "{refused:?}");
     wait_metric(&p.b, &authz_series("deny", INTRUDER_ID), 3.0).or_fail();
-    let text = metrics(&p.b).or_fail();
+    let text = metrics::scrape(&p.b).or_fail();
     assert_eq!(
         metric(&text, &authz_series("allow", INTRUDER_ID)),
         0.0,
@@ -472,7 +369,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
     let p = pair(&bed, &marker, "").or_fail();
     // Node c trusts both CAs (so it accepts b) but holds certificates of a foreign CA.
     let c = bed.add_node("c").or_fail();
-    let foreign = Ca::init(&bed, "foreign-ca").or_fail();
+    let foreign = Ca::init(&bed, TRUST_DOMAIN, "foreign-ca").or_fail();
     let bundle = bed.tmpdir().join("both-cas.pem");
     let mut pem = std::fs::read(&p.ca.cert).or_fail();
     pem.extend(std::fs::read(&foreign.cert).or_fail());
@@ -501,7 +398,10 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
         })
         .or_fail();
 
-    let before = metric(&metrics(&p.b).or_fail(), &authz_series("allow", CLIENT_ID));
+    let before = metric(
+        &metrics::scrape(&p.b).or_fail(),
+        &authz_series("allow", CLIENT_ID),
+    );
     let rejected = client(&c, "client", sa(VIP), 2).or_fail();
     assert_eq!(
         rejected.ok(),
@@ -514,7 +414,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
         1.0,
     )
     .or_fail();
-    let text = metrics(&p.b).or_fail();
+    let text = metrics::scrape(&p.b).or_fail();
     assert_eq!(
         metric(&text, &authz_series("allow", CLIENT_ID)),
         before,

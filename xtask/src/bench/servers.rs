@@ -7,6 +7,9 @@
 //!   (`keepalive_requests` is huge), so a request/response run stays on one connection.
 //! * [`Haproxy`] (Debian `haproxy`): a TCP-mode hop with one thread, the "userspace proxy"
 //!   baseline.
+//! * [`Stunnel`] (Debian `stunnel4`): one end of a mutual-TLS hop (TLS 1.3, one cipher suite,
+//!   both sides verifying the other's certificate), the "TLS proxy" baseline of `bench mtls`.
+//! * [`Iperf3Server`] (Debian `iperf3`): the bulk-throughput server.
 //!
 //! Both are ready once a TCP connect to their listening address succeeds from inside the node.
 
@@ -139,6 +142,122 @@ impl Haproxy {
     }
 }
 
+/// The certificate files one stunnel end presents and trusts.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// The TLS 1.3 cipher suite both the mesh tunnel and stunnel use in `bench mtls`, so the
+/// comparison is about the proxies, not the cipher.
+pub const TLS13_CIPHER: &str = "TLS_AES_256_GCM_SHA384";
+
+/// One end of a stunnel hop: `client` (plain in, TLS out) or server (TLS in, plain out).
+#[derive(Debug)]
+pub struct Stunnel {
+    pub addr: SocketAddr,
+    _proc: Proc,
+}
+
+/// The stunnel config: foreground, TLS 1.3 only with [`TLS13_CIPHER`], the peer's certificate
+/// verified against `tls.ca` (mutual TLS on both ends).
+pub fn stunnel_config(
+    client: bool,
+    listen: SocketAddr,
+    connect: SocketAddr,
+    tls: &TlsFiles,
+) -> String {
+    format!(
+        "\
+foreground = yes
+debug = 3
+[bench]
+client = {client}
+accept = {listen}
+connect = {connect}
+cert = {cert}
+key = {key}
+CAfile = {ca}
+verifyChain = yes
+requireCert = yes
+sslVersionMin = TLSv1.3
+sslVersionMax = TLSv1.3
+ciphersuites = {TLS13_CIPHER}
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1
+",
+        client = if client { "yes" } else { "no" },
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        ca = tls.ca.display(),
+    )
+}
+
+impl Stunnel {
+    /// Starts one stunnel end in `node` (workload cgroup `stunnel`), its config in `dir`.
+    pub fn start(
+        node: &Node,
+        dir: &Path,
+        client: bool,
+        listen: SocketAddr,
+        connect: SocketAddr,
+        tls: &TlsFiles,
+    ) -> Result<Self> {
+        let conf = write_config(
+            dir,
+            "stunnel.conf",
+            &stunnel_config(client, listen, connect, tls),
+        )?;
+        let mut cmd = Command::new("stunnel");
+        cmd.arg(&conf);
+        let log = dir.join("stunnel.out");
+        let proc = node.spawn_with(
+            "stunnel",
+            cmd,
+            Some(&node.workload_cgroup("stunnel")?),
+            Capture::File(log.clone()),
+        )?;
+        wait_listening(node, &proc, listen, &[&log])?;
+        Ok(Self {
+            addr: listen,
+            _proc: proc,
+        })
+    }
+}
+
+/// `iperf3 -s` on one address.
+#[derive(Debug)]
+pub struct Iperf3Server {
+    pub addr: SocketAddr,
+    _proc: Proc,
+}
+
+impl Iperf3Server {
+    /// Starts an iperf3 server in `node` (workload cgroup `iperf3`), logging to `dir`.
+    pub fn start(node: &Node, dir: &Path, listen: SocketAddr) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-s", "-B"])
+            .arg(listen.ip().to_string())
+            .arg("-p")
+            .arg(listen.port().to_string());
+        let log = dir.join("iperf3.out");
+        let proc = node.spawn_with(
+            "iperf3",
+            cmd,
+            Some(&node.workload_cgroup("iperf3")?),
+            Capture::File(log.clone()),
+        )?;
+        wait_listening(node, &proc, listen, &[&log])?;
+        Ok(Self {
+            addr: listen,
+            _proc: proc,
+        })
+    }
+}
+
 fn write_config(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(name);
@@ -204,6 +323,34 @@ mod tests {
         }
         // Balanced braces: nginx refuses the file otherwise.
         assert_eq!(c.matches('{').count(), c.matches('}').count());
+    }
+
+    #[test]
+    fn stunnel_config_is_mutual_tls13_with_one_cipher() {
+        let tls = TlsFiles {
+            cert: "/c/cert.pem".into(),
+            key: "/c/key.pem".into(),
+            ca: "/c/ca.pem".into(),
+        };
+        let c = stunnel_config(
+            true,
+            "127.0.0.1:18443".parse().unwrap(),
+            "10.1.0.2:8443".parse().unwrap(),
+            &tls,
+        );
+        for needle in [
+            "client = yes",
+            "accept = 127.0.0.1:18443",
+            "connect = 10.1.0.2:8443",
+            "cert = /c/cert.pem",
+            "CAfile = /c/ca.pem",
+            "verifyChain = yes",
+            "requireCert = yes",
+            "sslVersionMin = TLSv1.3",
+            "ciphersuites = TLS_AES_256_GCM_SHA384",
+        ] {
+            assert!(c.contains(needle), "missing {needle:?} in\n{c}");
+        }
     }
 
     #[test]
