@@ -22,6 +22,9 @@ use super::socket::reset_on_close;
 
 /// Bytes read from the TCP side at a time (also the largest DATA payload queued at once).
 const READ_BUFFER: usize = 256 * 1024;
+/// Reads go into the rest of the current buffer until less than this is left; only then is a
+/// new one allocated, so small messages do not cost an allocation of [`READ_BUFFER`] each.
+const MIN_READ_SPACE: usize = 16 * 1024;
 
 /// Byte totals of one flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,7 +76,9 @@ async fn tcp_to_stream(
 ) -> io::Result<()> {
     let mut buffer = BytesMut::with_capacity(READ_BUFFER);
     loop {
-        buffer.reserve(READ_BUFFER);
+        if buffer.capacity() < MIN_READ_SPACE {
+            buffer.reserve(READ_BUFFER);
+        }
         let n = read.read_buf(&mut buffer).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_error)?;

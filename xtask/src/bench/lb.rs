@@ -51,17 +51,18 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use mesh_tests::config::{render, Service};
 use mesh_tests::{Agent, Node, TestBed};
-use serde_json::Value;
 
 use super::bpfstats::{self, ProgStats};
-use super::cpu::Meter;
+use super::cpu::{Disturbance, Meter};
 use super::iptables::{self, Dnat, DnatService};
+use super::procstat;
 use super::servers::{Haproxy, Nginx};
+use super::stats::{median, ratio, spread};
 use super::wrk::{self, Load, Report};
-use super::{check_interrupted, Tools};
+use super::{client_node, wait_services, Tools};
 use crate::artifacts::Artifacts;
 
 /// Options of `cargo xtask bench lb`.
@@ -160,15 +161,7 @@ pub fn run(artifacts: &Artifacts, args: &Args) -> Result<()> {
         args.iptables.iptables(),
         args.iptables.restore(),
     ])?;
-    let bed = TestBed::new("bench-lb")?;
-    scenario(&bed, artifacts, args).map_err(|e| {
-        // The bed removes its scratch directory on drop; keep the configs and logs.
-        let kept = std::env::temp_dir().join(format!("mesh-bench-lb-{}", bed.prefix()));
-        match copy_files(bed.tmpdir(), &kept) {
-            Ok(()) => e.context(format!("configs and logs kept in {}", kept.display())),
-            Err(copy) => e.context(format!("(keeping the logs failed: {copy:#})")),
-        }
-    })
+    super::in_bed("lb", |bed| scenario(bed, artifacts, args))
 }
 
 /// Everything between building the bed and tearing it down; what it starts is dropped (killed)
@@ -198,15 +191,15 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
     let one = render("vip1", &[Service::tcp(SERVICE, vip, &[backend])]);
     let vip1 = client_node(bed, "vip1")?;
     let agent1 = Agent::start_with(&vip1, artifacts.agent.clone(), &one)?;
-    wait_services(&agent1, 1, APPLY_TIMEOUT)?;
+    wait_services(&agent1, 1, SERVICE, APPLY_TIMEOUT)?;
 
     let vip20k = client_node(bed, "vip20k")?;
     let agent20k = Agent::start_with(&vip20k, artifacts.agent.clone(), &one)?;
-    wait_services(&agent20k, 1, APPLY_TIMEOUT)?;
+    wait_services(&agent20k, 1, SERVICE, APPLY_TIMEOUT)?;
     let many = many_services(vip, backend, VIP_SERVICES_MANY);
     let started = Instant::now();
     agent20k.write_config(&render("vip20k", &many))?;
-    wait_services(&agent20k, many.len(), APPLY_TIMEOUT)?;
+    wait_services(&agent20k, many.len(), SERVICE, APPLY_TIMEOUT)?;
     eprintln!(
         "bench lb: the agent showed {} services {:.1}s after its config was rewritten",
         many.len(),
@@ -257,8 +250,10 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
         rr: Load::request_response(Duration::from_secs(args.duration_secs)),
         warmup: Duration::from_secs(args.warmup_secs),
         cgroup: bed.cgroup_root().to_path_buf(),
-        max_others: f64::from(args.max_others_pct) / 100.0,
-        retries: args.retries,
+        disturbance: Disturbance {
+            max_others: f64::from(args.max_others_pct) / 100.0,
+            retries: args.retries,
+        },
         prog_stats: prog_stats.is_some(),
     };
     eprintln!(
@@ -287,27 +282,6 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
         render_evidence(&paths, &samples, &cpu)
     );
     Ok(())
-}
-
-/// Adds client node `name`, tuned like any load generator: wrk often closes a connection before
-/// nginx's FIN arrives, leaving the client in TIME_WAIT; with Linux's defaults (28k ephemeral
-/// ports, no TIME_WAIT reuse) back-to-back runs of 16k connections/s from one address pile up
-/// TIME_WAIT sockets until `connect()` crawls (measured: 16k, then 3.6k connections/s by the
-/// fifth 5-second run). `tcp_tw_reuse = 1` and ports 1024-65535 keep it flat. Per namespace, so
-/// every path gets the same.
-fn client_node(bed: &TestBed, name: &str) -> Result<Node> {
-    let node = bed.add_node(name)?;
-    node.netns().run_in(|| -> Result<()> {
-        for (key, value) in [
-            ("net/ipv4/tcp_tw_reuse", "1"),
-            ("net/ipv4/ip_local_port_range", "1024 65535"),
-        ] {
-            std::fs::write(format!("/proc/sys/{key}"), value)
-                .with_context(|| format!("setting {key} = {value}"))?;
-        }
-        Ok(())
-    })??;
-    Ok(node)
 }
 
 /// Lines showing that the kernel rewrote the VIP connections (and nothing else) and that the
@@ -374,46 +348,9 @@ fn render_evidence(
     out
 }
 
-/// Copies the regular files under `from` to `to`, keeping the tree (sockets are skipped).
-fn copy_files(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let dest = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_files(&entry.path(), &dest)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &dest)
-                .with_context(|| format!("copying {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// User + system CPU seconds the agent's process has used so far (`/proc/PID/stat`).
+/// CPU seconds the agent has used so far.
 fn agent_cpu_s(agent: &Agent) -> Result<f64> {
-    let pid = agent.pid().context("the agent is not running")?;
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name (which may hold spaces), from field 3 (state) on:
-    // utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("unexpected {path}: {stat:?}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        let f = fields
-            .get(i)
-            .with_context(|| format!("short {path}: {stat:?}"))?;
-        Ok(f.parse::<u64>()
-            .with_context(|| format!("in {path}: {stat:?}"))? as f64)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
-    Ok((ticks(11)? + ticks(12)?) / hz as f64)
+    procstat::cpu_s(agent.pid().context("the agent is not running")?)
 }
 
 /// One measured run.
@@ -436,10 +373,8 @@ struct Bench {
     warmup: Duration,
     /// The bed's cgroup, holding every process of the runs (for [`Meter`]).
     cgroup: std::path::PathBuf,
-    /// Measure again when others used more than this share of the CPUs during a run…
-    max_others: f64,
-    /// …at most this many times.
-    retries: u32,
+    /// When a run is measured again.
+    disturbance: Disturbance,
     /// Whether the kernel's BPF run-time statistics are on (see [`bpfstats`]).
     prog_stats: bool,
 }
@@ -459,7 +394,7 @@ impl Bench {
                 let s = samples.entry(p.name).or_default();
                 for load in [&self.conn, &self.rr] {
                     if round == 0 && !self.warmup.is_zero() {
-                        run_wrk(&p.client, &load.with_duration(self.warmup), p.target)
+                        wrk::run(&p.client, &load.with_duration(self.warmup), p.target)
                             .with_context(|| format!("{}: warm-up", p.name))?;
                     }
                     let (report, others) = self.least_disturbed(p, load, s)?;
@@ -489,33 +424,18 @@ impl Bench {
         Ok(samples)
     }
 
-    /// Measures `load` on `path` until other processes took at most `max_others` of the CPUs
-    /// during the run, at most `1 + retries` times; returns the least disturbed report and the
-    /// others' share during it. Counter growth and connections of every attempt go to `s`.
+    /// Measures `load` on `path`, again when the machine was busy (see [`Disturbance`]);
+    /// returns the least disturbed report and the others' share during it. Counter growth
+    /// and connections of every attempt go to `s`.
     fn least_disturbed(&self, path: &Path, load: &Load, s: &mut Samples) -> Result<(Report, f64)> {
-        let mut best: Option<(Report, f64)> = None;
-        for attempt in 0..=self.retries {
+        let label = format!("{} ({})", path.name, load.describe());
+        self.disturbance.least_disturbed(&label, || {
             let run = self.one(path, load)?;
-            let others = run.others;
             s.rewritten += run.rewritten;
             s.connections += run.connections;
             s.connect4.add(run.connect4);
-            if best.as_ref().is_none_or(|(_, o)| others < *o) {
-                best = Some((run.report, others));
-            }
-            if others <= self.max_others {
-                break;
-            }
-            if attempt < self.retries {
-                eprintln!(
-                    "bench lb: {} ({}): other processes used {:.0}% of the CPUs, measuring again",
-                    path.name,
-                    load.describe(),
-                    others * 100.0
-                );
-            }
-        }
-        best.context("no attempt was made")
+            Ok((run.report, run.others))
+        })
     }
 
     /// One measured run of `load` on `path`, checking the agent's counters.
@@ -533,7 +453,7 @@ impl Bench {
             .transpose()?;
         // Only wrk's run: the status and bpftool queries around it are the bench's own work.
         let meter = Meter::start(&self.cgroup)?;
-        let report = run_wrk(&path.client, load, path.target).context(name)?;
+        let report = wrk::run(&path.client, load, path.target).context(name)?;
         let others = meter.others_share()?;
         let connect4 = match hook_before {
             Some(b) => bpfstats::hook(cgroup, "connect4")?.since(b),
@@ -572,25 +492,6 @@ impl Bench {
     }
 }
 
-/// Runs wrk with `load` against `target` in `client`'s namespace and workload cgroup `wrk`,
-/// failing unless it exits 0 with a report of working traffic.
-fn run_wrk(client: &Node, load: &Load, target: SocketAddr) -> Result<Report> {
-    check_interrupted()?;
-    let proc = client.spawn("wrk", load.command(target))?;
-    let out = proc.finish(load.bound())?.ok("wrk")?;
-    let what = || format!("wrk against {target} ({})", load.describe());
-    let report = wrk::parse(&out.stdout).with_context(what)?;
-    report.check().with_context(|| {
-        format!(
-            "{}: the traffic did not work\n--- wrk output ---\n{}{}",
-            what(),
-            out.stdout,
-            out.stderr
-        )
-    })?;
-    Ok(report)
-}
-
 /// The measured service (VIP → backend) last, after `total - 1` filler services on distinct
 /// `10.100.x.y:80` VIPs with the same backend.
 fn many_services(vip: SocketAddr, backend: SocketAddr, total: u32) -> Vec<Service> {
@@ -602,48 +503,6 @@ fn many_services(vip: SocketAddr, backend: SocketAddr, total: u32) -> Vec<Servic
         .collect();
     v.push(Service::tcp(SERVICE, vip, &[backend]));
     v
-}
-
-/// Polls the agent's status (every 200 ms, up to `timeout`) until it lists `count` services
-/// and the measured one has slots in the kernel; fails at once on a rejected config.
-fn wait_services(agent: &Agent, count: usize, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        check_interrupted()?;
-        let last = match agent.status_json() {
-            Ok(st) => {
-                if let Some(e) = st["config_error"].as_str() {
-                    bail!("the agent rejected the bench config: {e}");
-                }
-                if services_ready(&st, count) {
-                    return Ok(());
-                }
-                format!(
-                    "{} services listed",
-                    st["services"].as_array().map_or(0, Vec::len)
-                )
-            }
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() >= deadline {
-            bail!(
-                "the agent did not show {count} services within {timeout:?} (last: {last})\n\
-                 --- agent log ---\n{}",
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn services_ready(status: &Value, count: usize) -> bool {
-    let Some(services) = status["services"].as_array() else {
-        return false;
-    };
-    services.len() == count
-        && services
-            .iter()
-            .any(|s| s["name"] == SERVICE && s["slots"].as_u64().is_some_and(|n| n > 0))
 }
 
 /// The medians (and spreads) of one path.
@@ -689,24 +548,6 @@ fn summarize(samples: &BTreeMap<&str, Samples>) -> Vec<Summary> {
         .collect()
 }
 
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
-}
-
-fn spread(v: &[f64]) -> Option<f64> {
-    let max = v.iter().copied().reduce(f64::max)?;
-    let min = v.iter().copied().reduce(f64::min)?;
-    let m = median(v)?;
-    Some(if m > 0.0 { (max - min) / m } else { 0.0 })
-}
-
 /// The results table, its notes and the design-target lines.
 fn render_results(rows: &[Summary], args: &Args) -> String {
     let mut out = String::new();
@@ -714,7 +555,6 @@ fn render_results(rows: &[Summary], args: &Args) -> String {
     let Some(direct) = find(DIRECT) else {
         return "no direct run: nothing to compare\n".into();
     };
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     let _ = writeln!(
         out,
         "\nlb: median of {} rounds of {}s runs; conn = wrk -t2 -c32 'Connection: close' \
@@ -862,14 +702,6 @@ mod tests {
     }
 
     #[test]
-    fn median_and_spread() {
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0]), Some(2.5));
-        assert_eq!(spread(&[10.0, 8.0, 12.0]), Some(0.4));
-    }
-
-    #[test]
     fn many_services_puts_the_measured_one_last() {
         let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let be: SocketAddr = "10.1.0.2:8080".parse().unwrap();
@@ -879,16 +711,5 @@ mod tests {
         assert_eq!(v[0].vip, "10.100.0.1");
         let vips: std::collections::HashSet<_> = v.iter().map(|s| &s.vip).collect();
         assert_eq!(vips.len(), 20_000);
-    }
-
-    #[test]
-    fn services_ready_needs_the_count_and_slots() {
-        let st: Value = serde_json::json!({
-            "services": [{"name": "web", "slots": 1}, {"name": "x", "slots": 1}]
-        });
-        assert!(services_ready(&st, 2));
-        assert!(!services_ready(&st, 1));
-        let st: Value = serde_json::json!({"services": [{"name": "web", "slots": 0}]});
-        assert!(!services_ready(&st, 1));
     }
 }

@@ -11,7 +11,11 @@
 //! | [`wrk`] | running `wrk` and parsing its report |
 //! | [`servers`] | nginx and HAProxy: config files, start, readiness |
 //! | [`iptables`] | kube-proxy-like DNAT rules, loaded with `iptables-restore` |
+//! | [`mtls`] | the mTLS suite: tunnel vs stunnel vs plain, agent memory, loopback sockmap |
+//! | [`iperf`] | running `iperf3` and reading its JSON report |
 //! | [`cpu`] | how much CPU other processes took during the runs (the machine may be shared) |
+//! | [`procstat`] | an agent's CPU time, resident memory and descriptors from `/proc` |
+//! | [`stats`] | medians, spreads, quantiles, ratios |
 //! | [`bpfstats`] | the kernel's per-program run time of the agent's hooks |
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
@@ -20,16 +24,23 @@
 
 pub mod bpfstats;
 pub mod cpu;
+pub mod iperf;
 pub mod iptables;
 pub mod lb;
+pub mod mtls;
+pub mod procstat;
 pub mod servers;
+pub mod stats;
 pub mod wrk;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use mesh_tests::{Agent, Node, TestBed};
+use serde_json::Value;
 
 use crate::artifacts::{self, Profile};
 use crate::setup;
@@ -40,14 +51,23 @@ pub enum Suite {
     /// Service load balancing: new connections/s and request/response via a VIP, vs direct,
     /// iptables DNAT and HAProxy.
     Lb(lb::Args),
+    /// The mTLS path: throughput, request/response and new connections/s through the tunnel,
+    /// vs stunnel with the same cipher and vs plain TCP; agent memory with 10,000 flows; the
+    /// loopback sockmap by message size.
+    Mtls(mtls::Args),
 }
 
 pub fn run(root: &Path, suite: Suite) -> Result<()> {
     setup::run()?;
     let built = artifacts::build(root, Profile::Release)?;
+    // The harness (mesh_tests) finds the binaries under test through these, as in
+    // `cargo xtask test`; set before any thread starts.
+    std::env::set_var("MESH_AGENT_BIN", &built.agent);
+    std::env::set_var("MESH_WORKLOAD_BIN", &built.workload);
     install_interrupt_handler();
     match suite {
         Suite::Lb(args) => lb::run(&built, &args),
+        Suite::Mtls(args) => mtls::run(&built, &args),
     }
 }
 
@@ -92,5 +112,116 @@ impl Tools {
             );
         }
         Ok(())
+    }
+}
+
+/// Builds a bed named `bench-<suite>` and runs `scenario` in it. On failure the bed's configs
+/// and logs are copied to `$TMPDIR/mesh-bench-<suite>-<prefix>` first (the bed removes its
+/// scratch directory on drop), and the error says where.
+pub fn in_bed(suite: &str, scenario: impl FnOnce(&TestBed) -> Result<()>) -> Result<()> {
+    let bed = TestBed::new(&format!("bench-{suite}"))?;
+    scenario(&bed).map_err(|e| {
+        let kept = std::env::temp_dir().join(format!("mesh-bench-{suite}-{}", bed.prefix()));
+        match copy_files(bed.tmpdir(), &kept) {
+            Ok(()) => e.context(format!("configs and logs kept in {}", kept.display())),
+            Err(copy) => e.context(format!("(keeping the logs failed: {copy:#})")),
+        }
+    })
+}
+
+/// Copies the regular files under `from` to `to`, keeping the tree (sockets are skipped).
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let dest = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_files(&entry.path(), &dest)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &dest)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds client node `name`, tuned like any load generator: wrk often closes a connection before
+/// the server's FIN arrives, leaving the client in TIME_WAIT; with Linux's defaults (28k
+/// ephemeral ports, no TIME_WAIT reuse) back-to-back runs of 16k connections/s from one address
+/// pile up TIME_WAIT sockets until `connect()` crawls (measured: 16k, then 3.6k connections/s by
+/// the fifth 5-second run). `tcp_tw_reuse = 1` and ports 1024-65535 keep it flat. Per
+/// namespace, so every path gets the same.
+pub fn client_node(bed: &TestBed, name: &str) -> Result<Node> {
+    let node = bed.add_node(name)?;
+    node.netns().run_in(|| -> Result<()> {
+        for (key, value) in [
+            ("net/ipv4/tcp_tw_reuse", "1"),
+            ("net/ipv4/ip_local_port_range", "1024 65535"),
+        ] {
+            std::fs::write(format!("/proc/sys/{key}"), value)
+                .with_context(|| format!("setting {key} = {value}"))?;
+        }
+        Ok(())
+    })??;
+    Ok(node)
+}
+
+/// Polls the agent's status (every 200 ms, up to `timeout`) until it lists `count` services
+/// and `service` has slots in the kernel; fails at once on a rejected config.
+pub fn wait_services(agent: &Agent, count: usize, service: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        let last = match agent.status_json() {
+            Ok(st) => {
+                if let Some(e) = st["config_error"].as_str() {
+                    bail!("the agent rejected the bench config: {e}");
+                }
+                if services_ready(&st, count, service) {
+                    return Ok(());
+                }
+                format!(
+                    "{} services listed",
+                    st["services"].as_array().map_or(0, Vec::len)
+                )
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "the agent did not show {count} services within {timeout:?} (last: {last})\n\
+                 --- agent log ---\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn services_ready(status: &Value, count: usize, service: &str) -> bool {
+    let Some(services) = status["services"].as_array() else {
+        return false;
+    };
+    services.len() == count
+        && services
+            .iter()
+            .any(|s| s["name"] == service && s["slots"].as_u64().is_some_and(|n| n > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_ready_needs_the_count_and_slots() {
+        let st: Value = serde_json::json!({
+            "services": [{"name": "web", "slots": 1}, {"name": "x", "slots": 1}]
+        });
+        assert!(services_ready(&st, 2, "web"));
+        assert!(!services_ready(&st, 1, "web"));
+        assert!(!services_ready(&st, 2, "other"));
+        let st: Value = serde_json::json!({"services": [{"name": "web", "slots": 0}]});
+        assert!(!services_ready(&st, 1, "web"));
     }
 }

@@ -15,6 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use mesh_tests::Node;
+
+use super::check_interrupted;
 
 /// How to drive wrk for one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,25 @@ impl Load {
             self.duration.as_secs()
         )
     }
+}
+
+/// Runs wrk with `load` against `target` in `client`'s namespace and workload cgroup `wrk`,
+/// failing unless it exits 0 with a report of working traffic.
+pub fn run(client: &Node, load: &Load, target: SocketAddr) -> Result<Report> {
+    check_interrupted()?;
+    let proc = client.spawn("wrk", load.command(target))?;
+    let out = proc.finish(load.bound())?.ok("wrk")?;
+    let what = || format!("wrk against {target} ({})", load.describe());
+    let report = parse(&out.stdout).with_context(what)?;
+    report.check().with_context(|| {
+        format!(
+            "{}: the traffic did not work\n--- wrk output ---\n{}{}",
+            what(),
+            out.stdout,
+            out.stderr
+        )
+    })?;
+    Ok(report)
 }
 
 /// wrk's "Socket errors" line; all zero when wrk does not print it.

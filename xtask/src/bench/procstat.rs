@@ -1,0 +1,64 @@
+//! What a process has used so far, from `/proc/PID`: CPU seconds (`stat`) and resident
+//! memory (`status`'s `VmRSS`), for the agents a suite runs.
+
+use anyhow::{ensure, Context, Result};
+
+/// User + system CPU seconds process `pid` has used so far (`/proc/PID/stat`).
+pub fn cpu_s(pid: i32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name (which may hold spaces), from field 3 (state) on:
+    // utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("unexpected {path}: {stat:?}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        let f = fields
+            .get(i)
+            .with_context(|| format!("short {path}: {stat:?}"))?;
+        Ok(f.parse::<u64>()
+            .with_context(|| format!("in {path}: {stat:?}"))? as f64)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok((ticks(11)? + ticks(12)?) / hz as f64)
+}
+
+/// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
+pub fn rss_bytes(pid: i32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    rss_in(&text).with_context(|| format!("no VmRSS in {path}"))
+}
+
+fn rss_in(status: &str) -> Option<u64> {
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kb: u64 = kb.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Open file descriptors of process `pid` (entries of `/proc/PID/fd`).
+pub fn open_fds(pid: i32) -> Result<usize> {
+    let path = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&path)
+        .with_context(|| format!("reading {path}"))?
+        .count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id() as i32;
+        assert!(cpu_s(me).unwrap() >= 0.0);
+        assert!(rss_bytes(me).unwrap() > 0);
+        assert!(open_fds(me).unwrap() >= 3);
+        assert_eq!(rss_in("Name:\tx\nVmRSS:\t   1234 kB\n"), Some(1234 * 1024));
+        assert_eq!(rss_in("Name:\tx\n"), None);
+    }
+}
