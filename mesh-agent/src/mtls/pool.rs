@@ -163,7 +163,9 @@ impl Pool {
                 return Ok(pooled.clone());
             }
         }
-        let pooled = self.dial(key).await?;
+        // Boxed: the handshake's state (a rustls connection, the HTTP/2 preface) would otherwise
+        // be part of every flow's task, which lives as long as the flow (kilobytes per flow).
+        let pooled = Box::pin(self.dial(key)).await?;
         *slot = Some(pooled.clone());
         Ok(pooled)
     }

@@ -11,7 +11,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpStream,
@@ -20,11 +20,52 @@ use tokio::{
 
 use super::socket::reset_on_close;
 
-/// Bytes read from the TCP side at a time (also the largest DATA payload queued at once).
+/// The largest read from the TCP side (also the largest DATA payload queued at once).
 const READ_BUFFER: usize = 256 * 1024;
-/// Reads go into the rest of the current buffer until less than this is left; only then is a
-/// new one allocated, so small messages do not cost an allocation of [`READ_BUFFER`] each.
-const MIN_READ_SPACE: usize = 16 * 1024;
+/// The first buffer of a flow. A read that fills the buffer doubles the next one, up to
+/// [`READ_BUFFER`], so bulk flows reach large reads within a few round trips while an idle or
+/// chatty flow keeps a small one.
+const FIRST_READ_BUFFER: usize = 4 * 1024;
+
+/// The read buffer of one direction of a flow. Nothing is allocated until the socket has data
+/// (10,000 idle flows cost no buffers), and reads go into the rest of the current buffer until
+/// little is left, so small messages do not cost an allocation each.
+struct ReadBuffer {
+    buffer: BytesMut,
+    next: usize,
+}
+
+impl ReadBuffer {
+    fn new() -> Self {
+        Self {
+            buffer: BytesMut::new(),
+            next: FIRST_READ_BUFFER,
+        }
+    }
+
+    /// Waits for data and reads it; `None` at end of stream.
+    async fn read(&mut self, socket: &mut OwnedReadHalf) -> io::Result<Option<Bytes>> {
+        loop {
+            socket.readable().await?;
+            // A tail of less than a quarter is let go (it would cut reads short).
+            if self.buffer.capacity() < self.next / 4 {
+                self.buffer.reserve(self.next);
+            }
+            let room = self.buffer.capacity();
+            match socket.try_read_buf(&mut self.buffer) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    if n == room {
+                        self.next = (self.next * 2).min(READ_BUFFER);
+                    }
+                    return Ok(Some(self.buffer.split().freeze()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 
 /// Byte totals of one flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,17 +115,12 @@ async fn tcp_to_stream(
     counter: &AtomicU64,
     total: &mut u64,
 ) -> io::Result<()> {
-    let mut buffer = BytesMut::with_capacity(READ_BUFFER);
+    let mut buffer = ReadBuffer::new();
     loop {
-        if buffer.capacity() < MIN_READ_SPACE {
-            buffer.reserve(READ_BUFFER);
-        }
-        let n = read.read_buf(&mut buffer).await?;
-        if n == 0 {
+        let Some(mut data) = buffer.read(read).await? else {
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(());
-        }
-        let mut data = buffer.split().freeze();
+        };
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))

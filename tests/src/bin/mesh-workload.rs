@@ -209,18 +209,21 @@ fn tcp_server(args: &Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve_tcp(mut stream: TcpStream, name: &str, idle: Duration) -> io::Result<()> {
+fn serve_tcp(stream: TcpStream, name: &str, idle: Duration) -> io::Result<()> {
     stream.set_read_timeout(Some(idle))?;
     stream.set_nodelay(true)?;
-    stream.write_all(format!("{name}\n").as_bytes())?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    // Reads and writes through `&TcpStream`: one descriptor per connection (a `try_clone`
+    // would double them and hit the open-file limit at half the connections).
+    let mut writer = &stream;
+    writer.write_all(format!("{name}\n").as_bytes())?;
+    let mut reader = BufReader::new(&stream);
     let mut line = Vec::new();
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
             return Ok(());
         }
-        stream.write_all(&line)?;
+        writer.write_all(&line)?;
     }
 }
 
