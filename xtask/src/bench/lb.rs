@@ -61,7 +61,7 @@ use super::cpu::Meter;
 use super::iptables::{self, Dnat, DnatService};
 use super::servers::{Haproxy, Nginx};
 use super::wrk::{self, Load, Report};
-use super::{check_interrupted, Tools};
+use super::{check_interrupted, keep_files, Tools};
 use crate::artifacts::Artifacts;
 
 /// Options of `cargo xtask bench lb`.
@@ -161,14 +161,7 @@ pub fn run(artifacts: &Artifacts, args: &Args) -> Result<()> {
         args.iptables.restore(),
     ])?;
     let bed = TestBed::new("bench-lb")?;
-    scenario(&bed, artifacts, args).map_err(|e| {
-        // The bed removes its scratch directory on drop; keep the configs and logs.
-        let kept = std::env::temp_dir().join(format!("mesh-bench-lb-{}", bed.prefix()));
-        match copy_files(bed.tmpdir(), &kept) {
-            Ok(()) => e.context(format!("configs and logs kept in {}", kept.display())),
-            Err(copy) => e.context(format!("(keeping the logs failed: {copy:#})")),
-        }
-    })
+    scenario(&bed, artifacts, args).map_err(|e| keep_files(&bed, "lb", e))
 }
 
 /// Everything between building the bed and tearing it down; what it starts is dropped (killed)
@@ -372,23 +365,6 @@ fn render_evidence(
         );
     }
     out
-}
-
-/// Copies the regular files under `from` to `to`, keeping the tree (sockets are skipped).
-fn copy_files(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let dest = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_files(&entry.path(), &dest)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &dest)
-                .with_context(|| format!("copying {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// User + system CPU seconds the agent's process has used so far (`/proc/PID/stat`).

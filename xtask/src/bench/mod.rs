@@ -8,6 +8,9 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`lb`] | the load-balancing suite: scenario, checks, results table |
+//! | [`gossip`] | the gossip suite: propagation, failure detection, gossip traffic |
+//! | [`applylog`] | when an agent's kernel maps took a state, from its log |
+//! | [`traffic`] | gossip traffic counters of an agent and of a node's interface |
 //! | [`wrk`] | running `wrk` and parsing its report |
 //! | [`servers`] | nginx and HAProxy: config files, start, readiness |
 //! | [`iptables`] | kube-proxy-like DNAT rules, loaded with `iptables-restore` |
@@ -16,20 +19,25 @@
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
 //! bench: it notes the interrupt, finishes the run in progress (each is bounded) and returns
-//! an error, and the test bed's drop tears everything down.
+//! an error, and the test bed's drop tears everything down; a suite that fails keeps the bed's
+//! configs and logs (see [`keep_files`]).
 
+pub mod applylog;
 pub mod bpfstats;
 pub mod cpu;
+pub mod gossip;
 pub mod iptables;
 pub mod lb;
 pub mod servers;
+pub mod traffic;
 pub mod wrk;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
+use mesh_tests::TestBed;
 
 use crate::artifacts::{self, Profile};
 use crate::setup;
@@ -40,6 +48,9 @@ pub enum Suite {
     /// Service load balancing: new connections/s and request/response via a VIP, vs direct,
     /// iptables DNAT and HAProxy.
     Lb(lb::Args),
+    /// Gossip between agents: how fast a change reaches every node's kernel maps, how fast a
+    /// dead node is withdrawn, and how many bytes gossip costs, for meshes of 4, 8 and 16 nodes.
+    Gossip(gossip::Args),
 }
 
 pub fn run(root: &Path, suite: Suite) -> Result<()> {
@@ -48,6 +59,7 @@ pub fn run(root: &Path, suite: Suite) -> Result<()> {
     install_interrupt_handler();
     match suite {
         Suite::Lb(args) => lb::run(&built, &args),
+        Suite::Gossip(args) => gossip::run(&built, &args),
     }
 }
 
@@ -93,4 +105,31 @@ impl Tools {
         }
         Ok(())
     }
+}
+
+/// `error` with the bed's configs and logs copied to `$TMPDIR/mesh-bench-SUITE-PREFIX` first
+/// (the bed removes its scratch directory on drop), saying where they are.
+pub fn keep_files(bed: &TestBed, suite: &str, error: anyhow::Error) -> anyhow::Error {
+    let kept = std::env::temp_dir().join(format!("mesh-bench-{suite}-{}", bed.prefix()));
+    match copy_files(bed.tmpdir(), &kept) {
+        Ok(()) => error.context(format!("configs and logs kept in {}", kept.display())),
+        Err(copy) => error.context(format!("(keeping the logs failed: {copy:#})")),
+    }
+}
+
+/// Copies the regular files under `from` to `to`, keeping the tree (sockets are skipped).
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let dest = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_files(&entry.path(), &dest)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &dest)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
