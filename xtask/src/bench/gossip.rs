@@ -23,6 +23,9 @@
 //!    link comes back and the agent restarts, timed until every other node's kernel holds it
 //!    again (agent start included).
 //!
+//! A withdrawal slower than the target keeps the bed's configs and logs (as a failure does) for
+//! a look at when each agent declared the node dead.
+//!
 //! The table shows, per size: the time until the last node had a change (p50/p99/max over
 //! the changes) and the time per (other node, change) pair (p50/p99); withdrawal and return
 //! times (p50/max over the rounds); bytes per node per second idle and while changes flow. The
@@ -43,7 +46,7 @@ use mesh_tests::{Agent, Node, Signal, TestBed};
 
 use super::applylog::Applies;
 use super::traffic::{self, Counts};
-use super::{check_interrupted, keep_files};
+use super::{check_interrupted, keep, keep_files};
 use crate::artifacts::Artifacts;
 
 /// Options of `cargo xtask bench gossip`.
@@ -280,10 +283,8 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
         let since = SystemTime::now();
         members[victim].agent.kill(Signal::Kill)?;
         bed.switch().ip(&["link", "set", &port, "down"])?;
-        let times = wait_applied(&mut members, &others, since, without.len())?;
-        measured
-            .withdrawn
-            .push(times.into_iter().max().unwrap_or_default());
+        let gone = wait_applied(&mut members, &others, since, without.len())?;
+        measured.withdrawn.push(slowest(&gone).1);
         for &i in &others {
             wait_backends(&members[i], &without, Duration::from_secs(5))?;
         }
@@ -292,18 +293,32 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
         let since = SystemTime::now();
         bed.switch().ip(&["link", "set", &port, "up"])?;
         members[victim].agent.restart()?;
-        let times = wait_applied(&mut members, &others, since, all.len())?;
-        measured
-            .returned
-            .push(times.into_iter().max().unwrap_or_default());
+        let back = wait_applied(&mut members, &others, since, all.len())?;
+        measured.returned.push(slowest(&back).1);
         for m in &members {
             wait_backends(m, &all, CONVERGE_TIMEOUT)?;
         }
+        let name = |i: usize| members[others[i]].node.name();
+        if slowest(&gone).1 > TARGET_WITHDRAWAL {
+            // Worth a look at the agents' "member state changed" lines.
+            let kept = keep(bed, "gossip")?;
+            eprintln!(
+                "bench gossip: withdrawing {} took longer than {TARGET_WITHDRAWAL:?}: configs and \
+                 logs kept in {}",
+                members[victim].node.name(),
+                kept.display()
+            );
+        }
+        let (first, last) = (fastest(&gone), slowest(&gone));
         eprintln!(
-            "bench gossip: {n} nodes: {} dead: withdrawn everywhere after {} ms, back after {} ms",
+            "bench gossip: {n} nodes: {} dead: withdrawn on {} after {} ms, everywhere (last {}) \
+             after {} ms; back everywhere after {} ms",
             members[victim].node.name(),
-            ms(measured.withdrawn.last().copied()),
-            ms(measured.returned.last().copied()),
+            name(first.0),
+            ms(Some(first.1)),
+            name(last.0),
+            ms(Some(last.1)),
+            ms(Some(slowest(&back).1)),
         );
     }
     Ok(measured)
@@ -317,6 +332,26 @@ fn pause(total: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100).min(end - Instant::now()));
     }
     Ok(())
+}
+
+/// The index and time of the slowest of `times` (zero for none).
+fn slowest(times: &[Duration]) -> (usize, Duration) {
+    times
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by_key(|&(_, t)| t)
+        .unwrap_or_default()
+}
+
+/// The index and time of the fastest of `times` (zero for none).
+fn fastest(times: &[Duration]) -> (usize, Duration) {
+    times
+        .iter()
+        .copied()
+        .enumerate()
+        .min_by_key(|&(_, t)| t)
+        .unwrap_or_default()
 }
 
 /// `mesh-agent register` (or `deregister`) of `address` for `web` on `agent`.

@@ -32,7 +32,7 @@ pub mod servers;
 pub mod traffic;
 pub mod wrk;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context as _, Result};
@@ -107,14 +107,20 @@ impl Tools {
     }
 }
 
-/// `error` with the bed's configs and logs copied to `$TMPDIR/mesh-bench-SUITE-PREFIX` first
-/// (the bed removes its scratch directory on drop), saying where they are.
+/// `error` with the bed's configs and logs kept (see [`keep`]), saying where they are.
 pub fn keep_files(bed: &TestBed, suite: &str, error: anyhow::Error) -> anyhow::Error {
-    let kept = std::env::temp_dir().join(format!("mesh-bench-{suite}-{}", bed.prefix()));
-    match copy_files(bed.tmpdir(), &kept) {
-        Ok(()) => error.context(format!("configs and logs kept in {}", kept.display())),
+    match keep(bed, suite) {
+        Ok(kept) => error.context(format!("configs and logs kept in {}", kept.display())),
         Err(copy) => error.context(format!("(keeping the logs failed: {copy:#})")),
     }
+}
+
+/// Copies the bed's configs and logs to `$TMPDIR/mesh-bench-SUITE-PREFIX` (the bed removes its
+/// scratch directory on drop) and returns that directory.
+pub fn keep(bed: &TestBed, suite: &str) -> Result<PathBuf> {
+    let kept = std::env::temp_dir().join(format!("mesh-bench-{suite}-{}", bed.prefix()));
+    copy_files(bed.tmpdir(), &kept)?;
+    Ok(kept)
 }
 
 /// Copies the regular files under `from` to `to`, keeping the tree (sockets are skipped).
