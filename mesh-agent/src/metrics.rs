@@ -21,6 +21,7 @@
 //! | `mesh_build_info` | info (value 1) | `version` |
 //! | `mesh_gossip_members` | gauge | `state` (`alive`, `dead`; this node counts as alive) |
 //! | `mesh_gossip_bytes_total` | counter | `direction` (`sent`, `received`) |
+//! | `mesh_gossip_datagrams_total` | counter | `direction` (`sent`, `received`) |
 //! | `mesh_gossip_auth_failures_total` | counter | |
 //! | `mesh_catalog_conflicts` | gauge | `kind` ([`crate::catalog::ConflictKind::name`]) |
 
@@ -88,6 +89,8 @@ pub struct GossipSample {
     pub dead: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
     pub auth_failures: u64,
 }
 
@@ -265,6 +268,15 @@ fn encode_snapshot(s: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result
         [
             ([("direction", "sent")], s.gossip.bytes_sent),
             ([("direction", "received")], s.gossip.bytes_received),
+        ],
+    )?;
+    counter_family(
+        encoder,
+        "gossip_datagrams",
+        "Gossip datagrams sent and received (those failing authentication included).",
+        [
+            ([("direction", "sent")], s.gossip.datagrams_sent),
+            ([("direction", "received")], s.gossip.datagrams_received),
         ],
     )?;
     counter_family(
@@ -526,6 +538,8 @@ mod tests {
                 dead: 1,
                 bytes_sent: 100,
                 bytes_received: 200,
+                datagrams_sent: 2,
+                datagrams_received: 5,
                 auth_failures: 3,
             },
             conflicts: vec![("definition", 1)],
@@ -573,6 +587,8 @@ mod tests {
             r#"mesh_gossip_members{state="dead"} 1"#,
             r#"mesh_gossip_bytes_total{direction="sent"} 100"#,
             r#"mesh_gossip_bytes_total{direction="received"} 200"#,
+            r#"mesh_gossip_datagrams_total{direction="sent"} 2"#,
+            r#"mesh_gossip_datagrams_total{direction="received"} 5"#,
             r#"mesh_gossip_auth_failures_total{kind="hmac"} 3"#,
             r#"mesh_catalog_conflicts{kind="definition"} 1"#,
             "# UNIT mesh_agent_uptime_seconds seconds",

@@ -434,9 +434,13 @@ impl Agent {
             .collect();
         self.dataplane.maps.sync_strict(&strict)?;
         self.desired = desired;
+        // Logged after the maps were written; `services` and `backends` count what the kernel
+        // holds now (how the gossip bench tells which apply brought a change).
         tracing::info!(
             %report,
             elapsed_us = started.elapsed().as_micros(),
+            services = self.kernel.services.len(),
+            backends = self.kernel.backends.len(),
             "config applied to the kernel"
         );
         Ok(())
@@ -705,6 +709,8 @@ impl Agent {
             dead: self.members.len() as u64 - alive,
             bytes_sent: load(&stats.bytes_sent),
             bytes_received: load(&stats.bytes_received),
+            datagrams_sent: load(&stats.datagrams_sent),
+            datagrams_received: load(&stats.datagrams_received),
             auth_failures: load(&stats.auth_failures),
         }
     }

@@ -40,8 +40,12 @@ pub struct Artifacts {
 }
 
 impl Artifacts {
+    /// Where cargo put them: `$CARGO_TARGET_DIR` (relative to `root`) when set, else
+    /// `root/target`.
     fn in_target(root: &Path, profile: Profile) -> Self {
-        let dir = root.join("target").join(profile.dir());
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root.join("target"), |dir| root.join(dir));
+        let dir = target.join(profile.dir());
         Artifacts {
             agent: dir.join("mesh-agent"),
             workload: dir.join("mesh-workload"),

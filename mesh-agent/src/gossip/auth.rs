@@ -133,6 +133,9 @@ pub enum Rejected {
 pub struct Stats {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Datagrams behind the byte counters (bytes per datagram: the size of gossip messages).
+    pub datagrams_sent: AtomicU64,
+    pub datagrams_received: AtomicU64,
     /// Datagrams dropped because they failed authentication.
     pub auth_failures: AtomicU64,
     /// Authentic messages chitchat could not decode, and messages too large to frame.
@@ -237,6 +240,7 @@ impl Socket for AuthSocket {
         match self.wire.send_to(&frame, to).await {
             Ok(sent) => {
                 Stats::add(&self.stats.bytes_sent, sent);
+                Stats::add(&self.stats.datagrams_sent, 1);
                 Ok(SendOutcome {
                     num_bytes_sent: sent,
                 })
@@ -280,6 +284,7 @@ impl Socket for AuthSocket {
                 }
             };
             Stats::add(&self.stats.bytes_received, n);
+            Stats::add(&self.stats.datagrams_received, 1);
             match self.key.open(&self.buf[..n]) {
                 Ok(message) => {
                     self.feeder.send(message).await?;

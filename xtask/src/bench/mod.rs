@@ -8,6 +8,9 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`lb`] | the load-balancing suite: scenario, checks, results table |
+//! | [`gossip`] | the gossip suite: propagation, failure detection, gossip traffic |
+//! | [`applylog`] | when an agent's kernel maps took a state, from its log |
+//! | [`traffic`] | gossip traffic counters of an agent and of a node's interface |
 //! | [`wrk`] | running `wrk` and parsing its report |
 //! | [`servers`] | nginx and HAProxy: config files, start, readiness |
 //! | [`iptables`] | kube-proxy-like DNAT rules, loaded with `iptables-restore` |
@@ -20,10 +23,13 @@
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
 //! bench: it notes the interrupt, finishes the run in progress (each is bounded) and returns
-//! an error, and the test bed's drop tears everything down.
+//! an error, and the test bed's drop tears everything down; a suite that fails keeps the bed's
+//! configs and logs (see [`keep_files`]).
 
+pub mod applylog;
 pub mod bpfstats;
 pub mod cpu;
+pub mod gossip;
 pub mod iperf;
 pub mod iptables;
 pub mod lb;
@@ -31,13 +37,14 @@ pub mod mtls;
 pub mod procstat;
 pub mod servers;
 pub mod stats;
+pub mod traffic;
 pub mod wrk;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use mesh_tests::{Agent, Node, TestBed};
 use serde_json::Value;
@@ -51,6 +58,9 @@ pub enum Suite {
     /// Service load balancing: new connections/s and request/response via a VIP, vs direct,
     /// iptables DNAT and HAProxy.
     Lb(lb::Args),
+    /// Gossip between agents: how fast a change reaches every node's kernel maps, how fast a
+    /// dead node is withdrawn, and how many bytes gossip costs, for meshes of 4, 8 and 16 nodes.
+    Gossip(gossip::Args),
     /// The mTLS path: throughput, request/response and new connections/s through the tunnel,
     /// vs stunnel with the same cipher and vs plain TCP; agent memory with 10,000 flows; the
     /// loopback sockmap by message size.
@@ -67,6 +77,7 @@ pub fn run(root: &Path, suite: Suite) -> Result<()> {
     install_interrupt_handler();
     match suite {
         Suite::Lb(args) => lb::run(&built, &args),
+        Suite::Gossip(args) => gossip::run(&built, &args),
         Suite::Mtls(args) => mtls::run(&built, &args),
     }
 }
@@ -115,18 +126,27 @@ impl Tools {
     }
 }
 
-/// Builds a bed named `bench-<suite>` and runs `scenario` in it. On failure the bed's configs
-/// and logs are copied to `$TMPDIR/mesh-bench-<suite>-<prefix>` first (the bed removes its
-/// scratch directory on drop), and the error says where.
+/// `error` with the bed's configs and logs kept (see [`keep`]), saying where they are.
+pub fn keep_files(bed: &TestBed, suite: &str, error: anyhow::Error) -> anyhow::Error {
+    match keep(bed, suite) {
+        Ok(kept) => error.context(format!("configs and logs kept in {}", kept.display())),
+        Err(copy) => error.context(format!("(keeping the logs failed: {copy:#})")),
+    }
+}
+
+/// Copies the bed's configs and logs to `$TMPDIR/mesh-bench-SUITE-PREFIX` (the bed removes its
+/// scratch directory on drop) and returns that directory.
+pub fn keep(bed: &TestBed, suite: &str) -> Result<PathBuf> {
+    let kept = std::env::temp_dir().join(format!("mesh-bench-{suite}-{}", bed.prefix()));
+    copy_files(bed.tmpdir(), &kept)?;
+    Ok(kept)
+}
+
+/// Builds a bed named `bench-<suite>` and runs `scenario` in it; on failure the bed's configs
+/// and logs are kept (see [`keep_files`]).
 pub fn in_bed(suite: &str, scenario: impl FnOnce(&TestBed) -> Result<()>) -> Result<()> {
     let bed = TestBed::new(&format!("bench-{suite}"))?;
-    scenario(&bed).map_err(|e| {
-        let kept = std::env::temp_dir().join(format!("mesh-bench-{suite}-{}", bed.prefix()));
-        match copy_files(bed.tmpdir(), &kept) {
-            Ok(()) => e.context(format!("configs and logs kept in {}", kept.display())),
-            Err(copy) => e.context(format!("(keeping the logs failed: {copy:#})")),
-        }
-    })
+    scenario(&bed).map_err(|e| keep_files(&bed, suite, e))
 }
 
 /// Copies the regular files under `from` to `to`, keeping the tree (sockets are skipped).
