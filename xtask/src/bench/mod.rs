@@ -12,13 +12,13 @@
 //! | [`applylog`] | when an agent's kernel maps took a state, from its log |
 //! | [`traffic`] | gossip traffic counters of an agent and of a node's interface |
 //! | [`wrk`] | running `wrk` and parsing its report |
-//! | [`servers`] | nginx and HAProxy: config files, start, readiness |
+//! | [`servers`] | nginx, HAProxy, stunnel and iperf3 servers: config files, start, readiness |
 //! | [`iptables`] | kube-proxy-like DNAT rules, loaded with `iptables-restore` |
 //! | [`mtls`] | the mTLS suite: tunnel vs stunnel vs plain, agent memory, loopback sockmap |
 //! | [`iperf`] | running `iperf3` and reading its JSON report |
 //! | [`cpu`] | how much CPU other processes took during the runs (the machine may be shared) |
 //! | [`procstat`] | an agent's CPU time, resident memory and descriptors from `/proc` |
-//! | [`stats`] | medians, spreads, quantiles, ratios |
+//! | [`stats`] | medians, spreads, ratios |
 //! | [`bpfstats`] | the kernel's per-program run time of the agent's hooks |
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
