@@ -67,6 +67,17 @@ pub struct HoldReport {
     pub errors: Vec<String>,
 }
 
+/// What `tcp-many` saw over its connections, all open at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManyReport {
+    /// Backend name → connections that reached it.
+    pub backends: BTreeMap<String, u64>,
+    /// Connections whose own line came back exactly.
+    pub echoed: u64,
+    /// Errno name (as in [`TcpClientReport`], `BAD_ECHO` for a wrong echo) → count.
+    pub errors: BTreeMap<String, u64>,
+}
+
 /// What `udp-client` saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UdpClientReport {
@@ -105,6 +116,21 @@ impl Hold {
 
     /// Waits for the hold to end by itself and returns its report.
     pub fn finish(self) -> Result<HoldReport> {
+        let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
+        parse_last_json(&out.stdout)
+    }
+}
+
+/// A running `tcp-many` whose connections are all open.
+#[derive(Debug)]
+pub struct Many {
+    proc: Proc,
+    timeout: Duration,
+}
+
+impl Many {
+    /// Waits for it to close its connections and returns its report.
+    pub fn finish(self) -> Result<ManyReport> {
         let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
         parse_last_json(&out.stdout)
     }
@@ -252,6 +278,41 @@ impl Node {
             proc: p,
             backend,
             timeout: duration + Duration::from_secs(10),
+        })
+    }
+
+    /// Starts a `tcp-many`: `count` connections to `target` open at once, each echoing its
+    /// own line, kept open for `hold` once all have echoed. Returns once they have (each
+    /// connection bounded by `timeout`); [`Many::finish`] gives the report.
+    pub fn tcp_many(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        count: u32,
+        timeout: Duration,
+        hold: Duration,
+    ) -> Result<Many> {
+        let (addr, n) = (target.to_string(), count.to_string());
+        let p = self.spawn(
+            workload,
+            command(&[
+                "tcp-many",
+                "--connect",
+                &addr,
+                "--count",
+                &n,
+                "--timeout-ms",
+                &ms(timeout),
+                "--hold-ms",
+                &ms(hold),
+            ])?,
+        )?;
+        p.wait_line((timeout * 2) * count + Duration::from_secs(5), |l| {
+            l.starts_with("echoed ")
+        })?;
+        Ok(Many {
+            proc: p,
+            timeout: hold + Duration::from_secs(10),
         })
     }
 

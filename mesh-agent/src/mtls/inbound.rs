@@ -57,13 +57,18 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Some(caller) = session_peer(tls.get_ref().1.peer_certificates()) else {
+    let Some(peer_cert) = session_peer(tls.get_ref().1.peer_certificates()) else {
         // The verifier admits no certificate without an identity; this is a bug if reached.
         tracing::error!(%peer, "refused a peer: no identity after the handshake");
         tunnel.stats.handshake(INBOUND, "bad_identity");
         return;
     };
     tunnel.stats.handshake(INBOUND, "ok");
+    // One line per pooled connection (not per flow): which certificate the peer presents.
+    let status = peer_cert.status();
+    tracing::info!(%peer, identity = %status.identity, serial = %status.serial,
+        not_after = %status.not_after, "tunnel connection accepted");
+    let caller = peer_cert.identity;
     let mut h2 = match tuning::server().handshake(tls).await {
         Ok(h2) => h2,
         Err(error) => {

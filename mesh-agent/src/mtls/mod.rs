@@ -236,7 +236,12 @@ impl Tunnel {
                     .into_iter()
                     .map(|c| format!("{} {}", c.identity, c.serial))
                     .collect();
-                tracing::info!(?serials, "certificates reloaded; new handshakes use them");
+                let retired = self.pool.retire_all();
+                tracing::info!(
+                    ?serials,
+                    retired,
+                    "certificates reloaded; new flows use new tunnel connections with them"
+                );
                 self.credentials.warn_expiring();
             }
             Err(error) => {

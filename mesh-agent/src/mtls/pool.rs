@@ -1,7 +1,9 @@
 //! Pooled tunnel connections: one TLS 1.3 + HTTP/2 connection per (source identity, peer
 //! agent), carrying any number of flows as streams, so a new flow costs one `CONNECT`
 //! round trip and no handshake. A connection no flow used for the idle timeout is let go
-//! (HTTP/2 GOAWAY once its last handle is dropped); a broken one is replaced on next use.
+//! (HTTP/2 GOAWAY once its last handle is dropped); a broken one is replaced on next use. A
+//! credential rotation retires every connection: new flows handshake with the new
+//! certificates while the old connections drain.
 
 use std::{
     collections::HashMap,
@@ -21,7 +23,7 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::{
-    certs::{handshake_failure_reason, Credentials},
+    certs::{handshake_failure_reason, session_peer, Credentials},
     connect,
     socket::dial_marked,
     spiffe::SpiffeId,
@@ -184,6 +186,12 @@ impl Pool {
         {
             Ok(tls) => {
                 self.stats.handshake(OUTBOUND, "ok");
+                if let Some(cert) = session_peer(tls.get_ref().1.peer_certificates()) {
+                    let status = cert.status();
+                    tracing::info!(%peer, %source, identity = %status.identity,
+                        serial = %status.serial, not_after = %status.not_after,
+                        "tunnel connection established");
+                }
                 tls
             }
             Err(cause) => {
@@ -208,13 +216,25 @@ impl Pool {
             done.store(true, Ordering::Relaxed);
             stats.pooled_connections.fetch_sub(1, Ordering::Relaxed);
         });
-        tracing::debug!(%peer, "tunnel connection established");
         Ok(Pooled {
             send,
             closed,
             active: Arc::new(AtomicUsize::new(0)),
             last_used: Arc::new(Mutex::new(Instant::now())),
         })
+    }
+
+    /// Lets go of every connection, so that new flows dial afresh with the credentials in
+    /// force now (after a rotation); flows open on the old connections keep going, and h2
+    /// closes each old connection once its last flow ends. Returns how many were let go.
+    pub fn retire_all(&self) -> usize {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let retired = slots.len();
+        slots.clear();
+        retired
     }
 
     /// Lets go of connections idle for the timeout, and of closed ones; runs until dropped.

@@ -8,6 +8,7 @@
 //! | `udp-server --listen ADDR:PORT --name NAME` | answers each datagram with `NAME:<payload>`; prints `ready` once bound |
 //! | `tcp-client --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N sequential connections, reads each one's name line; prints a JSON [`TcpClientReport`] |
 //! | `tcp-hold --connect ADDR:PORT [--interval-ms I] [--duration-ms D] [--want NAME --max-attempts M]` | one long-lived connection (reconnecting until it reaches NAME if asked), prints `connected NAME`, then sends a line every I ms and checks the echo; prints a JSON [`HoldReport`] |
+//! | `tcp-many --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N connections open at once (each reads its name line), then each sends its own line and checks the echo; prints `echoed E` with all still open, keeps them H ms, closes them and prints a JSON [`ManyReport`]. Raises its RLIMIT_NOFILE soft limit to fit N |
 //! | `udp-client --target ADDR:PORT --count N [--connected] [--timeout-ms T]` | one datagram at a time, waiting for each reply; prints a JSON [`UdpClientReport`] |
 //!
 //! Every loop and wait is bounded: clients by count and timeouts, servers exit by themselves
@@ -21,9 +22,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::workload::{HoldReport, TcpClientReport, UdpClientReport};
+use mesh_tests::workload::{HoldReport, ManyReport, TcpClientReport, UdpClientReport};
 
-const USAGE: &str = "usage: mesh-workload (tcp-server|udp-server|tcp-client|tcp-hold|udp-client) [--option value]... (see the module docs)";
+const USAGE: &str = "usage: mesh-workload (tcp-server|udp-server|tcp-client|tcp-hold|tcp-many|udp-client) [--option value]... (see the module docs)";
 
 fn main() -> ExitCode {
     match run() {
@@ -44,12 +45,13 @@ fn run() -> Result<ExitCode> {
         "udp-server" => udp_server(&args),
         "tcp-client" => tcp_client(&args),
         "tcp-hold" => tcp_hold(&args),
+        "tcp-many" => tcp_many(&args),
         "udp-client" => udp_client(&args),
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
 
-/// `--key value` options and `--flag` switches, parsed by hand (no clap needed for five
+/// `--key value` options and `--flag` switches, parsed by hand (no clap needed for six
 /// commands).
 struct Args {
     values: HashMap<String, String>,
@@ -400,6 +402,73 @@ fn tcp_hold(args: &Args) -> Result<ExitCode> {
     }
     print_json(&report)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn tcp_many(args: &Args) -> Result<ExitCode> {
+    let target = args.addr("connect")?;
+    let count = args.num("count", 1)?;
+    let timeout = args.ms("timeout-ms", 2000)?;
+    let hold = args.ms("hold-ms", 0)?;
+    // The connections, stdio and a margin.
+    raise_nofile_limit(count + 64)?;
+    let mut report = ManyReport::default();
+    let mut open = Vec::new();
+    for _ in 0..count {
+        match connect_and_name(target, timeout) {
+            Ok((stream, name)) => {
+                *report.backends.entry(name).or_default() += 1;
+                open.push(stream);
+            }
+            Err(e) => *report.errors.entry(error_kind(&e)).or_default() += 1,
+        }
+    }
+    // Every connection is open: each sends its own line, then each reads its echo back.
+    let line = |i: usize| format!("flow {i}\n");
+    let mut sent = Vec::new();
+    for (i, mut stream) in open.iter().enumerate() {
+        match stream.write_all(line(i).as_bytes()) {
+            Ok(()) => sent.push((i, stream)),
+            Err(e) => *report.errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
+    for (i, stream) in sent {
+        let mut echo = String::new();
+        match BufReader::new(stream).read_line(&mut echo) {
+            Ok(_) if echo == line(i) => report.echoed += 1,
+            Ok(_) => *report.errors.entry("BAD_ECHO".into()).or_default() += 1,
+            Err(e) => *report.errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
+    {
+        let mut out = io::stdout().lock();
+        writeln!(out, "echoed {}", report.echoed)?;
+        out.flush()?;
+    }
+    std::thread::sleep(hold);
+    drop(open);
+    print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft limit of open files to `want` (at most the hard limit) if it is lower.
+fn raise_nofile_limit(want: u64) -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if limit.rlim_cur >= want {
+        return Ok(());
+    }
+    limit.rlim_cur = want.min(limit.rlim_max);
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(())
 }
 
 fn udp_client(args: &Args) -> Result<ExitCode> {
