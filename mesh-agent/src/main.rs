@@ -19,6 +19,7 @@ mod maglev;
 mod metrics;
 mod mtls;
 mod reconcile;
+mod registry;
 mod run;
 mod status;
 mod watch;

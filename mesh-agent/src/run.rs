@@ -37,6 +37,7 @@ use crate::{
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
     mtls::Tunnel,
     reconcile::{self, KernelState},
+    registry::Registry,
     status::{self, EndpointStatus, NodeStatus, StatusReport},
     watch,
 };
@@ -62,6 +63,10 @@ pub struct RunOptions {
     /// Detach and unpin the data plane on exit (by default it keeps running).
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    /// Directory of the agent's state; registrations are kept in
+    /// <state-dir>/<node>/registrations.json.
+    #[arg(long, default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
     /// Address of the Prometheus endpoint (`GET /metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
@@ -96,6 +101,8 @@ struct Agent {
     reloads_rejected: u64,
     /// What the catalog is made of: config, registrations, live peers.
     sources: Sources,
+    /// Where `sources.registered` is kept across restarts.
+    registry: Registry,
     /// The conflicts of the catalog in force.
     conflicts: Vec<Conflict>,
     /// The `[gossip]` table the agent started with (a change needs a restart).
@@ -247,6 +254,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         "data plane installed"
     );
     let (probes_tx, mut probes) = mpsc::channel::<ProbeReport>(1024);
+    let registry = Registry::new(&options.state_dir, &node);
     let mut agent = Agent {
         node: node_for_agent,
         config_path: options.config.clone(),
@@ -266,8 +274,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         sources: Sources {
             node: node.clone(),
             config: config.services.clone(),
+            registered: registry.restore(),
             ..Sources::default()
         },
+        registry,
         conflicts: Vec::new(),
         gossip_config: config.gossip.clone(),
         members: Arc::default(),
@@ -506,8 +516,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Changes the registered endpoints and applies the result; a change the kernel refuses
-    /// is undone.
+    /// Changes the registered endpoints, applies the result and keeps it on disk; a change
+    /// the kernel refuses, or that cannot be kept, is undone.
     fn change_registrations(
         &mut self,
         change: impl FnOnce(&mut crate::catalog::Registrations) -> Result<bool, String>,
@@ -516,10 +526,17 @@ impl Agent {
         if !change(&mut self.sources.registered)? {
             return Ok(false);
         }
-        self.recompute().map_err(|error| {
+        if let Err(error) = self.recompute() {
             self.sources.registered = previous;
-            format!("{error:#}")
-        })?;
+            return Err(format!("{error:#}"));
+        }
+        if let Err(error) = self.registry.save(&self.sources.registered) {
+            self.sources.registered = previous;
+            if let Err(undo) = self.recompute() {
+                tracing::error!("cannot restore the previous registrations: {undo:#}");
+            }
+            return Err(format!("{error}; the change is undone"));
+        }
         Ok(true)
     }
 
