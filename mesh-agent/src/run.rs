@@ -265,7 +265,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         catalog: Desired::default(),
         desired: Desired::default(),
         health: Health::default(),
-        checker: Checker::new(probes_tx),
+        checker: Checker::new(probes_tx, tunnel.clone()),
         kernel,
         service_names: HashMap::new(),
         config_error: None,
@@ -506,7 +506,7 @@ impl Agent {
         }
         if let Some(tunnel) = &self.tunnel {
             tunnel.update(
-                &crate::config::mtls_services(&merged.services),
+                &crate::config::mtls_services(&merged.services, &self.config.services),
                 self.config.policies.clone(),
             );
         }

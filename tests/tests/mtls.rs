@@ -106,18 +106,22 @@ impl Ca {
     }
 }
 
-/// The agent config of `node`: the strict service `pay` (backend on `b`), its `[mtls]` table
-/// with the node certificate, the `client` and `intruder` workload cgroups mapped to their
-/// identities, and `policies` (TOML, may be empty).
+/// The strict service `pay` with its one backend (on `b`).
+fn pay(backend: SocketAddr) -> Service {
+    Service::tcp("pay", sa(VIP), &[backend]).with("mtls = \"strict\"")
+}
+
+/// The agent config of `node`: the service `pay`, the `[mtls]` table with the node
+/// certificate, the `client` and `intruder` workload cgroups mapped to their identities, and
+/// `policies` (TOML, may be empty).
 fn config(
     node: &Node,
-    backend: SocketAddr,
+    pay: Service,
     ca_bundle: &Path,
     node_cert: &Issued,
     workloads: &[(&str, &str, &Issued)],
     policies: &str,
 ) -> Result<String> {
-    let pay = Service::tcp("pay", sa(VIP), &[backend]).with("mtls = \"strict\"");
     let mut text = render(node.name(), &[pay]);
     text.push_str(&format!(
         "\n[mtls]\ntrust_domain = {TRUST_DOMAIN:?}\nca_bundle = {:?}\ncert = {:?}\nkey = {:?}\n",
@@ -143,7 +147,7 @@ struct Pair {
     // Fields drop in order: processes before the nodes.
     agent_a: Agent,
     agent_b: Agent,
-    _server: Proc,
+    server: Proc,
     a: Node,
     b: Node,
     ca: Ca,
@@ -151,10 +155,20 @@ struct Pair {
 
 /// Builds the pair; `b`'s config carries `policies`.
 fn pair(bed: &TestBed, marker: &str, policies: &str) -> Result<Pair> {
+    pair_with(bed, marker, policies, None)
+}
+
+/// [`pair`], with `health` (a service TOML line) on `pay` on both nodes: the backend server
+/// then also answers HTTP checks (200).
+fn pair_with(bed: &TestBed, marker: &str, policies: &str, health: Option<&str>) -> Result<Pair> {
     let a = bed.add_node("a")?;
     let b = bed.add_node("b")?;
     let backend = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
-    let server = b.tcp_server("server", backend, marker)?;
+    let server = match health {
+        None => b.tcp_server("server", backend, marker)?,
+        Some(_) => b.http_server("server", backend, marker, 200)?,
+    };
+    let service = || health.map_or_else(|| pay(backend), |h| pay(backend).with(h));
     let ca = Ca::init(bed, "ca")?;
     let node_a = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/a", "node-a")?;
     let node_b = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b")?;
@@ -164,8 +178,8 @@ fn pair(bed: &TestBed, marker: &str, policies: &str) -> Result<Pair> {
         ("client", CLIENT_ID, &client),
         ("intruder", INTRUDER_ID, &intruder),
     ];
-    let agent_b = b.start_agent(&config(&b, backend, &ca.cert, &node_b, &[], policies)?)?;
-    let agent_a = a.start_agent(&config(&a, backend, &ca.cert, &node_a, &workloads, "")?)?;
+    let agent_b = b.start_agent(&config(&b, service(), &ca.cert, &node_b, &[], policies)?)?;
+    let agent_a = a.start_agent(&config(&a, service(), &ca.cert, &node_a, &workloads, "")?)?;
     for agent in [&agent_a, &agent_b] {
         agent.wait_status(SETTLE, |st| {
             Agent::backends_in(st, "pay") == [backend.to_string()]
@@ -174,7 +188,7 @@ fn pair(bed: &TestBed, marker: &str, policies: &str) -> Result<Pair> {
     Ok(Pair {
         agent_a,
         agent_b,
-        _server: server,
+        server,
         a,
         b,
         ca,
@@ -485,7 +499,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
         .start_agent(
             &config(
                 &c,
-                p.backend(),
+                pay(p.backend()),
                 &bundle,
                 &node_c,
                 &[("client", CLIENT_ID, &client_c)],
@@ -763,4 +777,91 @@ fn a_thousand_concurrent_flows_share_one_tunnel_connection_and_leak_no_descripto
     wait_fds_at_most(&p.agent_b, baseline.1).or_fail();
     let after = client(&p.a, "client", sa(VIP), 1).or_fail();
     assert_eq!(after.backends.get(&marker), Some(&1), "{after:?}");
+}
+
+/// The endpoint `backend` of `pay` in `mesh-agent endpoints --output json` of `agent`.
+fn pay_endpoint(agent: &Agent, backend: SocketAddr) -> Result<serde_json::Value> {
+    let out = agent
+        .cli(&[
+            "endpoints".as_ref(),
+            "--admin-socket".as_ref(),
+            agent.socket_path().as_os_str(),
+            "--output".as_ref(),
+            "json".as_ref(),
+        ])?
+        .ok("mesh-agent endpoints")?;
+    let all: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["service"] == "pay" && e["address"] == backend.to_string())
+        .cloned()
+        .with_context(|| format!("no endpoint {backend} of pay: {all}"))
+}
+
+/// Polls (every 50 ms, up to [`SETTLE`]) until the endpoint's health on `agent` is `health`.
+fn wait_health(agent: &Agent, backend: SocketAddr, health: &str) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let endpoint = pay_endpoint(agent, backend)?;
+        if endpoint["health"] == health {
+            return Ok(endpoint);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{backend} on {} never became {health}: {endpoint}\n{}",
+                agent.node().name(),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_strict_backend_on_another_host_is_health_checked_through_the_tunnel() {
+    let bed = TestBed::new("mtls_remote_health").or_fail();
+    let marker = unique_marker("health");
+    // Only the client workload may call pay: a probe is no flow and passes all the same.
+    let policies =
+        format!("\n[[policies]]\nservice = \"pay\"\naction = \"allow\"\nfrom = [{CLIENT_ID:?}]\n");
+    let check = "health = { interval_ms = 300, timeout_ms = 200, healthy_threshold = 1, unhealthy_threshold = 2, http_path = '/healthz', expect_status = 200 }";
+    let mut p = pair_with(&bed, &marker, &policies, Some(check)).or_fail();
+    let backend = p.backend();
+    let passed = "mesh_health_checks_total{service=\"pay\",result=\"passed\"}";
+    let failed = "mesh_health_checks_total{service=\"pay\",result=\"failed\"}";
+
+    // b's kernel drops a's own connects to the strict backend; b's agent runs a's checks.
+    wait_metric(&p.a, passed, 4.0).or_fail();
+    wait_metric(
+        &p.b,
+        "mesh_mtls_flows_total{side=\"inbound\",result=\"probe_passed\"}",
+        4.0,
+    )
+    .or_fail();
+    let text = metrics(&p.a).or_fail();
+    assert_eq!(metric(&text, failed), 0.0, "a probe from a failed:\n{text}");
+    assert_eq!(
+        pay_endpoint(&p.agent_a, backend).or_fail()["health"],
+        "healthy"
+    );
+    let ok = client(&p.a, "client", sa(VIP), 2).or_fail();
+    assert_eq!(ok.backends.get(&marker), Some(&2), "{ok:?}");
+
+    // The backend stops: the checks run on b fail, and a excludes it, saying why.
+    p.server.signal(Signal::Kill).or_fail();
+    p.server
+        .wait_timeout(Duration::from_secs(5))
+        .or_fail()
+        .context("the backend server did not exit")
+        .or_fail();
+    let down = wait_health(&p.agent_a, backend, "unhealthy").or_fail();
+    let reason = down["health_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("through the mTLS tunnel") && reason.contains("503"),
+        "{down}"
+    );
+    // It comes back once the backend does.
+    p.server = p.b.http_server("server", backend, &marker, 200).or_fail();
+    wait_health(&p.agent_a, backend, "healthy").or_fail();
 }

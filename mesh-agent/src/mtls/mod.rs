@@ -129,6 +129,14 @@ impl Tunnel {
             .collect()
     }
 
+    /// Has the agent in front of `backend` (a strict backend of `service`) run its check of
+    /// it, asked as this node's identity; `Ok` when the check passed there.
+    pub async fn probe(&self, backend: SocketAddr, service: &str) -> Result<(), pool::OpenError> {
+        let node = self.credentials.current().node.clone();
+        let peer = SocketAddr::new(backend.ip(), self.inbound_port);
+        self.pool.probe(&node, peer, backend, service).await
+    }
+
     /// The tunnel's metrics now.
     pub fn sample(&self) -> TunnelSample {
         let mut sample = self.stats.sample();

@@ -42,11 +42,14 @@ pub enum OpenError {
     Handshake { peer: SocketAddr, cause: io::Error },
     #[error("HTTP/2 with peer agent {peer} failed: {cause}")]
     H2 { peer: SocketAddr, cause: h2::Error },
-    #[error("peer agent {peer} refused the flow to {backend}: {status}")]
+    #[error("peer agent {peer} refused the flow to {backend}: {status}{}",
+        reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
     Refused {
         peer: SocketAddr,
         backend: SocketAddr,
         status: StatusCode,
+        /// The peer's [`connect::PROBE_ERROR_HEADER`], if any.
+        reason: Option<String>,
     },
 }
 
@@ -121,6 +124,37 @@ impl Pool {
         backend: SocketAddr,
         service: Option<&str>,
     ) -> Result<Flow, OpenError> {
+        self.send(source, peer, backend, connect::request(backend, service))
+            .await
+    }
+
+    /// Has the agent at `peer` probe `backend` of `service` (as `source`); `Ok` when the
+    /// check passed there.
+    pub async fn probe(
+        &self,
+        source: &SpiffeId,
+        peer: SocketAddr,
+        backend: SocketAddr,
+        service: &str,
+    ) -> Result<(), OpenError> {
+        self.send(
+            source,
+            peer,
+            backend,
+            connect::probe_request(backend, service),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sends `request` (a `CONNECT` to `backend`) on the connection to `peer`.
+    async fn send(
+        &self,
+        source: &SpiffeId,
+        peer: SocketAddr,
+        backend: SocketAddr,
+        request: http::Request<()>,
+    ) -> Result<Flow, OpenError> {
         let key = (source.clone(), peer);
         let pooled = self.connection(&key).await?;
         let pooled = match pooled.send.clone().ready().await {
@@ -138,15 +172,18 @@ impl Pool {
         };
         let h2 = |cause| OpenError::H2 { peer, cause };
         let mut send_request = pooled.send.ready().await.map_err(h2)?;
-        let (response, send) = send_request
-            .send_request(connect::request(backend, service), false)
-            .map_err(h2)?;
+        let (response, send) = send_request.send_request(request, false).map_err(h2)?;
         let response = response.await.map_err(h2)?;
         if response.status() != StatusCode::OK {
             return Err(OpenError::Refused {
                 peer,
                 backend,
                 status: response.status(),
+                reason: response
+                    .headers()
+                    .get(connect::PROBE_ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
             });
         }
         Ok(Flow {

@@ -128,6 +128,7 @@ async fn agent(fixture: &Fixture, cgroups: &Cgroups, peer_port: u16, backend: So
             name: "payments".into(),
             port: 443,
             backends: vec![backend],
+            check: None,
         }],
         Policies {
             rules: vec![Rule {
