@@ -18,6 +18,7 @@ mod kernel_addr;
 mod maglev;
 mod metrics;
 mod mtls;
+mod nofile;
 mod reconcile;
 mod registry;
 mod run;
@@ -70,7 +71,8 @@ enum Command {
     Endpoints(Query),
     /// List the nodes this agent knows.
     Nodes(Query),
-    /// Announce an endpoint this node hosts, without a config edit (until the agent restarts).
+    /// Announce an endpoint this node hosts, without a config edit (kept across agent
+    /// restarts in <state-dir>/<node>/registrations.json).
     Register {
         #[command(flatten)]
         endpoint: EndpointArgs,

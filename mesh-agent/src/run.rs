@@ -217,6 +217,10 @@ impl SnapshotSource for SharedAgent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    match crate::nofile::raise() {
+        Ok((before, after)) => tracing::debug!(before, after, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     let config = Config::load(&options.config)?;
     let node = node_name(options.node.as_deref(), Some(&config))?;
     let node_for_agent = node.clone();
