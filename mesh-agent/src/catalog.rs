@@ -209,6 +209,11 @@ impl Registrations {
         }
     }
 
+    /// The registered endpoints, in registration order.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
     /// Removes the endpoint; returns whether it was registered.
     pub fn deregister(&mut self, service: &str, address: SocketAddr) -> bool {
         let before = self.endpoints.len();

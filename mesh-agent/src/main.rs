@@ -20,6 +20,7 @@ mod maglev;
 mod metrics;
 mod mtls;
 mod reconcile;
+mod registry;
 mod run;
 mod status;
 mod watch;
@@ -70,7 +71,8 @@ enum Command {
     Endpoints(Query),
     /// List the nodes this agent knows.
     Nodes(Query),
-    /// Announce an endpoint this node hosts, without a config edit (until the agent restarts).
+    /// Announce an endpoint this node hosts, without a config edit (kept across agent
+    /// restarts in <state-dir>/<node>/registrations.json).
     Register {
         #[command(flatten)]
         endpoint: EndpointArgs,

@@ -37,6 +37,7 @@ use crate::{
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
     mtls::Tunnel,
     reconcile::{self, KernelState},
+    registry::Registry,
     status::{self, EndpointStatus, NodeStatus, StatusReport},
     watch,
 };
@@ -62,6 +63,10 @@ pub struct RunOptions {
     /// Detach and unpin the data plane on exit (by default it keeps running).
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    /// Directory of the agent's state; registrations are kept in
+    /// <state-dir>/<node>/registrations.json.
+    #[arg(long, default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
     /// Address of the Prometheus endpoint (`GET /metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
@@ -96,6 +101,8 @@ struct Agent {
     reloads_rejected: u64,
     /// What the catalog is made of: config, registrations, live peers.
     sources: Sources,
+    /// Where `sources.registered` is kept across restarts.
+    registry: Registry,
     /// The conflicts of the catalog in force.
     conflicts: Vec<Conflict>,
     /// The `[gossip]` table the agent started with (a change needs a restart).
@@ -210,8 +217,8 @@ impl SnapshotSource for SharedAgent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let config = Config::load(&options.config)?;
     crate::fdlimit::raise_and_log();
+    let config = Config::load(&options.config)?;
     let node = node_name(options.node.as_deref(), Some(&config))?;
     let node_for_agent = node.clone();
     let cgroup_root = cgroup::unified_root()?;
@@ -248,6 +255,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         "data plane installed"
     );
     let (probes_tx, mut probes) = mpsc::channel::<ProbeReport>(1024);
+    let registry = Registry::new(&options.state_dir, &node);
     let mut agent = Agent {
         node: node_for_agent,
         config_path: options.config.clone(),
@@ -258,7 +266,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         catalog: Desired::default(),
         desired: Desired::default(),
         health: Health::default(),
-        checker: Checker::new(probes_tx),
+        checker: Checker::new(probes_tx, tunnel.clone()),
         kernel,
         service_names: HashMap::new(),
         config_error: None,
@@ -267,8 +275,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         sources: Sources {
             node: node.clone(),
             config: config.services.clone(),
+            registered: registry.restore(),
             ..Sources::default()
         },
+        registry,
         conflicts: Vec::new(),
         gossip_config: config.gossip.clone(),
         members: Arc::default(),
@@ -501,7 +511,7 @@ impl Agent {
         }
         if let Some(tunnel) = &self.tunnel {
             tunnel.update(
-                &crate::config::mtls_services(&merged.services),
+                &crate::config::mtls_services(&merged.services, &self.config.services),
                 self.config.policies.clone(),
             );
         }
@@ -511,8 +521,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Changes the registered endpoints and applies the result; a change the kernel refuses
-    /// is undone.
+    /// Changes the registered endpoints, applies the result and keeps it on disk; a change
+    /// the kernel refuses, or that cannot be kept, is undone.
     fn change_registrations(
         &mut self,
         change: impl FnOnce(&mut crate::catalog::Registrations) -> Result<bool, String>,
@@ -521,10 +531,17 @@ impl Agent {
         if !change(&mut self.sources.registered)? {
             return Ok(false);
         }
-        self.recompute().map_err(|error| {
+        if let Err(error) = self.recompute() {
             self.sources.registered = previous;
-            format!("{error:#}")
-        })?;
+            return Err(format!("{error:#}"));
+        }
+        if let Err(error) = self.registry.save(&self.sources.registered) {
+            self.sources.registered = previous;
+            if let Err(undo) = self.recompute() {
+                tracing::error!("cannot restore the previous registrations: {undo:#}");
+            }
+            return Err(format!("{error}; the change is undone"));
+        }
         Ok(true)
     }
 

@@ -5,7 +5,7 @@
 //! ```text
 //! mesh-agent run --config <tmpdir>/<node>.toml --cgroup <node cgroup>
 //!     --bpffs /sys/fs/bpf/mesh-test-<prefix> --admin-socket <tmpdir>/<node>.sock
-//!     --node <prefix>-<node>
+//!     --node <prefix>-<node> --state-dir <tmpdir>/state
 //! ```
 //!
 //! inside the node's network namespace but in the test runner's own cgroup (the agent's
@@ -81,6 +81,8 @@ impl Agent {
             self.socket.clone().into(),
             "--node".into(),
             self.node.full_name().into(),
+            "--state-dir".into(),
+            self.state_dir().into(),
         ]
     }
 
@@ -269,6 +271,11 @@ impl Agent {
     /// The admin socket.
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// The agent's state directory (`--state-dir`): `<tmpdir>/state`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.node.tmpdir().join("state")
     }
 
     /// The log file.

@@ -38,7 +38,7 @@ pub mod workload;
 pub use agent::Agent;
 pub use bed::{Node, TestBed};
 pub use process::{Proc, Signal};
-pub use workload::{FlowsReport, HoldReport, TcpClientReport, UdpClientReport};
+pub use workload::{HoldReport, ManyReport, TcpClientReport, UdpClientReport};
 
 /// Turns an error into a panic at the caller, with the whole error chain.
 ///

@@ -327,3 +327,84 @@ fn a_conflicting_definition_is_resolved_the_same_everywhere() {
         1.0
     );
 }
+
+/// `mesh-agent register` / `deregister` of `address` for `web` on `agent`.
+fn registration(agent: &Agent, action: &str, address: &str) -> Result<()> {
+    let out = agent
+        .cli(&[
+            action.as_ref(),
+            "--admin-socket".as_ref(),
+            agent.socket_path().as_os_str(),
+            "--service".as_ref(),
+            "web".as_ref(),
+            "--address".as_ref(),
+            address.as_ref(),
+        ])?
+        .ok(action)?;
+    anyhow::ensure!(
+        out.stdout.contains(&format!("{action}ed web")),
+        "{action} printed {:?}",
+        out.stdout
+    );
+    Ok(())
+}
+
+#[test]
+fn registrations_survive_an_agent_restart_and_a_broken_file_is_set_aside() {
+    let bed = TestBed::new("mesh_registrations").or_fail();
+    std::fs::write(key_path(&bed), "a-test-mesh-key-of-32-bytes-long\n").or_fail();
+    let a = add_member(&bed, "a", None).or_fail();
+    let mut b = add_member(&bed, "b", Some(&a.node)).or_fail();
+    let all = vec![a.backend(), b.backend()];
+    wait_web([&a, &b], &all, Instant::now() + CONVERGE).or_fail();
+    let extra = SocketAddr::new(b.node.ipv4().into(), 8081).to_string();
+    let with_extra = vec![a.backend(), b.backend(), extra.clone()];
+    registration(&b.agent, "register", &extra).or_fail();
+    wait_web([&a, &b], &with_extra, Instant::now() + CONVERGE).or_fail();
+    let file = b
+        .agent
+        .state_dir()
+        .join(b.node.full_name())
+        .join("registrations.json");
+    assert!(
+        std::fs::read_to_string(&file).or_fail().contains(&extra),
+        "{} keeps the registration",
+        file.display()
+    );
+
+    // b's agent restarts: it serves the registration at once, and its peer sees it again.
+    b.agent.restart().or_fail();
+    let st = b.agent.status_json().or_fail();
+    assert!(
+        Agent::backends_in(&st, "web").contains(&extra),
+        "b restored its registration before it was ready: {st}"
+    );
+    wait_web([&a, &b], &with_extra, Instant::now() + CONVERGE).or_fail();
+
+    // A deregistration is kept too: after another restart the endpoint stays gone.
+    registration(&b.agent, "deregister", &extra).or_fail();
+    wait_web([&a, &b], &all, Instant::now() + CONVERGE).or_fail();
+    b.agent.restart().or_fail();
+    wait_web([&a, &b], &all, Instant::now() + CONVERGE).or_fail();
+
+    // A file the agent cannot read back: it starts without registrations, says which file
+    // and why, and keeps the file aside for the operator.
+    b.agent.kill(Signal::Term).or_fail();
+    std::fs::write(&file, "{\"version\": 1, \"endpoints\": [").or_fail();
+    b.agent.restart().or_fail();
+    let log = b.agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("registrations not restored")
+            && l.contains(&format!("{}: not a registrations file", file.display()))),
+        "no line naming the broken file:\n{log}"
+    );
+    let aside = file.with_extension("json.broken");
+    assert_eq!(
+        std::fs::read_to_string(&aside).or_fail(),
+        "{\"version\": 1, \"endpoints\": ["
+    );
+    wait_web([&a, &b], &all, Instant::now() + CONVERGE).or_fail();
+    registration(&b.agent, "register", &extra).or_fail();
+    wait_web([&a, &b], &with_extra, Instant::now() + CONVERGE).or_fail();
+    assert!(std::fs::read_to_string(&file).or_fail().contains(&extra));
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mesh_tests::config::{mtls_table, render, Service};
-use mesh_tests::pki::{Ca, Issued};
+use mesh_tests::pki::{path_str, Ca, Issued};
 use mesh_tests::process::{self, Capture};
 use mesh_tests::{metrics, Agent, Node, OrFail, Proc, Signal, TcpClientReport, TestBed};
 
@@ -37,18 +37,22 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-/// The agent config of `node`: the strict service `pay` (backend on `b`), its `[mtls]` table
-/// with the node certificate, the `client` and `intruder` workload cgroups mapped to their
-/// identities, and `policies` (TOML, may be empty).
+/// The strict service `pay` with its one backend (on `b`).
+fn pay(backend: SocketAddr) -> Service {
+    Service::tcp("pay", sa(VIP), &[backend]).with("mtls = \"strict\"")
+}
+
+/// The agent config of `node`: the service `pay`, the `[mtls]` table with the node
+/// certificate, the `client` and `intruder` workload cgroups mapped to their identities, and
+/// `policies` (TOML, may be empty).
 fn config(
     node: &Node,
-    backend: SocketAddr,
+    pay: Service,
     ca_bundle: &Path,
     node_cert: &Issued,
     workloads: &[(&str, &str, &Issued)],
     policies: &str,
 ) -> Result<String> {
-    let pay = Service::tcp("pay", sa(VIP), &[backend]).with("mtls = \"strict\"");
     let mut text = render(node.name(), &[pay]);
     let mut identities = Vec::new();
     for (workload, id, issued) in workloads {
@@ -67,8 +71,8 @@ fn config(
 struct Pair {
     // Fields drop in order: processes before the nodes.
     agent_a: Agent,
-    _agent_b: Agent,
-    _server: Proc,
+    agent_b: Agent,
+    server: Proc,
     a: Node,
     b: Node,
     ca: Ca,
@@ -76,10 +80,20 @@ struct Pair {
 
 /// Builds the pair; `b`'s config carries `policies`.
 fn pair(bed: &TestBed, marker: &str, policies: &str) -> Result<Pair> {
+    pair_with(bed, marker, policies, None)
+}
+
+/// [`pair`], with `health` (a service TOML line) on `pay` on both nodes: the backend server
+/// then also answers HTTP checks (200).
+fn pair_with(bed: &TestBed, marker: &str, policies: &str, health: Option<&str>) -> Result<Pair> {
     let a = bed.add_node("a")?;
     let b = bed.add_node("b")?;
     let backend = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
-    let server = b.tcp_server("server", backend, marker)?;
+    let server = match health {
+        None => b.tcp_server("server", backend, marker)?,
+        Some(_) => b.http_server("server", backend, marker, 200)?,
+    };
+    let service = || health.map_or_else(|| pay(backend), |h| pay(backend).with(h));
     let ca = Ca::init(bed, TRUST_DOMAIN, "ca")?;
     let node_a = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/a", "node-a")?;
     let node_b = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b")?;
@@ -89,8 +103,8 @@ fn pair(bed: &TestBed, marker: &str, policies: &str) -> Result<Pair> {
         ("client", CLIENT_ID, &client),
         ("intruder", INTRUDER_ID, &intruder),
     ];
-    let agent_b = b.start_agent(&config(&b, backend, &ca.cert, &node_b, &[], policies)?)?;
-    let agent_a = a.start_agent(&config(&a, backend, &ca.cert, &node_a, &workloads, "")?)?;
+    let agent_b = b.start_agent(&config(&b, service(), &ca.cert, &node_b, &[], policies)?)?;
+    let agent_a = a.start_agent(&config(&a, service(), &ca.cert, &node_a, &workloads, "")?)?;
     for agent in [&agent_a, &agent_b] {
         agent.wait_status(SETTLE, |st| {
             Agent::backends_in(st, "pay") == [backend.to_string()]
@@ -98,8 +112,8 @@ fn pair(bed: &TestBed, marker: &str, policies: &str) -> Result<Pair> {
     }
     Ok(Pair {
         agent_a,
-        _agent_b: agent_b,
-        _server: server,
+        agent_b,
+        server,
         a,
         b,
         ca,
@@ -382,7 +396,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
         .start_agent(
             &config(
                 &c,
-                p.backend(),
+                pay(p.backend()),
                 &bundle,
                 &node_c,
                 &[("client", CLIENT_ID, &client_c)],
@@ -424,4 +438,330 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
     // The same client identity with the right CA's certificate, on a, still gets through.
     let ok = client(&p.a, "client", sa(VIP), 1).or_fail();
     assert_eq!(ok.backends.get(&marker), Some(&1), "{ok:?}");
+}
+
+/// The serial of the certificate `agent` holds for `identity` (`mesh-agent certs`).
+fn serial_in_force(agent: &Agent, identity: &str) -> Result<String> {
+    let out = agent
+        .cli(&[
+            "certs".as_ref(),
+            "--admin-socket".as_ref(),
+            agent.socket_path().as_os_str(),
+            "--output".as_ref(),
+            "json".as_ref(),
+        ])?
+        .ok("mesh-agent certs")?;
+    let certs: serde_json::Value = serde_json::from_str(&out.stdout)
+        .with_context(|| format!("mesh-agent certs printed non-JSON: {:?}", out.stdout))?;
+    certs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["identity"] == identity)
+        .and_then(|c| c["serial"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("mesh-agent certs shows no {identity}: {certs}"))
+}
+
+/// The lines of `agent`'s log that contain every one of `words`.
+fn log_lines(agent: &Agent, words: &[&str]) -> Vec<String> {
+    agent
+        .log()
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Polls (every 50 ms, up to [`SETTLE`]) until `agent`'s log has a line with all `words`.
+fn wait_log(agent: &Agent, words: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + SETTLE;
+    while log_lines(agent, words).is_empty() {
+        if Instant::now() >= deadline {
+            bail!(
+                "no line with {words:?} in the log of {}:\n{}",
+                agent.node().name(),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_certificate_rotated_mid_stream_keeps_open_flows_and_new_flows_present_it() {
+    let bed = TestBed::new("mtls_rotate").or_fail();
+    let marker = unique_marker("rotate");
+    let p = pair(&bed, &marker, "").or_fail();
+    let node_a = "spiffe://mesh.test/ns/mesh/sa/a";
+    // A flow from a cgroup with no identity of its own carries a's node certificate: b logs
+    // the serial it was shown.
+    let old = serial_in_force(&p.agent_a, node_a).or_fail();
+    let first = client(&p.a, "other", sa(VIP), 1).or_fail();
+    assert_eq!(first.backends.get(&marker), Some(&1), "{first:?}");
+    wait_log(&p.agent_b, &["tunnel connection accepted", node_a, &old]).or_fail();
+
+    // A long-lived flow is open through the tunnel while a's node certificate is replaced.
+    let long =
+        p.a.tcp_hold(
+            "client",
+            sa(VIP),
+            Duration::from_millis(50),
+            Duration::from_secs(8),
+            None,
+        )
+        .or_fail();
+    assert_eq!(long.backend, marker);
+    std::thread::sleep(Duration::from_millis(500));
+    p.ca.issue(&bed, node_a, "node-a").or_fail();
+    let deadline = Instant::now() + SETTLE;
+    let new = loop {
+        let serial = serial_in_force(&p.agent_a, node_a).or_fail();
+        if serial != old {
+            break serial;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a still holds serial {old} after the rotation\n{}",
+            p.agent_a.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    // New flows are served, over a new tunnel connection that presents the new certificate.
+    let after = client(&p.a, "other", sa(VIP), 3).or_fail();
+    assert_eq!(after.backends.get(&marker), Some(&3), "{after:?}");
+    let also = client(&p.a, "client", sa(VIP), 2).or_fail();
+    assert_eq!(also.backends.get(&marker), Some(&2), "{also:?}");
+    wait_log(&p.agent_b, &["tunnel connection accepted", node_a, &new]).or_fail();
+    assert!(
+        long.is_running(),
+        "the long-lived flow must span the rotation"
+    );
+
+    // A broken certificate file is refused with a line naming it; the rotated one stays.
+    let text = metrics::scrape(&p.a).or_fail();
+    let rejected = "mesh_mtls_cert_reloads_total{result=\"rejected\"}";
+    let rejected_before = metric(&text, rejected);
+    let cert_file = bed.tmpdir().join("node-a.pem");
+    std::fs::write(&cert_file, "not a certificate\n").or_fail();
+    wait_metric(&p.a, rejected, rejected_before + 1.0).or_fail();
+    wait_log(
+        &p.agent_a,
+        &[
+            "certificate reload refused",
+            path_str(&cert_file),
+            "no PEM certificate",
+        ],
+    )
+    .or_fail();
+    assert_eq!(serial_in_force(&p.agent_a, node_a).or_fail(), new);
+    let still = client(&p.a, "other", sa(VIP), 2).or_fail();
+    assert_eq!(still.backends.get(&marker), Some(&2), "{still:?}");
+
+    // The flow opened before the rotation echoed every line throughout.
+    let report = long.finish().or_fail();
+    assert!(
+        report.attempts == 1
+            && report.sent > 20
+            && report.echoed == report.sent
+            && report.errors.is_empty(),
+        "the established flow kept echoing across the rotation: {report:?}"
+    );
+}
+
+/// Established TCP connections in `node`'s namespace matching the `ss` filter `filter`.
+fn established(node: &Node, filter: &[&str]) -> Result<usize> {
+    let mut cmd = Command::new("ss");
+    cmd.args(["-Htn", "state", "established"]).args(filter);
+    let out = node.run("ss", cmd, Duration::from_secs(10))?.ok("ss")?;
+    Ok(out.stdout.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// Open file descriptors of `agent`'s process.
+fn open_fds(agent: &Agent) -> Result<usize> {
+    let pid = agent.pid().context("the agent is not running")?;
+    let dir = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {dir}"))?
+        .count())
+}
+
+/// Polls `agent`'s descriptors (every 100 ms, up to [`SETTLE`]) until at most `baseline`.
+fn wait_fds_at_most(agent: &Agent, baseline: usize) -> Result<()> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let now = open_fds(agent)?;
+        if now <= baseline {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the agent on {} holds {now} descriptors, {baseline} before the flows: a leak",
+                agent.node().name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_thousand_concurrent_flows_share_one_tunnel_connection_and_leak_no_descriptors() {
+    const FLOWS: u32 = 1000;
+    let bed = TestBed::new("mtls_thousand").or_fail();
+    let marker = unique_marker("thousand");
+    let p = pair(&bed, &marker, "").or_fail();
+    // One flow sets up the pooled connection; the descriptors then are the baseline.
+    let warm = client(&p.a, "client", sa(VIP), 1).or_fail();
+    assert_eq!(warm.backends.get(&marker), Some(&1), "{warm:?}");
+    let b_tunnel = format!("{}:15008", p.b.ipv4());
+    let tunnel_to_b = ["dst", b_tunnel.as_str()];
+    assert_eq!(established(&p.a, &tunnel_to_b).or_fail(), 1);
+    let baseline = (
+        open_fds(&p.agent_a).or_fail(),
+        open_fds(&p.agent_b).or_fail(),
+    );
+
+    let started = Instant::now();
+    let many =
+        p.a.tcp_many(
+            "client",
+            sa(VIP),
+            FLOWS,
+            CONNECT_TIMEOUT,
+            Duration::from_secs(3),
+        )
+        .or_fail();
+    // All flows are open now: one tunnel connection carries them, seen from both ends.
+    let on_a = established(&p.a, &tunnel_to_b).or_fail();
+    let on_b = established(&p.b, &["sport", "=", ":15008"]).or_fail();
+    let text_a = metrics::scrape(&p.a).or_fail();
+    let text_b = metrics::scrape(&p.b).or_fail();
+    let fds_open = (
+        open_fds(&p.agent_a).or_fail(),
+        open_fds(&p.agent_b).or_fail(),
+    );
+    eprintln!(
+        "{FLOWS} flows open and echoed after {:?}; agent descriptors a/b: baseline {baseline:?}, open {fds_open:?}",
+        started.elapsed()
+    );
+    let report = many.finish().or_fail();
+    assert_eq!(
+        (report.echoed, report.backends.get(&marker)),
+        (u64::from(FLOWS), Some(&u64::from(FLOWS))),
+        "every flow reached the backend and echoed its own line: {report:?}"
+    );
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(
+        (on_a, on_b),
+        (1, 1),
+        "one tunnel connection between the agents (a's view, b's view)"
+    );
+    assert_eq!(
+        metric(&text_a, "mesh_mtls_pooled_connections{side=\"outbound\"}"),
+        1.0,
+        "{text_a}"
+    );
+    assert!(
+        metric(&text_b, "mesh_mtls_streams_active{side=\"all\"}") >= f64::from(FLOWS),
+        "b carried the flows at once:\n{text_b}"
+    );
+    assert!(
+        fds_open.0 >= baseline.0 + FLOWS as usize && fds_open.1 >= baseline.1 + FLOWS as usize,
+        "each agent held a socket per open flow ({fds_open:?}, baseline {baseline:?})"
+    );
+
+    // The clients are gone: both agents let go of every descriptor the flows took.
+    wait_fds_at_most(&p.agent_a, baseline.0).or_fail();
+    wait_fds_at_most(&p.agent_b, baseline.1).or_fail();
+    let after = client(&p.a, "client", sa(VIP), 1).or_fail();
+    assert_eq!(after.backends.get(&marker), Some(&1), "{after:?}");
+}
+
+/// The endpoint `backend` of `pay` in `mesh-agent endpoints --output json` of `agent`.
+fn pay_endpoint(agent: &Agent, backend: SocketAddr) -> Result<serde_json::Value> {
+    let out = agent
+        .cli(&[
+            "endpoints".as_ref(),
+            "--admin-socket".as_ref(),
+            agent.socket_path().as_os_str(),
+            "--output".as_ref(),
+            "json".as_ref(),
+        ])?
+        .ok("mesh-agent endpoints")?;
+    let all: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["service"] == "pay" && e["address"] == backend.to_string())
+        .cloned()
+        .with_context(|| format!("no endpoint {backend} of pay: {all}"))
+}
+
+/// Polls (every 50 ms, up to [`SETTLE`]) until the endpoint's health on `agent` is `health`.
+fn wait_health(agent: &Agent, backend: SocketAddr, health: &str) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let endpoint = pay_endpoint(agent, backend)?;
+        if endpoint["health"] == health {
+            return Ok(endpoint);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{backend} on {} never became {health}: {endpoint}\n{}",
+                agent.node().name(),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_strict_backend_on_another_host_is_health_checked_through_the_tunnel() {
+    let bed = TestBed::new("mtls_remote_health").or_fail();
+    let marker = unique_marker("health");
+    // Only the client workload may call pay: a probe is no flow and passes all the same.
+    let policies =
+        format!("\n[[policies]]\nservice = \"pay\"\naction = \"allow\"\nfrom = [{CLIENT_ID:?}]\n");
+    let check = "health = { interval_ms = 300, timeout_ms = 200, healthy_threshold = 1, unhealthy_threshold = 2, http_path = '/healthz', expect_status = 200 }";
+    let mut p = pair_with(&bed, &marker, &policies, Some(check)).or_fail();
+    let backend = p.backend();
+    let passed = "mesh_health_checks_total{service=\"pay\",result=\"passed\"}";
+    let failed = "mesh_health_checks_total{service=\"pay\",result=\"failed\"}";
+
+    // b's kernel drops a's own connects to the strict backend; b's agent runs a's checks.
+    wait_metric(&p.a, passed, 4.0).or_fail();
+    wait_metric(
+        &p.b,
+        "mesh_mtls_flows_total{side=\"inbound\",result=\"probe_passed\"}",
+        4.0,
+    )
+    .or_fail();
+    let text = metrics::scrape(&p.a).or_fail();
+    assert_eq!(metric(&text, failed), 0.0, "a probe from a failed:\n{text}");
+    assert_eq!(
+        pay_endpoint(&p.agent_a, backend).or_fail()["health"],
+        "healthy"
+    );
+    let ok = client(&p.a, "client", sa(VIP), 2).or_fail();
+    assert_eq!(ok.backends.get(&marker), Some(&2), "{ok:?}");
+
+    // The backend stops: the checks run on b fail, and a excludes it, saying why.
+    p.server.signal(Signal::Kill).or_fail();
+    p.server
+        .wait_timeout(Duration::from_secs(5))
+        .or_fail()
+        .context("the backend server did not exit")
+        .or_fail();
+    let down = wait_health(&p.agent_a, backend, "unhealthy").or_fail();
+    let reason = down["health_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("through the mTLS tunnel") && reason.contains("503"),
+        "{down}"
+    );
+    // It comes back once the backend does.
+    p.server = p.b.http_server("server", backend, &marker, 200).or_fail();
+    wait_health(&p.agent_a, backend, "healthy").or_fail();
 }

@@ -91,8 +91,9 @@ impl MtlsConfig {
     }
 }
 
-/// The mTLS services of a config, for the inbound side's catalog.
-pub fn mtls_services(services: &[ServiceConfig]) -> Vec<MtlsService> {
+/// The mTLS services of a catalog, for the inbound side, each with the active check the
+/// local config (`local`) gives it: the one a peer's health probe of its backends runs here.
+pub fn mtls_services(services: &[ServiceConfig], local: &[ServiceConfig]) -> Vec<MtlsService> {
     services
         .iter()
         .filter(|s| s.mtls)
@@ -100,6 +101,10 @@ pub fn mtls_services(services: &[ServiceConfig]) -> Vec<MtlsService> {
             name: s.name.clone(),
             port: s.port,
             backends: s.backends.iter().map(|b| b.address).collect(),
+            check: local
+                .iter()
+                .find(|l| l.name == s.name)
+                .and_then(|l| l.health.check.clone()),
         })
         .collect()
 }
@@ -355,10 +360,11 @@ mod tests {
         assert_eq!(strict, [true, false, false]);
         assert_eq!(c.policies.rules.len(), 1);
         assert_eq!(c.policies.rules[0].port, Some(443));
-        assert_eq!(
-            mtls_services(&c.services)[0].backends,
-            ["10.0.0.5:8443".parse().unwrap()]
-        );
+        let services = mtls_services(&c.services, &c.services);
+        assert_eq!(services[0].backends, ["10.0.0.5:8443".parse().unwrap()]);
+        // payments has no active check in this config; without a local definition none.
+        assert_eq!(services[0].check, None);
+        assert_eq!(mtls_services(&c.services, &[])[0].check, None);
         let tunnel = mtls.tunnel();
         assert_eq!(tunnel.sources.workloads.len(), 1);
         assert_eq!(tunnel.idle_timeout, Duration::from_secs(30));

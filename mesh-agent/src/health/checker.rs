@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use super::probe::{self, ProbeError};
-use crate::config::health::ActiveCheck;
+use crate::{config::health::ActiveCheck, mtls::Tunnel};
 
 /// Probes in flight at once, whatever the number of backends.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -25,6 +25,9 @@ pub struct Target {
     pub service: String,
     pub backend: SocketAddr,
     pub check: ActiveCheck,
+    /// A backend of a strict mTLS service: probed through the tunnel by the agent in front
+    /// of it (its host drops other hosts' plaintext connects, the agent's own included).
+    pub strict: bool,
 }
 
 /// The outcome of one probe.
@@ -37,29 +40,33 @@ pub struct ProbeReport {
 
 /// The running probe tasks; they stop when it is dropped.
 pub struct Checker {
-    tasks: HashMap<(String, SocketAddr), (ActiveCheck, AbortHandle)>,
+    tasks: HashMap<(String, SocketAddr), (Target, AbortHandle)>,
     reports: mpsc::Sender<ProbeReport>,
     permits: Arc<Semaphore>,
+    /// Carries the probes of strict backends, when the agent has one.
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 impl Checker {
-    /// A checker that sends its reports to `reports`.
-    pub fn new(reports: mpsc::Sender<ProbeReport>) -> Checker {
+    /// A checker that sends its reports to `reports`, probing strict backends through
+    /// `tunnel`.
+    pub fn new(reports: mpsc::Sender<ProbeReport>, tunnel: Option<Arc<Tunnel>>) -> Checker {
         Checker {
             tasks: HashMap::new(),
             reports,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            tunnel,
         }
     }
 
     /// Runs exactly one task per target (must be called inside the tokio runtime).
     pub fn sync(&mut self, targets: impl IntoIterator<Item = Target>) {
-        let mut wanted: HashMap<(String, SocketAddr), ActiveCheck> = targets
+        let mut wanted: HashMap<(String, SocketAddr), Target> = targets
             .into_iter()
-            .map(|t| ((t.service, t.backend), t.check))
+            .map(|t| ((t.service.clone(), t.backend), t))
             .collect();
-        self.tasks.retain(|key, (check, task)| {
-            let keep = wanted.get(key) == Some(check);
+        self.tasks.retain(|key, (target, task)| {
+            let keep = wanted.get(key) == Some(target);
             if keep {
                 wanted.remove(key);
             } else {
@@ -67,18 +74,14 @@ impl Checker {
             }
             keep
         });
-        for ((service, backend), check) in wanted {
+        for (key, target) in wanted {
             let task = tokio::spawn(run(
-                Target {
-                    service: service.clone(),
-                    backend,
-                    check: check.clone(),
-                },
+                target.clone(),
                 self.reports.clone(),
                 Arc::clone(&self.permits),
+                self.tunnel.clone(),
             ));
-            self.tasks
-                .insert((service, backend), (check, task.abort_handle()));
+            self.tasks.insert(key, (target, task.abort_handle()));
         }
     }
 
@@ -98,7 +101,12 @@ impl Drop for Checker {
 }
 
 /// Probes `target` every interval until aborted or the agent stops listening.
-async fn run(target: Target, reports: mpsc::Sender<ProbeReport>, permits: Arc<Semaphore>) {
+async fn run(
+    target: Target,
+    reports: mpsc::Sender<ProbeReport>,
+    permits: Arc<Semaphore>,
+    tunnel: Option<Arc<Tunnel>>,
+) {
     let mut tick = tokio::time::interval(target.check.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -106,7 +114,12 @@ async fn run(target: Target, reports: mpsc::Sender<ProbeReport>, permits: Arc<Se
         let Ok(permit) = permits.acquire().await else {
             return;
         };
-        let result = probe::probe(target.backend, &target.check).await;
+        let result = match (&tunnel, target.strict) {
+            (Some(tunnel), true) => {
+                probe::through_tunnel(tunnel, &target.service, target.backend, &target.check).await
+            }
+            _ => probe::probe(target.backend, &target.check).await,
+        };
         drop(permit);
         let report = ProbeReport {
             service: target.service.clone(),
@@ -138,6 +151,7 @@ mod tests {
                 unhealthy_threshold: 1,
                 http: None,
             },
+            strict: false,
         }
     }
 
@@ -150,7 +164,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let (tx, mut rx) = mpsc::channel(16);
-        let mut checker = Checker::new(tx);
+        let mut checker = Checker::new(tx, None);
         checker.sync([target("a", up_addr, 100), target("a", down_addr, 100)]);
         assert_eq!(checker.len(), 2);
         let mut seen = HashMap::new();

@@ -57,6 +57,8 @@ pub struct Health {
 #[derive(Debug, Default)]
 struct ServiceHealth {
     settings: HealthSettings,
+    /// A strict mTLS service: its backends are probed through the tunnel.
+    strict: bool,
     backends: BTreeMap<SocketAddr, BackendHealth>,
     /// Every backend with weight was excluded, so all are used (set by [`Health::apply`]).
     panic: bool,
@@ -140,6 +142,7 @@ impl Health {
             }
             entry.backends = backends;
             entry.settings = wanted;
+            entry.strict = service.flags & mesh_common::service::SERVICE_FLAG_MTLS != 0;
             self.services.insert(service.name.clone(), entry);
         }
     }
@@ -154,6 +157,7 @@ impl Health {
                     service: name.clone(),
                     backend,
                     check: check.clone(),
+                    strict: s.strict,
                 })
             })
             .collect()

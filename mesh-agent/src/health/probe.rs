@@ -1,4 +1,5 @@
-//! One active probe: a TCP connect, optionally followed by an HTTP/1.1 GET.
+//! One active probe: a TCP connect, optionally followed by an HTTP/1.1 GET; or, for a strict
+//! mTLS backend, the same check run by the agent in front of it, asked through the tunnel.
 //!
 //! Every probe socket carries [`AGENT_MARK`], so the kernel hooks leave it alone: the agent
 //! checks the backend's real address, never a VIP. The whole probe (connect, request,
@@ -13,7 +14,10 @@ use hyper_util::rt::TokioIo;
 use mesh_common::redirect::AGENT_MARK;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::config::health::{ActiveCheck, HttpCheck};
+use crate::{
+    config::health::{ActiveCheck, HttpCheck},
+    mtls::{pool::OpenError, Tunnel},
+};
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,8 @@ pub enum ProbeError {
     Http { cause: hyper::Error },
     #[error("HTTP status {got}, expected {want}")]
     Status { got: u16, want: u16 },
+    #[error("through the mTLS tunnel: {cause}")]
+    Tunnel { cause: OpenError },
 }
 
 /// Probes `addr` as `check` says.
@@ -44,6 +50,21 @@ pub async fn probe(addr: SocketAddr, check: &ActiveCheck) -> Result<(), ProbeErr
         .unwrap_or(Err(ProbeError::Timeout {
             timeout: check.timeout,
         }))
+}
+
+/// Has the agent in front of `addr` (a strict backend of `service`) run its check of it,
+/// bounded by twice the check's timeout (its check, then the tunnel's round trip).
+pub async fn through_tunnel(
+    tunnel: &Tunnel,
+    service: &str,
+    addr: SocketAddr,
+    check: &ActiveCheck,
+) -> Result<(), ProbeError> {
+    let timeout = check.timeout * 2;
+    match tokio::time::timeout(timeout, tunnel.probe(addr, service)).await {
+        Ok(result) => result.map_err(|cause| ProbeError::Tunnel { cause }),
+        Err(_) => Err(ProbeError::Timeout { timeout }),
+    }
 }
 
 async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {

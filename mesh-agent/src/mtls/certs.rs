@@ -446,12 +446,11 @@ fn peer_identity(
     Ok(info.identity)
 }
 
-/// The SPIFFE ID of the peer of an established session (checked during the handshake).
-pub fn session_peer(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+/// The certificate (SPIFFE ID, serial, expiry) of the peer of an established session (checked
+/// during the handshake).
+pub fn session_peer(certs: Option<&[CertificateDer<'_>]>) -> Option<CertInfo> {
     let end_entity = certs?.first()?;
-    CertInfo::from_der(end_entity, "peer certificate")
-        .ok()
-        .map(|info| info.identity)
+    CertInfo::from_der(end_entity, "peer certificate").ok()
 }
 
 /// Client certificates: webpki's chain check, then the SPIFFE ID's trust domain.

@@ -1,7 +1,9 @@
 //! The framing of one tunneled flow: an HTTP/2 `CONNECT` request whose authority is the
 //! backend (`10.0.1.5:8080`, `[fd00::5]:8080`), as Istio's HBONE does, plus a header naming the
-//! service the client called. This module builds the request on the sending side and checks
-//! every part of it on the receiving side.
+//! service the client called. A health probe of a backend is the same request with a
+//! [`PROBE_HEADER`]: the receiving agent runs the check itself and answers with its outcome.
+//! This module builds the request on the sending side and checks every part of it on the
+//! receiving side.
 
 use std::net::SocketAddr;
 
@@ -9,6 +11,29 @@ use http::{Method, Request, StatusCode};
 
 /// The header naming the service the client's kernel balanced the flow for.
 pub const SERVICE_HEADER: &str = "mesh-service";
+
+/// Marks a request as a health probe of the backend (value `1`), not a flow.
+pub const PROBE_HEADER: &str = "mesh-probe";
+
+/// Why a probe failed, in the answer of the agent that ran it.
+pub const PROBE_ERROR_HEADER: &str = "mesh-probe-error";
+
+/// The request that has the agent in front of `backend` (a backend of `service`) probe it.
+pub fn probe_request(backend: SocketAddr, service: &str) -> Request<()> {
+    let mut request = self::request(backend, Some(service));
+    request
+        .headers_mut()
+        .insert(PROBE_HEADER, http::HeaderValue::from_static("1"));
+    request
+}
+
+/// Whether a received request is a health probe.
+pub fn is_probe<T>(request: &Request<T>) -> bool {
+    request
+        .headers()
+        .get(PROBE_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1")
+}
 
 /// The request that opens a flow to `backend`.
 pub fn request(backend: SocketAddr, service: Option<&str>) -> Request<()> {
@@ -114,6 +139,17 @@ mod tests {
         }
         let bare = request("10.0.1.5:80".parse().unwrap(), None);
         assert_eq!(parse(&bare).unwrap().service, None);
+        assert!(!is_probe(&bare));
+        let backend: SocketAddr = "10.0.1.5:80".parse().unwrap();
+        let probe = probe_request(backend, "web");
+        assert!(is_probe(&probe));
+        assert_eq!(
+            parse(&probe).unwrap(),
+            Target {
+                backend,
+                service: Some("web".into())
+            }
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The inbound listener (default `0.0.0.0:15008`): terminates mutual TLS from peer agents,
 //! accepts their HTTP/2 `CONNECT` streams, checks each against the catalog and the policy, and
-//! connects the allowed ones to their backend from a marked socket.
+//! connects the allowed ones to their backend from a marked socket. A peer's health probe of a
+//! backend is run here, where the backend's kernel admits the agent's marked sockets.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,6 +24,9 @@ use super::{
 
 /// How long a peer may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bound of a peer's probe of a backend whose service has no active check here.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Accepts peer agents until the task is dropped.
 pub async fn serve(tunnel: Arc<Tunnel>, listener: TcpListener) {
@@ -57,13 +61,18 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Some(caller) = session_peer(tls.get_ref().1.peer_certificates()) else {
+    let Some(peer_cert) = session_peer(tls.get_ref().1.peer_certificates()) else {
         // The verifier admits no certificate without an identity; this is a bug if reached.
         tracing::error!(%peer, "refused a peer: no identity after the handshake");
         tunnel.stats.handshake(INBOUND, "bad_identity");
         return;
     };
     tunnel.stats.handshake(INBOUND, "ok");
+    // One line per pooled connection (not per flow): which certificate the peer presents.
+    let status = peer_cert.status();
+    tracing::info!(%peer, identity = %status.identity, serial = %status.serial,
+        not_after = %status.not_after, "tunnel connection accepted");
+    let caller = peer_cert.identity;
     let mut h2 = match tuning::server().handshake(tls).await {
         Ok(h2) => h2,
         Err(error) => {
@@ -84,6 +93,38 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
             }
         }
     }
+}
+
+/// Runs this agent's check of `target`'s backend for a peer and answers 200 (passed) or 503
+/// with the reason in [`connect::PROBE_ERROR_HEADER`].
+async fn probe(
+    tunnel: &Tunnel,
+    caller: &SpiffeId,
+    target: &connect::Target,
+    mut respond: SendResponse<Bytes>,
+) {
+    let Some(check) = tunnel.authz().probe_check(target, PROBE_TIMEOUT) else {
+        tracing::warn!(%caller, backend = %target.backend, service = ?target.service,
+            "refused a probe: the target is no backend of an mTLS service here");
+        tunnel.stats.flow(INBOUND, "unknown_target");
+        return refuse(&mut respond, StatusCode::NOT_FOUND);
+    };
+    let mut response = Response::new(());
+    match crate::health::probe::probe(target.backend, &check).await {
+        Ok(()) => tunnel.stats.flow(INBOUND, "probe_passed"),
+        Err(error) => {
+            tracing::debug!(%caller, backend = %target.backend, %error, "probe failed");
+            tunnel.stats.flow(INBOUND, "probe_failed");
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            if let Ok(reason) = http::HeaderValue::from_str(&error.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(connect::PROBE_ERROR_HEADER, reason);
+            }
+        }
+    }
+    // The peer may have given up on the probe; nothing is owed to it then.
+    let _ = respond.send_response(response, true);
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
@@ -108,6 +149,9 @@ async fn stream(
             return refuse(&mut respond, error.status());
         }
     };
+    if connect::is_probe(&request) {
+        return probe(tunnel, caller, &target, respond).await;
+    }
     let verdict = tunnel.authz().check(&target, caller);
     match &verdict {
         Verdict::UnknownTarget => {

@@ -129,6 +129,14 @@ impl Tunnel {
             .collect()
     }
 
+    /// Has the agent in front of `backend` (a strict backend of `service`) run its check of
+    /// it, asked as this node's identity; `Ok` when the check passed there.
+    pub async fn probe(&self, backend: SocketAddr, service: &str) -> Result<(), pool::OpenError> {
+        let node = self.credentials.current().node.clone();
+        let peer = SocketAddr::new(backend.ip(), self.inbound_port);
+        self.pool.probe(&node, peer, backend, service).await
+    }
+
     /// The tunnel's metrics now.
     pub fn sample(&self) -> TunnelSample {
         let mut sample = self.stats.sample();
@@ -236,7 +244,12 @@ impl Tunnel {
                     .into_iter()
                     .map(|c| format!("{} {}", c.identity, c.serial))
                     .collect();
-                tracing::info!(?serials, "certificates reloaded; new handshakes use them");
+                let retired = self.pool.retire_all();
+                tracing::info!(
+                    ?serials,
+                    retired,
+                    "certificates reloaded; new flows use new tunnel connections with them"
+                );
                 self.credentials.warn_expiring();
             }
             Err(error) => {

@@ -1,7 +1,9 @@
 //! Pooled tunnel connections: one TLS 1.3 + HTTP/2 connection per (source identity, peer
 //! agent), carrying any number of flows as streams, so a new flow costs one `CONNECT`
 //! round trip and no handshake. A connection no flow used for the idle timeout is let go
-//! (HTTP/2 GOAWAY once its last handle is dropped); a broken one is replaced on next use.
+//! (HTTP/2 GOAWAY once its last handle is dropped); a broken one is replaced on next use. A
+//! credential rotation retires every connection: new flows handshake with the new
+//! certificates while the old connections drain.
 
 use std::{
     collections::HashMap,
@@ -21,7 +23,7 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::{
-    certs::{handshake_failure_reason, Credentials},
+    certs::{handshake_failure_reason, session_peer, Credentials},
     connect,
     socket::dial_marked,
     spiffe::SpiffeId,
@@ -40,11 +42,14 @@ pub enum OpenError {
     Handshake { peer: SocketAddr, cause: io::Error },
     #[error("HTTP/2 with peer agent {peer} failed: {cause}")]
     H2 { peer: SocketAddr, cause: h2::Error },
-    #[error("peer agent {peer} refused the flow to {backend}: {status}")]
+    #[error("peer agent {peer} refused the flow to {backend}: {status}{}",
+        reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
     Refused {
         peer: SocketAddr,
         backend: SocketAddr,
         status: StatusCode,
+        /// The peer's [`connect::PROBE_ERROR_HEADER`], if any.
+        reason: Option<String>,
     },
 }
 
@@ -119,6 +124,37 @@ impl Pool {
         backend: SocketAddr,
         service: Option<&str>,
     ) -> Result<Flow, OpenError> {
+        self.send(source, peer, backend, connect::request(backend, service))
+            .await
+    }
+
+    /// Has the agent at `peer` probe `backend` of `service` (as `source`); `Ok` when the
+    /// check passed there.
+    pub async fn probe(
+        &self,
+        source: &SpiffeId,
+        peer: SocketAddr,
+        backend: SocketAddr,
+        service: &str,
+    ) -> Result<(), OpenError> {
+        self.send(
+            source,
+            peer,
+            backend,
+            connect::probe_request(backend, service),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sends `request` (a `CONNECT` to `backend`) on the connection to `peer`.
+    async fn send(
+        &self,
+        source: &SpiffeId,
+        peer: SocketAddr,
+        backend: SocketAddr,
+        request: http::Request<()>,
+    ) -> Result<Flow, OpenError> {
         let key = (source.clone(), peer);
         let pooled = self.connection(&key).await?;
         let pooled = match pooled.send.clone().ready().await {
@@ -136,15 +172,18 @@ impl Pool {
         };
         let h2 = |cause| OpenError::H2 { peer, cause };
         let mut send_request = pooled.send.ready().await.map_err(h2)?;
-        let (response, send) = send_request
-            .send_request(connect::request(backend, service), false)
-            .map_err(h2)?;
+        let (response, send) = send_request.send_request(request, false).map_err(h2)?;
         let response = response.await.map_err(h2)?;
         if response.status() != StatusCode::OK {
             return Err(OpenError::Refused {
                 peer,
                 backend,
                 status: response.status(),
+                reason: response
+                    .headers()
+                    .get(connect::PROBE_ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
             });
         }
         Ok(Flow {
@@ -186,6 +225,12 @@ impl Pool {
         {
             Ok(tls) => {
                 self.stats.handshake(OUTBOUND, "ok");
+                if let Some(cert) = session_peer(tls.get_ref().1.peer_certificates()) {
+                    let status = cert.status();
+                    tracing::info!(%peer, %source, identity = %status.identity,
+                        serial = %status.serial, not_after = %status.not_after,
+                        "tunnel connection established");
+                }
                 tls
             }
             Err(cause) => {
@@ -210,13 +255,25 @@ impl Pool {
             done.store(true, Ordering::Relaxed);
             stats.pooled_connections.fetch_sub(1, Ordering::Relaxed);
         });
-        tracing::debug!(%peer, "tunnel connection established");
         Ok(Pooled {
             send,
             closed,
             active: Arc::new(AtomicUsize::new(0)),
             last_used: Arc::new(Mutex::new(Instant::now())),
         })
+    }
+
+    /// Lets go of every connection, so that new flows dial afresh with the credentials in
+    /// force now (after a rotation); flows open on the old connections keep going, and h2
+    /// closes each old connection once its last flow ends. Returns how many were let go.
+    pub fn retire_all(&self) -> usize {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let retired = slots.len();
+        slots.clear();
+        retired
     }
 
     /// Lets go of connections idle for the timeout, and of closed ones; runs until dropped.

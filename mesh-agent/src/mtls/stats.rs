@@ -16,7 +16,8 @@ pub struct TunnelStats {
     handshakes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// (service, decision, identity) → count.
     authz: Mutex<BTreeMap<(String, &'static str, String), u64>>,
-    /// (side, result) → count: `ok`, `no_destination`, `refused`, `failed`, ...
+    /// (side, result) → count: `ok`, `no_destination`, `refused`, `failed`, ...; and the
+    /// inbound outcomes of peers' health probes, `probe_passed` / `probe_failed`.
     flows: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pub streams_active: AtomicI64,
     pub pooled_connections: AtomicI64,

@@ -128,6 +128,7 @@ async fn agent(fixture: &Fixture, cgroups: &Cgroups, peer_port: u16, backend: So
             name: "payments".into(),
             port: 443,
             backends: vec![backend],
+            check: None,
         }],
         Policies {
             rules: vec![Rule {
@@ -446,6 +447,11 @@ async fn rotated_certificates_serve_new_connections_and_keep_old_ones() {
     fixture.issue(NODE, "node");
     a.tunnel.reload_credentials();
     assert_ne!(a.tunnel.certs()[0].serial, before);
+    // A new flow dials a fresh connection (a second handshake, with the new credentials)
+    // while the old one still carries the first flow.
+    let fresh = a.connect(backend, SERVICE_ID, cgroups.id("frontend")).await;
+    assert_eq!(exchange(fresh, b"fresh").await.unwrap(), b"fresh");
+    assert_eq!(a.handshakes(OUTBOUND, "ok"), 2);
     // The flow started before the rotation keeps going.
     assert_eq!(exchange(long, b"after").await.unwrap(), b"before after");
     // A broken file is refused and the rotated credentials stay.

@@ -8,7 +8,7 @@
 //! | `udp-server --listen ADDR:PORT --name NAME` | answers each datagram with `NAME:<payload>`; prints `ready` once bound |
 //! | `tcp-client --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N sequential connections, reads each one's name line; prints a JSON [`TcpClientReport`] |
 //! | `tcp-hold --connect ADDR:PORT [--interval-ms I] [--duration-ms D] [--want NAME --max-attempts M]` | one long-lived connection (reconnecting until it reaches NAME if asked), prints `connected NAME`, then sends a line every I ms and checks the echo; prints a JSON [`HoldReport`] |
-//! | `tcp-flows --connect ADDR:PORT --count N [--hold-ms H] [--timeout-ms T]` | opens N connections at once and reads each one's name line, prints `holding N`, keeps them all open for H ms, then sends a line on each and checks its echo before closing; prints a JSON [`FlowsReport`] (raises its open-file limit for large N) |
+//! | `tcp-many --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N connections open at once (each reads its name line), then each sends its own line and checks the echo; prints `echoed E` with all still open, keeps them H ms, closes them and prints a JSON [`ManyReport`]. Raises its RLIMIT_NOFILE soft limit to fit N |
 //! | `udp-client --target ADDR:PORT --count N [--connected] [--timeout-ms T]` | one datagram at a time, waiting for each reply; prints a JSON [`UdpClientReport`] |
 //!
 //! Every loop and wait is bounded: clients by count and timeouts, servers exit by themselves
@@ -22,9 +22,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::workload::{FlowsReport, HoldReport, TcpClientReport, UdpClientReport};
+use mesh_tests::workload::{HoldReport, ManyReport, TcpClientReport, UdpClientReport};
 
-const USAGE: &str = "usage: mesh-workload (tcp-server|udp-server|tcp-client|tcp-hold|tcp-flows|udp-client) [--option value]... (see the module docs)";
+const USAGE: &str = "usage: mesh-workload (tcp-server|udp-server|tcp-client|tcp-hold|tcp-many|udp-client) [--option value]... (see the module docs)";
 
 fn main() -> ExitCode {
     match run() {
@@ -45,7 +45,7 @@ fn run() -> Result<ExitCode> {
         "udp-server" => udp_server(&args),
         "tcp-client" => tcp_client(&args),
         "tcp-hold" => tcp_hold(&args),
-        "tcp-flows" => tcp_flows(&args),
+        "tcp-many" => tcp_many(&args),
         "udp-client" => udp_client(&args),
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
@@ -190,7 +190,8 @@ fn tcp_server(args: &Args) -> Result<ExitCode> {
         Some(_) => Some(u16::try_from(args.num("http-status", 200)?).context("--http-status")?),
     };
     exit_after_lifetime(args)?;
-    raise_fd_limit()?;
+    // One descriptor per connection; as many as the hard limit allows.
+    raise_nofile_limit(u64::MAX)?;
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     ready()?;
     for conn in listener.incoming() {
@@ -408,64 +409,69 @@ fn tcp_hold(args: &Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn tcp_flows(args: &Args) -> Result<ExitCode> {
+fn tcp_many(args: &Args) -> Result<ExitCode> {
     let target = args.addr("connect")?;
     let count = args.num("count", 1)?;
+    let timeout = args.ms("timeout-ms", 2000)?;
     let hold = args.ms("hold-ms", 0)?;
-    let timeout = args.ms("timeout-ms", 5000)?;
-    raise_fd_limit()?;
-    let mut report = FlowsReport::default();
+    // The connections, stdio and a margin.
+    raise_nofile_limit(count + 64)?;
+    let mut report = ManyReport::default();
     let mut open = Vec::new();
     for _ in 0..count {
         match connect_and_name(target, timeout) {
-            Ok((stream, _)) => open.push(stream),
+            Ok((stream, name)) => {
+                *report.backends.entry(name).or_default() += 1;
+                open.push(stream);
+            }
             Err(e) => *report.errors.entry(error_kind(&e)).or_default() += 1,
         }
     }
-    report.opened = open.len() as u64;
+    // Every connection is open: each sends its own line, then each reads its echo back.
+    let line = |i: usize| format!("flow {i}\n");
+    let mut sent = Vec::new();
+    for (i, mut stream) in open.iter().enumerate() {
+        match stream.write_all(line(i).as_bytes()) {
+            Ok(()) => sent.push((i, stream)),
+            Err(e) => *report.errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
+    for (i, stream) in sent {
+        let mut echo = String::new();
+        match BufReader::new(stream).read_line(&mut echo) {
+            Ok(_) if echo == line(i) => report.echoed += 1,
+            Ok(_) => *report.errors.entry("BAD_ECHO".into()).or_default() += 1,
+            Err(e) => *report.errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
     {
         let mut out = io::stdout().lock();
-        writeln!(out, "holding {}", report.opened)?;
+        writeln!(out, "echoed {}", report.echoed)?;
         out.flush()?;
     }
     std::thread::sleep(hold);
-    for (i, stream) in open.iter_mut().enumerate() {
-        match echo_line(stream, &format!("flow {i}\n")) {
-            Ok(()) => report.echoed += 1,
-            Err(e) => *report.errors.entry(error_kind(&e)).or_default() += 1,
-        }
-    }
     drop(open);
     print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Sends `line` and reads it back; a different answer is `InvalidData`.
-fn echo_line(stream: &mut TcpStream, line: &str) -> io::Result<()> {
-    stream.write_all(line.as_bytes())?;
-    let mut back = vec![0u8; line.len()];
-    io::Read::read_exact(stream, &mut back)?;
-    if back != line.as_bytes() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "wrong echo"));
-    }
-    Ok(())
-}
-
-/// Lifts the soft open-file limit to the hard one (many flows need many descriptors).
-fn raise_fd_limit() -> Result<()> {
-    let mut lim = libc::rlimit {
+/// Raises the soft limit of open files to `want` (at most the hard limit) if it is lower.
+fn raise_nofile_limit(want: u64) -> Result<()> {
+    let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(io::Error::last_os_error()).context("getrlimit");
-        }
-        lim.rlim_cur = lim.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            return Err(io::Error::last_os_error()).context("setrlimit");
-        }
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if limit.rlim_cur >= want {
+        return Ok(());
+    }
+    limit.rlim_cur = want.min(limit.rlim_max);
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
     }
     Ok(())
 }

@@ -24,9 +24,9 @@
 //! path the agent's `mtls_redirected` counter must grow by at least the connections made.
 //!
 //! Memory: the resident set (`VmRSS`) of both agents right after start (idle), then while a
-//! client on `mesh` holds `--flows` (default 10,000) connections open through the tunnel (the
-//! client agent's `mesh_mtls_streams_active` must reach that number, over one pooled
-//! connection), then after those flows echoed a line each and closed, with the agents' open
+//! client on `mesh` holds `--flows` (default 10,000) connections open through the tunnel, each
+//! having echoed a line (the client agent's `mesh_mtls_streams_active` must reach that number),
+//! then after they closed, with the agents' open
 //! descriptors (a leak would show there).
 //!
 //! The bench fails on errors (a tool failing, traffic not working, counters that disagree, a
@@ -307,7 +307,7 @@ impl Memory {
 struct FlowsMemory {
     open: Memory,
     closed: Memory,
-    /// How long opening all flows took.
+    /// How long opening all flows (and one echo each) took.
     opening: Duration,
     /// `mesh_mtls_pooled_connections` on the client while they were open.
     pooled: f64,
@@ -318,29 +318,31 @@ struct FlowsMemory {
 fn hold_flows(mesh: &Node, agents: &Agents, count: u32) -> Result<FlowsMemory> {
     check_interrupted()?;
     let started = Instant::now();
-    let flows = mesh.tcp_flows("flows", SocketAddr::V4(FLOWS.1), count, FLOWS_HOLD)?;
+    let flows = mesh.tcp_many(
+        "flows",
+        SocketAddr::V4(FLOWS.1),
+        count,
+        Duration::from_secs(5),
+        FLOWS_HOLD,
+    )?;
+    // All are open and have echoed a line each.
     let opening = started.elapsed();
-    let opened = flows.opened;
-    let (open, pooled) = if opened == u64::from(count) {
-        metrics::wait_at_least(
-            mesh,
-            "mesh_mtls_streams_active{side=\"all\"}",
-            f64::from(count),
-            Duration::from_secs(10),
-        )?;
-        let pooled = metrics::value(
-            &metrics::scrape(mesh)?,
-            "mesh_mtls_pooled_connections{side=\"outbound\"}",
-        )
-        .unwrap_or(0.0);
-        (Memory::read(agents)?, pooled)
-    } else {
-        (Memory::read(agents)?, 0.0)
-    };
+    metrics::wait_at_least(
+        mesh,
+        "mesh_mtls_streams_active{side=\"all\"}",
+        f64::from(count),
+        Duration::from_secs(10),
+    )?;
+    let pooled = metrics::value(
+        &metrics::scrape(mesh)?,
+        "mesh_mtls_pooled_connections{side=\"outbound\"}",
+    )
+    .unwrap_or(0.0);
+    let open = Memory::read(agents)?;
     let report = flows.finish()?;
     ensure!(
-        opened == u64::from(count) && report.echoed == u64::from(count) && report.errors.is_empty(),
-        "of {count} flows through the tunnel {opened} opened and {} echoed; errors: {:?}",
+        report.echoed == u64::from(count) && report.errors.is_empty(),
+        "of {count} flows through the tunnel {} echoed; errors: {:?}",
         report.echoed,
         report.errors
     );
