@@ -20,6 +20,7 @@
 //! | [`config`] | rendering the agent's TOML config |
 //! | [`agent`] | starting, querying, killing and reconfiguring `mesh-agent` |
 //! | [`workload`] | typed drivers and reports for the `mesh-workload` binary |
+//! | [`mtls`] | certificates from the real CLI and the `[mtls]` config, for the mTLS tests |
 
 pub mod agent;
 pub mod backends;
@@ -27,6 +28,7 @@ pub mod bed;
 pub mod cgroup;
 pub mod config;
 pub mod host;
+pub mod mtls;
 pub mod netns;
 pub mod process;
 pub mod workload;
@@ -34,7 +36,7 @@ pub mod workload;
 pub use agent::Agent;
 pub use bed::{Node, TestBed};
 pub use process::{Proc, Signal};
-pub use workload::{HoldReport, TcpClientReport, UdpClientReport};
+pub use workload::{HoldReport, PingPongReport, StreamReport, TcpClientReport, UdpClientReport};
 
 /// Turns an error into a panic at the caller, with the whole error chain.
 ///

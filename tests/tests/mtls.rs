@@ -18,13 +18,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::config::{render, Service};
+use mesh_tests::config::Service;
+use mesh_tests::mtls::{self, Ca, Issued, MtlsTable};
 use mesh_tests::process::{self, Capture};
-use mesh_tests::{host, Agent, Node, OrFail, Proc, Signal, TcpClientReport, TestBed};
+use mesh_tests::{Agent, Node, OrFail, Proc, Signal, TcpClientReport, TestBed};
 
 const VIP: &str = "10.96.0.30:80";
 const BACKEND_PORT: u16 = 8080;
-const TRUST_DOMAIN: &str = "mesh.test";
 /// The identity of the `client` workload cgroup on `a`.
 const CLIENT_ID: &str = "spiffe://mesh.test/ns/shop/sa/client";
 /// The identity of the `intruder` workload cgroup on `a`.
@@ -35,75 +35,6 @@ const SETTLE: Duration = Duration::from_secs(10);
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
-}
-
-/// A certificate authority made by `mesh-agent ca init` in the bed's scratch directory.
-struct Ca {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A certificate and key made by `mesh-agent cert issue`.
-struct Issued {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// Runs `mesh-agent ARGS…` (a CLI command that needs no agent) and fails unless it succeeds.
-fn agent_cli(args: &[&str]) -> Result<()> {
-    let mut cmd = Command::new(host::agent_bin()?);
-    cmd.args(args);
-    process::spawn("mesh-agent cli", cmd, None, None, Capture::Lines)?
-        .finish(Duration::from_secs(10))?
-        .ok(&format!("mesh-agent {}", args[..2].join(" ")))?;
-    Ok(())
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-impl Ca {
-    fn init(bed: &TestBed, name: &str) -> Result<Ca> {
-        let ca = Ca {
-            cert: bed.tmpdir().join(format!("{name}.pem")),
-            key: bed.tmpdir().join(format!("{name}-key.pem")),
-        };
-        agent_cli(&[
-            "ca",
-            "init",
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--cert",
-            path_str(&ca.cert),
-            "--key",
-            path_str(&ca.key),
-        ])?;
-        Ok(ca)
-    }
-
-    /// Issues a certificate for `spiffe_id`, written as `<stem>.pem` / `<stem>-key.pem`.
-    fn issue(&self, bed: &TestBed, spiffe_id: &str, stem: &str) -> Result<Issued> {
-        let out = Issued {
-            cert: bed.tmpdir().join(format!("{stem}.pem")),
-            key: bed.tmpdir().join(format!("{stem}-key.pem")),
-        };
-        agent_cli(&[
-            "cert",
-            "issue",
-            "--ca-cert",
-            path_str(&self.cert),
-            "--ca-key",
-            path_str(&self.key),
-            "--spiffe-id",
-            spiffe_id,
-            "--cert",
-            path_str(&out.cert),
-            "--key",
-            path_str(&out.key),
-        ])?;
-        Ok(out)
-    }
 }
 
 /// The agent config of `node`: the strict service `pay` (backend on `b`), its `[mtls]` table
@@ -118,24 +49,13 @@ fn config(
     policies: &str,
 ) -> Result<String> {
     let pay = Service::tcp("pay", sa(VIP), &[backend]).with("mtls = \"strict\"");
-    let mut text = render(node.name(), &[pay]);
-    text.push_str(&format!(
-        "\n[mtls]\ntrust_domain = {TRUST_DOMAIN:?}\nca_bundle = {:?}\ncert = {:?}\nkey = {:?}\n",
-        path_str(ca_bundle),
-        path_str(&node_cert.cert),
-        path_str(&node_cert.key),
-    ));
-    for (workload, id, issued) in workloads {
-        let cgroup = node.workload_cgroup(workload)?;
-        text.push_str(&format!(
-            "\n[[mtls.identities]]\ncgroup = {:?}\nspiffe_id = {id:?}\ncert = {:?}\nkey = {:?}\n",
-            path_str(cgroup.path()),
-            path_str(&issued.cert),
-            path_str(&issued.key),
-        ));
-    }
-    text.push_str(policies);
-    Ok(text)
+    let table = MtlsTable {
+        ca_bundle,
+        node_cert,
+        workloads,
+        options: "",
+    };
+    mtls::config(node, &[pay], &table, policies)
 }
 
 /// Two nodes with agents, the backend server on `b` named `marker`.
