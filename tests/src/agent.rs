@@ -63,11 +63,11 @@ impl Agent {
         Self::launch_new(node, bin, None, config_toml)
     }
 
-    /// [`Agent::start`], with the agent (and its restarts) in the node's workload cgroup
+    /// [`Agent::start_with`], with the agent (and its restarts) in the node's workload cgroup
     /// `workload`, where the node's hooks see its sockets.
-    pub fn start_in(node: &Node, workload: &str, config_toml: &str) -> Result<Self> {
+    pub fn start_in(node: &Node, bin: PathBuf, workload: &str, config_toml: &str) -> Result<Self> {
         let cgroup = node.workload_cgroup(workload)?;
-        Self::launch_new(node, host::agent_bin()?, Some(cgroup), config_toml)
+        Self::launch_new(node, bin, Some(cgroup), config_toml)
     }
 
     fn launch_new(

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -232,8 +233,22 @@ impl Node {
         size: usize,
         duration: Duration,
     ) -> Result<PingPongReport> {
+        self.pingpong_with(&host::workload_bin()?, workload, target, size, duration)
+    }
+
+    /// [`Node::pingpong`] with an explicit `mesh-workload` binary (benchmarks name the one
+    /// they built).
+    pub fn pingpong_with(
+        &self,
+        bin: &Path,
+        workload: &str,
+        target: SocketAddr,
+        size: usize,
+        duration: Duration,
+    ) -> Result<PingPongReport> {
         let (addr, size) = (target.to_string(), size.to_string());
-        let cmd = command(&[
+        let mut cmd = Command::new(bin);
+        cmd.args([
             "pingpong",
             "--target",
             &addr,
@@ -241,7 +256,7 @@ impl Node {
             &size,
             "--duration-ms",
             &ms(duration),
-        ])?;
+        ]);
         let out = self
             .run(workload, cmd, duration + Duration::from_secs(15))?
             .ok("pingpong")?;

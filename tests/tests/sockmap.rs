@@ -13,7 +13,7 @@
 //! skips.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use mesh_tests::config::Service;
 use mesh_tests::mtls::{self, Ca, MtlsTable};
 use mesh_tests::workload::ReadMode;
-use mesh_tests::{Agent, Node, OrFail, Proc, Signal, TestBed};
+use mesh_tests::{host, Agent, Node, OrFail, Proc, Signal, TestBed};
 
 const VIP: &str = "10.96.0.31:80";
 const BACKEND_PORT: u16 = 9090;
@@ -73,7 +73,12 @@ fn pair(bed: &TestBed, loopback_sockmap: bool) -> Result<Pair> {
         options: &options,
     };
     let agent_b = b.start_agent(&mtls::config(&b, &echo, &table_b, "")?)?;
-    let agent_a = Agent::start_in(&a, "mesh-agent", &mtls::config(&a, &echo, &table_a, "")?)?;
+    let agent_a = Agent::start_in(
+        &a,
+        host::agent_bin()?,
+        "mesh-agent",
+        &mtls::config(&a, &echo, &table_a, "")?,
+    )?;
     for agent in [&agent_a, &agent_b] {
         agent.wait_status(SETTLE, |st| {
             Agent::backends_in(st, "echo") == [backend.to_string()]
@@ -254,7 +259,7 @@ fn sockhash_pin(a: &Node) -> PathBuf {
 }
 
 /// Ids of the loaded `sk_msg` programs that use the map pinned at `pin`.
-fn sk_msg_programs_on(pin: &PathBuf) -> Result<Vec<u64>> {
+fn sk_msg_programs_on(pin: &Path) -> Result<Vec<u64>> {
     let bpftool = |args: &[&std::ffi::OsStr]| -> Result<serde_json::Value> {
         let out = Command::new("bpftool")
             .arg("-j")

@@ -556,9 +556,7 @@ fn read_exact_patiently(
 
 /// The byte at `offset` of a test stream: a pattern that catches reordered or lost chunks.
 fn pattern(offset: u64) -> u8 {
-    #[expect(clippy::cast_possible_truncation, reason = "below 251")]
-    let b = (offset % 251) as u8;
-    b
+    (offset % 251) as u8
 }
 
 fn pingpong(args: &Args) -> Result<ExitCode> {
@@ -599,10 +597,6 @@ fn pingpong(args: &Args) -> Result<ExitCode> {
                 .push(format!("read #{}: {}", report.messages, error_kind(&e)));
             break;
         }
-        #[expect(
-            clippy::cast_possible_truncation,
-            reason = "a round trip is far below 584 years"
-        )]
         rtts_ns.push(t.elapsed().as_nanos() as u64);
         if back != out {
             report.errors.push(format!(
@@ -628,11 +622,6 @@ fn percentile_us(sorted_ns: &[u64], q: f64) -> f64 {
     if sorted_ns.is_empty() {
         return 0.0;
     }
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "an index within the slice"
-    )]
     let i = ((sorted_ns.len() - 1) as f64 * q).round() as usize;
     sorted_ns[i] as f64 / 1000.0
 }

@@ -13,6 +13,8 @@
 //! | [`iptables`] | kube-proxy-like DNAT rules, loaded with `iptables-restore` |
 //! | [`cpu`] | how much CPU other processes took during the runs (the machine may be shared) |
 //! | [`bpfstats`] | the kernel's per-program run time of the agent's hooks |
+//! | [`msgsize`] | message-size sweeps over one path (ping-pong and iperf3 per size), for the loopback sockmap decision |
+//! | [`sockmap`] | the loopback sockmap suite: mTLS path with `loopback_sockmap` off vs on, per message size |
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
 //! bench: it notes the interrupt, finishes the run in progress (each is bounded) and returns
@@ -22,7 +24,9 @@ pub mod bpfstats;
 pub mod cpu;
 pub mod iptables;
 pub mod lb;
+pub mod msgsize;
 pub mod servers;
+pub mod sockmap;
 pub mod wrk;
 
 use std::path::Path;
@@ -40,6 +44,9 @@ pub enum Suite {
     /// Service load balancing: new connections/s and request/response via a VIP, vs direct,
     /// iptables DNAT and HAProxy.
     Lb(lb::Args),
+    /// The loopback sockmap on the mTLS path: ping-pong and iperf3 per message size (64 B to
+    /// 64 KB), `[mtls] loopback_sockmap` off vs on.
+    Sockmap(sockmap::Args),
 }
 
 pub fn run(root: &Path, suite: Suite) -> Result<()> {
@@ -48,6 +55,7 @@ pub fn run(root: &Path, suite: Suite) -> Result<()> {
     install_interrupt_handler();
     match suite {
         Suite::Lb(args) => lb::run(&built, &args),
+        Suite::Sockmap(args) => sockmap::run(&built, &args),
     }
 }
 
