@@ -45,7 +45,9 @@ pub struct MtlsConfig {
     pub inbound_port: u16,
     pub idle_timeout_s: u32,
     /// Whether the loopback hop between applications and the outbound listener skips TCP
-    /// through a sockmap (`sk_msg` redirect); off by default.
+    /// through a sockmap (`sk_msg` redirect); off by default: it helps small request/response
+    /// messages a little, costs bulk throughput, and the kernel's redirect has no backpressure
+    /// (a sender outrunning the agent gets `ENOMEM`). See ARCHITECTURE.md.
     pub loopback_sockmap: bool,
     pub identities: Vec<IdentityConfig>,
 }

@@ -12,6 +12,11 @@
 //! The suite checks that the switch did what it says: the `loopback_redirected` counter of
 //! `smon` grows by at least the ping-pong messages, and `smoff`'s stays 0.
 //!
+//! An iperf3 run that fails is shown as such, not fatal: with the sockmap on, a sender that
+//! outruns the agent gets `ENOMEM` from `write` (the kernel's ingress redirect has no
+//! backpressure: when the agent's socket cannot take more memory the message is dropped and
+//! the error returned), which is itself a finding.
+//!
 //! Run it with `cargo xtask bench sockmap [--duration-secs 3] [--no-iperf3]`.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
