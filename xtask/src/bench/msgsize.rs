@@ -116,8 +116,8 @@ pub fn throughput_sweep(
 
 /// Received Gbit/s, or the failure, from `iperf3 -J` output.
 fn iperf3_result(json: &str) -> Result<Throughput> {
-    let v: Value = serde_json::from_str(json)
-        .with_context(|| format!("parsing iperf3's JSON: {json:?}"))?;
+    let v: Value =
+        serde_json::from_str(json).with_context(|| format!("parsing iperf3's JSON: {json:?}"))?;
     if let Some(e) = v["error"].as_str() {
         return Ok(Throughput::Failed(e.to_string()));
     }
