@@ -238,6 +238,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             .map_or(mesh_common::redirect::DEFAULT_OUTBOUND_PORT, |m| {
                 m.outbound_port
             }),
+        loopback_sockmap: config.mtls.as_ref().is_some_and(|m| m.loopback_sockmap),
     };
     let tunnel = config
         .mtls

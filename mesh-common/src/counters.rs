@@ -37,11 +37,14 @@ pub enum Counter {
     ConnectFailed = 13,
     /// A connect to an mTLS service was refused: no agent listens for it (fail closed).
     MtlsNoAgent = 14,
+    /// A message on the loopback hop between an application and the agent's outbound listener
+    /// went straight to the peer socket (sockmap redirect), skipping loopback TCP.
+    LoopbackRedirected = 15,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Rewritten,
         Counter::NoBackend,
         Counter::NoServicePort,
@@ -57,6 +60,7 @@ impl Counter {
         Counter::StrictDropped,
         Counter::ConnectFailed,
         Counter::MtlsNoAgent,
+        Counter::LoopbackRedirected,
     ];
 
     /// Number of counters in use; the array has room for [`crate::maps::COUNTERS_MAX`].
@@ -80,6 +84,7 @@ impl Counter {
             Counter::StrictDropped => "strict_dropped",
             Counter::ConnectFailed => "connect_failed",
             Counter::MtlsNoAgent => "mtls_no_agent",
+            Counter::LoopbackRedirected => "loopback_redirected",
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod health;
 pub mod maps;
 pub mod redirect;
 pub mod service;
+pub mod sockmap;
 
 #[cfg(feature = "user")]
 mod pod;

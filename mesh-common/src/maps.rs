@@ -40,6 +40,9 @@ pub const REDIRECT_BY_PEER: &str = "MESH_RDP_V1";
 pub const STRICT_INBOUND: &str = "MESH_STRICT_V1";
 /// Connect outcomes per backend address, per CPU (passive health checking).
 pub const CONNECT_OUTCOMES: &str = "MESH_OUTCOME_V1";
+/// Sockets of the loopback hop between applications and the agent's outbound listener:
+/// 4-tuple → socket (a sockhash), for the `sk_msg` redirect. See [`crate::sockmap`].
+pub const LOOPBACK_SOCKETS: &str = "MESH_LOSOCK_V1";
 
 /// Frontend entries: services plus one VIP marker per distinct VIP address.
 pub const SERVICES_MAX: u32 = 65_536;
@@ -58,3 +61,5 @@ pub const COUNTERS_MAX: u32 = 32;
 pub const REDIRECT_MAX: u32 = 65_536;
 /// Backend addresses of strict services on this host.
 pub const STRICT_MAX: u32 = 65_536;
+/// Sockets of loopback hops (two per redirected mTLS flow while it is open).
+pub const LOOPBACK_SOCKETS_MAX: u32 = 65_536;

@@ -11,6 +11,7 @@ use crate::redirect::{OriginalDest, SockKey};
 use crate::service::{
     AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
 };
+use crate::sockmap::SockTuple;
 
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for Service {}
@@ -25,3 +26,4 @@ unsafe impl aya::Pod for EventBudget {}
 unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for OriginalDest {}
 unsafe impl aya::Pod for ConnectOutcomes {}
+unsafe impl aya::Pod for SockTuple {}

@@ -8,6 +8,8 @@
 //! * `sock_ops`: mTLS sockets' records move to their address once established; balanced
 //!   sockets' connect outcomes are counted per backend (passive health).
 //! * `cgroup_skb/ingress`: plaintext connection openings to strict mTLS backends are dropped.
+//! * `sk_msg` (attached to the loopback sockhash, not a cgroup): messages between an
+//!   application and the agent's outbound listener skip loopback TCP (see [`sockmap`]).
 //!
 //! Sockets of the agent itself (marked `AGENT_MARK`) are never balanced or redirected.
 //!
@@ -21,13 +23,14 @@ mod events;
 mod maps;
 mod redirect;
 mod sockaddr;
+mod sockmap;
 mod strict;
 mod tcp_events;
 
 use aya_ebpf::{
     helpers::bpf_set_retval,
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use balance::Verdict;
 use mesh_common::{
@@ -156,6 +159,13 @@ pub fn mesh_sock_release(ctx: SockContext) -> i32 {
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
     tcp_events::handle(&ctx);
     1
+}
+
+/// The loopback sockmap's message verdict (see [`sockmap`]). Named apart from its section: a
+/// function called `sk_msg` fails to link.
+#[sk_msg]
+pub fn mesh_loopback_msg(ctx: SkMsgContext) -> u32 {
+    sockmap::verdict(&ctx)
 }
 
 /// Return code of a cgroup_skb program that lets the packet through.

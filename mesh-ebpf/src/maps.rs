@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
 };
 use mesh_common::{
     counters::Counter,
@@ -15,6 +15,7 @@ use mesh_common::{
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
     },
+    sockmap::SockTuple,
 };
 
 /// `BPF_F_NO_PREALLOC`: allocate entries on insert. The slot and backend maps are large and
@@ -64,6 +65,12 @@ pub static STRICT_INBOUND: HashMap<SockKey, u32> = HashMap::pinned(limits::STRIC
 #[map(name = "MESH_OUTCOME_V1")]
 pub static CONNECT_OUTCOMES: PerCpuHashMap<SockKey, ConnectOutcomes> =
     PerCpuHashMap::pinned(limits::BACKENDS_MAX, NO_PREALLOC);
+
+/// Pinned with the others: the `sk_msg` program is attached to this map, so the attachment
+/// lives as long as the pin and a restarted agent finds it in place.
+#[map(name = "MESH_LOSOCK_V1")]
+pub static LOOPBACK_SOCKETS: SockHash<SockTuple> =
+    SockHash::pinned(limits::LOOPBACK_SOCKETS_MAX, 0);
 
 #[map(name = "MESH_SET_V1")]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_MAX, 0);

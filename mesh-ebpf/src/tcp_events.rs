@@ -7,6 +7,8 @@
 //!   backend address: established, failed (left SYN-SENT for CLOSE: reset, SYN retries
 //!   exhausted, abandoned) and SYN timeouts. Once established the callbacks are turned off
 //!   again, so a healthy connection costs nothing more.
+//! * Both ends of the loopback hop to the agent's outbound listener join the sockmap once
+//!   established (see [`crate::sockmap`]).
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -17,10 +19,12 @@ use crate::{
     maps::{count, BPF_NOEXIST, CONNECT_OUTCOMES, REVERSE},
     redirect,
     sockaddr::{from_parts, Dest},
+    sockmap,
 };
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_RTO_CB: u32 = 8;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_RTO_CB_FLAG: i32 = 1 << 0;
@@ -34,6 +38,11 @@ pub fn handle(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            if let (Some(local), Some(remote)) = (local(ctx), remote(ctx)) {
+                sockmap::on_established(ctx, &local, &remote);
+            }
+        }
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_CLOSE {
                 if let Some(backend) = remote(ctx) {
@@ -92,7 +101,11 @@ fn on_established(ctx: &SockOpsContext) {
     if let Some(local) = local(ctx) {
         // SAFETY: the socket cookie helper accepts a sock_ops context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        redirect::rekey_established(cookie, &local);
+        if redirect::rekey_established(cookie, &local) {
+            if let Some(remote) = remote(ctx) {
+                sockmap::on_established(ctx, &local, &remote);
+            }
+        }
     }
 }
 

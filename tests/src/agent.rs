@@ -9,7 +9,10 @@
 //! ```
 //!
 //! inside the node's network namespace but in the test runner's own cgroup (the agent's
-//! sockets must not go through the hooks it attaches). Its stdout and stderr are appended to
+//! sockets must not go through the hooks it attaches). [`Agent::start_in`] runs it in one of
+//! the node's workload cgroups instead, as on a host whose programs attach to the root cgroup:
+//! the hooks then see the agent's sockets too (it marks them, so they are skipped), which the
+//! loopback sockmap needs for the agent's end of the loopback hop. Its stdout and stderr are appended to
 //! `<tmpdir>/<node>.agent.log`, printed to stderr if the test panics. Start and restart wait
 //! (at most [`READY_TIMEOUT`]) until `mesh-agent status` answers.
 //!
@@ -25,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::bed::Node;
+use crate::cgroup::Cgroup;
 use crate::host;
 use crate::process::{self, Capture, Finished, Proc, Signal};
 
@@ -42,6 +46,8 @@ pub struct Agent {
     config_path: PathBuf,
     socket: PathBuf,
     log_path: PathBuf,
+    /// The cgroup the agent runs in; `None`: the test runner's.
+    cgroup: Option<Cgroup>,
     proc: Option<Proc>,
 }
 
@@ -54,6 +60,22 @@ impl Agent {
 
     /// [`Agent::start`] with an explicit binary (the harness self-test uses a stand-in).
     pub fn start_with(node: &Node, bin: PathBuf, config_toml: &str) -> Result<Self> {
+        Self::launch_new(node, bin, None, config_toml)
+    }
+
+    /// [`Agent::start_with`], with the agent (and its restarts) in the node's workload cgroup
+    /// `workload`, where the node's hooks see its sockets.
+    pub fn start_in(node: &Node, bin: PathBuf, workload: &str, config_toml: &str) -> Result<Self> {
+        let cgroup = node.workload_cgroup(workload)?;
+        Self::launch_new(node, bin, Some(cgroup), config_toml)
+    }
+
+    fn launch_new(
+        node: &Node,
+        bin: PathBuf,
+        cgroup: Option<Cgroup>,
+        config_toml: &str,
+    ) -> Result<Self> {
         let dir = node.tmpdir();
         let mut agent = Self {
             node: node.clone(),
@@ -61,6 +83,7 @@ impl Agent {
             config_path: dir.join(format!("{}.toml", node.name())),
             socket: dir.join(format!("{}.sock", node.name())),
             log_path: dir.join(format!("{}.agent.log", node.name())),
+            cgroup,
             proc: None,
         };
         agent.write_config(config_toml)?;
@@ -99,9 +122,12 @@ impl Agent {
             &format!("=== mesh-tests: starting {cmd:?} ===\n"),
         )?;
         let label = format!("mesh-agent on {}", self.node.name());
-        let p = self
-            .node
-            .spawn_with(&label, cmd, None, Capture::File(self.log_path.clone()))?;
+        let p = self.node.spawn_with(
+            &label,
+            cmd,
+            self.cgroup.as_ref(),
+            Capture::File(self.log_path.clone()),
+        )?;
         self.proc = Some(p);
         self.wait_ready(READY_TIMEOUT)
     }

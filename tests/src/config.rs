@@ -7,9 +7,6 @@
 
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::path::Path;
-
-use crate::pki::{path_str, Issued};
 
 /// One backend: its address as written in the file, and an optional weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,32 +125,6 @@ pub fn render(node: &str, services: &[Service]) -> String {
         s.push_str("]\n");
     }
     s
-}
-
-/// The `[mtls]` table: `trust_domain`, the CA bundle, the node's certificate, and one
-/// `[[mtls.identities]]` entry per (workload cgroup directory, SPIFFE ID, certificate).
-pub fn mtls_table(
-    trust_domain: &str,
-    ca_bundle: &Path,
-    node_cert: &Issued,
-    identities: &[(&Path, &str, &Issued)],
-) -> String {
-    let mut text = format!(
-        "\n[mtls]\ntrust_domain = {trust_domain:?}\nca_bundle = {:?}\ncert = {:?}\nkey = {:?}\n",
-        path_str(ca_bundle),
-        path_str(&node_cert.cert),
-        path_str(&node_cert.key),
-    );
-    for (cgroup, id, issued) in identities {
-        let _ = write!(
-            text,
-            "\n[[mtls.identities]]\ncgroup = {:?}\nspiffe_id = {id:?}\ncert = {:?}\nkey = {:?}\n",
-            path_str(cgroup),
-            path_str(&issued.cert),
-            path_str(&issued.key),
-        );
-    }
-    text
 }
 
 /// The 1-based number of the first line of `text` containing `needle`.

@@ -20,8 +20,8 @@
 //! | [`config`] | rendering the agent's TOML config |
 //! | [`agent`] | starting, querying, killing and reconfiguring `mesh-agent` |
 //! | [`metrics`] | scraping an agent's metrics endpoint inside its node |
-//! | [`pki`] | CAs and certificates made with `mesh-agent ca init` / `cert issue` |
 //! | [`workload`] | typed drivers and reports for the `mesh-workload` binary |
+//! | [`mtls`] | certificates from the real CLI and the `[mtls]` config, for the mTLS tests |
 
 pub mod agent;
 pub mod backends;
@@ -30,15 +30,17 @@ pub mod cgroup;
 pub mod config;
 pub mod host;
 pub mod metrics;
+pub mod mtls;
 pub mod netns;
-pub mod pki;
 pub mod process;
 pub mod workload;
 
 pub use agent::Agent;
 pub use bed::{Node, TestBed};
 pub use process::{Proc, Signal};
-pub use workload::{HoldReport, ManyReport, TcpClientReport, UdpClientReport};
+pub use workload::{
+    HoldReport, ManyReport, PingPongReport, StreamReport, TcpClientReport, UdpClientReport,
+};
 
 /// Turns an error into a panic at the caller, with the whole error chain.
 ///

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -96,6 +97,50 @@ impl UdpClientReport {
     pub fn ok(&self) -> u64 {
         self.backends.values().sum()
     }
+}
+
+/// What `pingpong` measured over one connection: `size` bytes written, the same `size` bytes
+/// read back, repeated.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PingPongReport {
+    /// Bytes per message.
+    pub size: u64,
+    /// Round trips completed (each echo checked byte for byte).
+    pub messages: u64,
+    pub messages_per_sec: f64,
+    /// Median and 99th percentile round-trip time, microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Bytes sent (and received back) in total.
+    pub bytes: u64,
+    /// What went wrong, if anything (the run stops at the first error).
+    pub errors: Vec<String>,
+}
+
+/// What `echo-stream` saw: `total` bytes written in `write_size` writes by one thread, the
+/// socket's write side shut down, and the echo read until EOF by another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReport {
+    pub sent: u64,
+    /// Bytes read back before EOF.
+    pub received: u64,
+    /// Whether every byte read back matched what was sent at that offset.
+    pub matched: bool,
+    /// Bytes that arrived after the write side was shut down (the half-close worked).
+    pub after_shutdown: u64,
+    /// The read side ended with EOF (not an error or timeout).
+    pub eof: bool,
+    pub errors: Vec<String>,
+}
+
+/// When `echo-stream` reads the echo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// While writing (any total works).
+    Concurrent,
+    /// Only after writing everything and shutting the write side down (proves half-close; the
+    /// total must fit in the path's buffers).
+    AfterShutdown,
 }
 
 /// A running `tcp-hold`: connected to [`Hold::backend`], exchanging lines until its duration
@@ -194,6 +239,93 @@ impl Node {
         )?;
         p.wait_line(READY_TIMEOUT, |l| l == "ready")?;
         Ok(p)
+    }
+
+    /// Starts a raw echo server on `listen` (bytes back as they come, half-close passed on);
+    /// returns once it listens.
+    pub fn echo_server(&self, workload: &str, listen: SocketAddr) -> Result<Proc> {
+        let addr = listen.to_string();
+        let p = self.spawn(workload, command(&["echo-server", "--listen", &addr])?)?;
+        p.wait_line(READY_TIMEOUT, |l| l == "ready")?;
+        Ok(p)
+    }
+
+    /// Ping-pong of `size`-byte messages over one connection to `target` (an echo server) for
+    /// `duration`, from workload cgroup `workload`.
+    pub fn pingpong(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        size: usize,
+        duration: Duration,
+    ) -> Result<PingPongReport> {
+        self.pingpong_with(&host::workload_bin()?, workload, target, size, duration)
+    }
+
+    /// [`Node::pingpong`] with an explicit `mesh-workload` binary (benchmarks name the one
+    /// they built).
+    pub fn pingpong_with(
+        &self,
+        bin: &Path,
+        workload: &str,
+        target: SocketAddr,
+        size: usize,
+        duration: Duration,
+    ) -> Result<PingPongReport> {
+        let (addr, size) = (target.to_string(), size.to_string());
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "pingpong",
+            "--target",
+            &addr,
+            "--size",
+            &size,
+            "--duration-ms",
+            &ms(duration),
+        ]);
+        let out = self
+            .run(workload, cmd, duration + Duration::from_secs(15))?
+            .ok("pingpong")?;
+        parse_last_json(&out.stdout)
+    }
+
+    /// Streams `total` bytes in `write_size` writes to `target` (an echo server), shuts the
+    /// write side down and reads the echo until EOF, as `mode` says; each read bounded by
+    /// `timeout`.
+    pub fn echo_stream(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        total: usize,
+        write_size: usize,
+        mode: ReadMode,
+        timeout: Duration,
+    ) -> Result<StreamReport> {
+        let (addr, total, write_size) = (
+            target.to_string(),
+            total.to_string(),
+            write_size.to_string(),
+        );
+        let timeout_ms = ms(timeout);
+        let mut args = vec![
+            "echo-stream",
+            "--target",
+            &addr,
+            "--total",
+            &total,
+            "--write-size",
+            &write_size,
+            "--timeout-ms",
+            &timeout_ms,
+        ];
+        if mode == ReadMode::AfterShutdown {
+            args.push("--read-after-shutdown");
+        }
+        let cmd = command(&args)?;
+        let out = self
+            .run(workload, cmd, timeout * 4 + Duration::from_secs(10))?
+            .ok("echo-stream")?;
+        parse_last_json(&out.stdout)
     }
 
     /// Starts a UDP server named `name` on `listen`; returns once it is bound.

@@ -130,6 +130,7 @@ fn cli_json_answers_field_by_field() {
             "strict_dropped",
             "connect_failed",
             "mtls_no_agent",
+            "loopback_redirected",
         ])
     );
     assert!(counters["rewritten"].as_u64() >= Some(20), "{counters}");

@@ -17,14 +17,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::config::{mtls_table, render, Service};
-use mesh_tests::pki::{path_str, Ca, Issued};
+use mesh_tests::config::Service;
+use mesh_tests::mtls::{self, path_str, Ca, Issued, MtlsTable};
 use mesh_tests::process::{self, Capture};
 use mesh_tests::{metrics, Agent, Node, OrFail, Proc, Signal, TcpClientReport, TestBed};
 
 const VIP: &str = "10.96.0.30:80";
 const BACKEND_PORT: u16 = 8080;
-const TRUST_DOMAIN: &str = "mesh.test";
 /// The identity of the `client` workload cgroup on `a`.
 const CLIENT_ID: &str = "spiffe://mesh.test/ns/shop/sa/client";
 /// The identity of the `intruder` workload cgroup on `a`.
@@ -53,18 +52,13 @@ fn config(
     workloads: &[(&str, &str, &Issued)],
     policies: &str,
 ) -> Result<String> {
-    let mut text = render(node.name(), &[pay]);
-    let mut identities = Vec::new();
-    for (workload, id, issued) in workloads {
-        identities.push((node.workload_cgroup(workload)?, *id, *issued));
-    }
-    let identities: Vec<_> = identities
-        .iter()
-        .map(|(cgroup, id, issued)| (cgroup.path(), *id, *issued))
-        .collect();
-    text.push_str(&mtls_table(TRUST_DOMAIN, ca_bundle, node_cert, &identities));
-    text.push_str(policies);
-    Ok(text)
+    let table = MtlsTable {
+        ca_bundle,
+        node_cert,
+        workloads,
+        options: "",
+    };
+    mtls::config(node, &[pay], &table, policies)
 }
 
 /// Two nodes with agents, the backend server on `b` named `marker`.
@@ -94,7 +88,7 @@ fn pair_with(bed: &TestBed, marker: &str, policies: &str, health: Option<&str>) 
         Some(_) => b.http_server("server", backend, marker, 200)?,
     };
     let service = || health.map_or_else(|| pay(backend), |h| pay(backend).with(h));
-    let ca = Ca::init(bed, TRUST_DOMAIN, "ca")?;
+    let ca = Ca::init(bed, "ca")?;
     let node_a = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/a", "node-a")?;
     let node_b = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b")?;
     let client = ca.issue(bed, CLIENT_ID, "client")?;
@@ -383,7 +377,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
     let p = pair(&bed, &marker, "").or_fail();
     // Node c trusts both CAs (so it accepts b) but holds certificates of a foreign CA.
     let c = bed.add_node("c").or_fail();
-    let foreign = Ca::init(&bed, TRUST_DOMAIN, "foreign-ca").or_fail();
+    let foreign = Ca::init(&bed, "foreign-ca").or_fail();
     let bundle = bed.tmpdir().join("both-cas.pem");
     let mut pem = std::fs::read(&p.ca.cert).or_fail();
     pem.extend(std::fs::read(&foreign.cert).or_fail());

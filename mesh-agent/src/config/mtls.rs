@@ -44,6 +44,11 @@ pub struct MtlsConfig {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub idle_timeout_s: u32,
+    /// Whether the loopback hop between applications and the outbound listener skips TCP
+    /// through a sockmap (`sk_msg` redirect); off by default: it helps small request/response
+    /// messages a little, costs bulk throughput, and the kernel's redirect has no backpressure
+    /// (a sender outrunning the agent gets `ENOMEM`). See ARCHITECTURE.md.
+    pub loopback_sockmap: bool,
     pub identities: Vec<IdentityConfig>,
 }
 
@@ -120,6 +125,7 @@ pub(super) struct RawMtls {
     outbound_port: Option<Spanned<i64>>,
     inbound_port: Option<Spanned<i64>>,
     idle_timeout_s: Option<Spanned<i64>>,
+    loopback_sockmap: Option<bool>,
     #[serde(default)]
     identities: Vec<Spanned<RawIdentity>>,
 }
@@ -243,6 +249,7 @@ impl Source<'_> {
             outbound_port,
             inbound_port,
             idle_timeout_s,
+            loopback_sockmap: raw.loopback_sockmap.unwrap_or(false),
             identities,
         })
     }
@@ -365,6 +372,12 @@ mod tests {
         // payments has no active check in this config; without a local definition none.
         assert_eq!(services[0].check, None);
         assert_eq!(mtls_services(&c.services, &[])[0].check, None);
+        assert!(
+            !mtls.loopback_sockmap,
+            "the loopback sockmap is off by default"
+        );
+        let on = parse(&format!("{MTLS}loopback_sockmap = true\n")).unwrap();
+        assert!(on.mtls.unwrap().loopback_sockmap);
         let tunnel = mtls.tunnel();
         assert_eq!(tunnel.sources.workloads.len(), 1);
         assert_eq!(tunnel.idle_timeout, Duration::from_secs(30));
@@ -380,6 +393,7 @@ mod tests {
             (MTLS.replace("mesh.test", "Mesh"), "mesh.toml:2: mtls.trust_domain: \"Mesh\" is not a trust domain"),
             (format!("{MTLS}inbound_port = 0\n"), "mesh.toml:6: mtls.inbound_port: 0 is not a port number"),
             (format!("{MTLS}idle_timeout_s = 0\n"), "mesh.toml:6: mtls.idle_timeout_s: 0 seconds is out of range"),
+            (format!("{MTLS}loopback_sockmap = 'yes'\n"), "mesh.toml:6: mtls.loopback_sockmap: invalid type: string \"yes\", expected a boolean"),
             (format!("{MTLS}[[mtls.identities]]\ncgroup = 'a'\nspiffe_id = 'spiffe://other/ns/a/sa/b'\ncert = 'c'\nkey = 'k'\n"),
              "mesh.toml:8: mtls.identities[0].spiffe_id: spiffe://other/ns/a/sa/b is not in the trust domain mesh.test"),
             (format!("{MTLS}[[mtls.identities]]\ncgroup = 'a'\nspiffe_id = 'spiffe://mesh.test/a'\ncert = 'c'\nkey = 'k'\n"),

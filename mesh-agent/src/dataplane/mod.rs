@@ -5,11 +5,13 @@
 //! pinned, and only then is the old link's pin removed, which detaches it. There is no moment
 //! without a program on the hook, and at rest exactly one link per hook remains. Running both
 //! for an instant is harmless: after the first rewrites a VIP, the second sees a backend address
-//! and passes.
+//! and passes. The loopback `sk_msg` program is the exception: it attaches to its pinned
+//! sockhash, not to the cgroup, and a new attach replaces the old one (see [`sockmap`]).
 
 mod kernel_maps;
 mod pins;
 mod redirects;
+mod sockmap;
 
 use std::{
     fs::{self, File},
@@ -31,6 +33,7 @@ use mesh_common::{
     events::{SETTING_DEBUG_LOG, SETTING_FLOW_EVENTS},
     maps,
     redirect::SETTING_OUTBOUND_PORT,
+    sockmap::SETTING_LOOPBACK_SOCKMAP,
 };
 pub use pins::{PinDir, PinError};
 pub use redirects::{Redirect, Redirects};
@@ -113,6 +116,9 @@ pub struct Settings {
     /// Port of the agent's outbound (mTLS) listener on loopback; 0 = none, and then connects
     /// to mTLS services are refused.
     pub outbound_port: u16,
+    /// Short-circuit the loopback hop between applications and the outbound listener with a
+    /// sockmap (`[mtls] loopback_sockmap`).
+    pub loopback_sockmap: bool,
 }
 
 /// The installed data plane: programs attached, state pinned, maps open for writing.
@@ -154,6 +160,7 @@ impl DataPlane {
             let link = attach(&mut ebpf, name, &cgroup_dir)?;
             replace_pinned_link(&pins.link(hook), link)?;
         }
+        sockmap::attach(&mut ebpf)?;
         let maps = KernelMaps::take(&mut ebpf)?;
         let redirects = Redirects::new(take_map(&mut ebpf, maps::REDIRECT_BY_PEER)?);
         let events = take_map(&mut ebpf, maps::EVENTS)?;
@@ -195,6 +202,10 @@ fn apply_settings(ebpf: &mut Ebpf, settings: Settings) -> Result<(), DataPlaneEr
         (SETTING_FLOW_EVENTS, u32::from(settings.flow_events)),
         (SETTING_DEBUG_LOG, u32::from(settings.debug_log)),
         (SETTING_OUTBOUND_PORT, u32::from(settings.outbound_port)),
+        (
+            SETTING_LOOPBACK_SOCKMAP,
+            u32::from(settings.loopback_sockmap),
+        ),
     ] {
         switches
             .set(index, value, 0)

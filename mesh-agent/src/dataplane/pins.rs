@@ -18,6 +18,7 @@ use mesh_common::{
     service::{
         AffinityKey, AffinityValue, Backend, ReverseKey, ReverseValue, Service, ServiceKey, SlotKey,
     },
+    sockmap::SockTuple,
 };
 
 /// Why the pinned state cannot be adopted.
@@ -167,6 +168,8 @@ fn expected_shape(name: &str) -> Option<(u32, u32, u32)> {
         maps::REDIRECT_BY_PEER => shape::<SockKey, OriginalDest>(maps::REDIRECT_MAX),
         maps::STRICT_INBOUND => shape::<SockKey, u32>(maps::STRICT_MAX),
         maps::CONNECT_OUTCOMES => shape::<SockKey, ConnectOutcomes>(maps::BACKENDS_MAX),
+        // A sockhash's value is the socket, shown to user space as a 32-bit descriptor.
+        maps::LOOPBACK_SOCKETS => shape::<SockTuple, u32>(maps::LOOPBACK_SOCKETS_MAX),
         _ => return None,
     })
 }

@@ -10,21 +10,28 @@
 //! | `tcp-hold --connect ADDR:PORT [--interval-ms I] [--duration-ms D] [--want NAME --max-attempts M]` | one long-lived connection (reconnecting until it reaches NAME if asked), prints `connected NAME`, then sends a line every I ms and checks the echo; prints a JSON [`HoldReport`] |
 //! | `tcp-many --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N connections open at once (each reads its name line), then each sends its own line and checks the echo; prints `echoed E` with all still open, keeps them H ms, closes them and prints a JSON [`ManyReport`]. Raises its RLIMIT_NOFILE soft limit to fit N |
 //! | `udp-client --target ADDR:PORT --count N [--connected] [--timeout-ms T]` | one datagram at a time, waiting for each reply; prints a JSON [`UdpClientReport`] |
+//! | `echo-server --listen ADDR:PORT` | per connection (one thread each): echoes bytes as they come; at EOF shuts its write side down and closes; prints `ready` once listening |
+//! | `pingpong --target ADDR:PORT --size N [--duration-ms D] [--timeout-ms T]` | one connection to an echo server: writes N bytes, reads the N bytes back and checks them, repeated for D ms; prints a JSON [`PingPongReport`] (messages/s, p50/p99 round trip) |
+//! | `echo-stream --target ADDR:PORT --total N --write-size W [--read-after-shutdown] [--timeout-ms T]` | one connection to an echo server: writes N bytes in W-byte writes, shuts the write side down, reads the echo until EOF (concurrently, or only after the shutdown) and checks it; prints a JSON [`StreamReport`] |
 //!
 //! Every loop and wait is bounded: clients by count and timeouts, servers exit by themselves
 //! after `--max-lifetime-ms` (default 10 minutes) in case nobody kills them. Errors are counted
 //! by errno name; any timeout counts as `ETIMEDOUT`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::workload::{HoldReport, ManyReport, TcpClientReport, UdpClientReport};
+use mesh_tests::workload::{
+    HoldReport, ManyReport, PingPongReport, StreamReport, TcpClientReport, UdpClientReport,
+};
 
-const USAGE: &str = "usage: mesh-workload (tcp-server|udp-server|tcp-client|tcp-hold|tcp-many|udp-client) [--option value]... (see the module docs)";
+const USAGE: &str = "usage: mesh-workload (tcp-server|udp-server|echo-server|tcp-client|tcp-hold|tcp-many|udp-client|pingpong|echo-stream) [--option value]... (see the module docs)";
 
 fn main() -> ExitCode {
     match run() {
@@ -47,11 +54,14 @@ fn run() -> Result<ExitCode> {
         "tcp-hold" => tcp_hold(&args),
         "tcp-many" => tcp_many(&args),
         "udp-client" => udp_client(&args),
+        "echo-server" => echo_server(&args),
+        "pingpong" => pingpong(&args),
+        "echo-stream" => echo_stream(&args),
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
 
-/// `--key value` options and `--flag` switches, parsed by hand (no clap needed for six
+/// `--key value` options and `--flag` switches, parsed by hand (no clap needed for a few
 /// commands).
 struct Args {
     values: HashMap<String, String>,
@@ -59,7 +69,7 @@ struct Args {
 }
 
 /// Options that take no value.
-const FLAGS: &[&str] = &["connected"];
+const FLAGS: &[&str] = &["connected", "read-after-shutdown"];
 
 impl Args {
     fn parse(mut argv: impl Iterator<Item = String>) -> Result<Self> {
@@ -544,6 +554,244 @@ fn udp_client(args: &Args) -> Result<ExitCode> {
         }
     }
     report.errors = errors;
+    print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn echo_server(args: &Args) -> Result<ExitCode> {
+    let listen = args.addr("listen")?;
+    let idle = args.ms("idle-timeout-ms", 120_000)?;
+    exit_after_lifetime(args)?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    ready()?;
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        std::thread::spawn(move || {
+            let _ = echo_bytes(stream, idle);
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Echoes everything read; at EOF shuts the write side down (passing the half-close on).
+fn echo_bytes(mut stream: TcpStream, idle: Duration) -> io::Result<()> {
+    stream.set_read_timeout(Some(idle))?;
+    stream.set_nodelay(true)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return stream.shutdown(Shutdown::Write);
+        }
+        stream.write_all(&buf[..n])?;
+    }
+}
+
+/// Connects with a timeout, bounding every read and write by it too.
+fn connect_bounded(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// One `read`, retried while it fails with `EAGAIN` before `timeout` has passed.
+///
+/// The socket's own timeout (`SO_RCVTIMEO`) also ends in `EAGAIN`, so the elapsed time tells
+/// the two apart. A spurious `EAGAIN` is real: once a socket is in a sockmap (the loopback
+/// sockmap of the mTLS path), the kernel's sockmap receive path returns `EAGAIN` from a
+/// blocking read that a wakeup without data for it ended (another thread's write frees send
+/// space and wakes the same queue). Event-loop programs retry anyway; blocking ones must too.
+fn read_patiently(stream: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+    let start = Instant::now();
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < timeout => {}
+            other => return other,
+        }
+    }
+}
+
+/// `read_exact` made of [`read_patiently`] reads.
+fn read_exact_patiently(
+    stream: &mut TcpStream,
+    mut buf: &mut [u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_patiently(stream, buf, timeout)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
+}
+
+/// The byte at `offset` of a test stream: a pattern that catches reordered or lost chunks.
+fn pattern(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+fn pingpong(args: &Args) -> Result<ExitCode> {
+    let target = args.addr("target")?;
+    let size = usize::try_from(args.num("size", 64)?).context("--size")?;
+    anyhow::ensure!((1..=16 << 20).contains(&size), "--size must be 1..=16 MiB");
+    let duration = args.ms("duration-ms", 5000)?;
+    let timeout = args.ms("timeout-ms", 5000)?;
+    let mut report = PingPongReport {
+        size: size as u64,
+        ..PingPongReport::default()
+    };
+    let mut stream = match connect_bounded(target, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            report.errors.push(format!("connect: {}", errno_name(&e)));
+            print_json(&report)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let mut out: Vec<u8> = (0..size as u64).map(pattern).collect();
+    let mut back = vec![0u8; size];
+    let mut rtts_ns: Vec<u64> = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        // A different first byte each round, so a stale echo cannot pass for this one.
+        out[0] = out[0].wrapping_add(1);
+        let t = Instant::now();
+        if let Err(e) = stream.write_all(&out) {
+            report
+                .errors
+                .push(format!("write #{}: {}", report.messages, errno_name(&e)));
+            break;
+        }
+        if let Err(e) = read_exact_patiently(&mut stream, &mut back, timeout) {
+            report
+                .errors
+                .push(format!("read #{}: {}", report.messages, error_kind(&e)));
+            break;
+        }
+        rtts_ns.push(t.elapsed().as_nanos() as u64);
+        if back != out {
+            report.errors.push(format!(
+                "echo #{} differs from what was sent",
+                report.messages
+            ));
+            break;
+        }
+        report.messages += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    report.bytes = report.messages * size as u64;
+    report.messages_per_sec = report.messages as f64 / elapsed.max(1e-9);
+    rtts_ns.sort_unstable();
+    report.p50_us = percentile_us(&rtts_ns, 0.50);
+    report.p99_us = percentile_us(&rtts_ns, 0.99);
+    print_json(&report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `q` quantile of sorted nanoseconds, in microseconds (0 when empty).
+fn percentile_us(sorted_ns: &[u64], q: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_ns.len() - 1) as f64 * q).round() as usize;
+    sorted_ns[i] as f64 / 1000.0
+}
+
+fn echo_stream(args: &Args) -> Result<ExitCode> {
+    let target = args.addr("target")?;
+    let total = args.num("total", 1 << 20)?;
+    let write_size = usize::try_from(args.num("write-size", 65_536)?).context("--write-size")?;
+    anyhow::ensure!(write_size > 0, "--write-size must be positive");
+    let timeout = args.ms("timeout-ms", 5000)?;
+    let mut report = StreamReport::default();
+    let stream = match connect_bounded(target, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            report.errors.push(format!("connect: {}", errno_name(&e)));
+            print_json(&report)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let received = Arc::new(AtomicU64::new(0));
+    let mut writer = {
+        let mut stream = stream.try_clone()?;
+        let received = Arc::clone(&received);
+        move || -> Written {
+            let mut sent = 0u64;
+            let mut chunk = vec![0u8; write_size];
+            while sent < total {
+                let n =
+                    usize::try_from((total - sent).min(write_size as u64)).unwrap_or(write_size);
+                for (i, b) in chunk[..n].iter_mut().enumerate() {
+                    *b = pattern(sent + i as u64);
+                }
+                if let Err(e) = stream.write_all(&chunk[..n]) {
+                    return (
+                        sent,
+                        Some(format!("write at {sent}: {}", errno_name(&e))),
+                        0,
+                    );
+                }
+                sent += n as u64;
+            }
+            let at_shutdown = received.load(Ordering::SeqCst);
+            let err = stream
+                .shutdown(Shutdown::Write)
+                .err()
+                .map(|e| format!("shutdown: {}", errno_name(&e)));
+            (sent, err, at_shutdown)
+        }
+    };
+    /// The writer's outcome: (bytes sent, error, bytes received when it shut down).
+    type Written = (u64, Option<String>, u64);
+    enum Writer {
+        Done(Written),
+        Running(std::thread::JoinHandle<Written>),
+    }
+    let writer = if args.flag("read-after-shutdown") {
+        Writer::Done(writer())
+    } else {
+        Writer::Running(std::thread::spawn(writer))
+    };
+    let mut reader = stream;
+    let mut buf = vec![0u8; 256 * 1024];
+    report.matched = true;
+    loop {
+        match read_patiently(&mut reader, &mut buf, timeout) {
+            Ok(0) => {
+                report.eof = true;
+                break;
+            }
+            Ok(n) => {
+                let offset = received.fetch_add(n as u64, Ordering::SeqCst);
+                if report.matched
+                    && buf[..n]
+                        .iter()
+                        .enumerate()
+                        .any(|(i, &b)| b != pattern(offset + i as u64))
+                {
+                    report.matched = false;
+                }
+            }
+            Err(e) => {
+                report.errors.push(format!("read: {}", error_kind(&e)));
+                break;
+            }
+        }
+    }
+    let (sent, err, at_shutdown) = match writer {
+        Writer::Done(w) => w,
+        Writer::Running(h) => h
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?,
+    };
+    report.sent = sent;
+    report.errors.extend(err);
+    report.received = received.load(Ordering::SeqCst);
+    report.after_shutdown = report.received - at_shutdown.min(report.received);
     print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }

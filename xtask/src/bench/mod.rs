@@ -20,6 +20,8 @@
 //! | [`procstat`] | an agent's CPU time, resident memory and descriptors from `/proc` |
 //! | [`stats`] | medians, spreads, ratios |
 //! | [`bpfstats`] | the kernel's per-program run time of the agent's hooks |
+//! | [`msgsize`] | message-size sweeps over one path (ping-pong and iperf3 per size), for the loopback sockmap decision |
+//! | [`sockmap`] | the loopback sockmap suite: mTLS path with `loopback_sockmap` off vs on, per message size |
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
 //! bench: it notes the interrupt, finishes the run in progress (each is bounded) and returns
@@ -33,9 +35,11 @@ pub mod gossip;
 pub mod iperf;
 pub mod iptables;
 pub mod lb;
+pub mod msgsize;
 pub mod mtls;
 pub mod procstat;
 pub mod servers;
+pub mod sockmap;
 pub mod stats;
 pub mod traffic;
 pub mod wrk;
@@ -65,6 +69,9 @@ pub enum Suite {
     /// vs stunnel with the same cipher and vs plain TCP; agent memory with 10,000 flows; the
     /// loopback sockmap by message size.
     Mtls(mtls::Args),
+    /// The loopback sockmap on the mTLS path: ping-pong and iperf3 per message size (64 B to
+    /// 64 KB), `[mtls] loopback_sockmap` off vs on.
+    Sockmap(sockmap::Args),
 }
 
 pub fn run(root: &Path, suite: Suite) -> Result<()> {
@@ -79,6 +86,7 @@ pub fn run(root: &Path, suite: Suite) -> Result<()> {
         Suite::Lb(args) => lb::run(&built, &args),
         Suite::Gossip(args) => gossip::run(&built, &args),
         Suite::Mtls(args) => mtls::run(&built, &args),
+        Suite::Sockmap(args) => sockmap::run(&built, &args),
     }
 }
 

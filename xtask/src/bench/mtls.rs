@@ -40,8 +40,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use mesh_tests::config::{mtls_table, render, Service};
-use mesh_tests::pki::Ca;
+use mesh_tests::config::Service;
+use mesh_tests::mtls::{self, Ca, MtlsTable, TRUST_DOMAIN};
 use mesh_tests::{metrics, Agent, Node, TestBed};
 
 use super::cpu::{Disturbance, Meter};
@@ -75,7 +75,6 @@ pub struct Args {
     pub retries: u32,
 }
 
-const TRUST_DOMAIN: &str = "bench.mesh";
 /// Strict services: name, VIP, backend port on `server`.
 const WEB: (&str, SocketAddrV4, u16) = ("web", vip(20, 80), 8080);
 const BULK: (&str, SocketAddrV4, u16) = ("bulk", vip(21, 5201), 5201);
@@ -149,7 +148,7 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
     let iperf_plain = Iperf3Server::start(&server, &dir("iperf3-plain"), at(PLAIN_BULK_PORT))?;
     let _echo = server.tcp_server("echo", at(FLOWS.2), "echo")?;
 
-    let ca = Ca::init(bed, TRUST_DOMAIN, "ca")?;
+    let ca = Ca::init(bed, "ca")?;
     let issue = |who: &str| {
         ca.issue(
             bed,
@@ -164,9 +163,13 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
         })
         .collect();
     let agent_config = |node: &Node, who: &str| -> Result<String> {
-        let mut text = render(node.name(), &services);
-        text.push_str(&mtls_table(TRUST_DOMAIN, &ca.cert, &issue(who)?, &[]));
-        Ok(text)
+        let table = MtlsTable {
+            ca_bundle: &ca.cert,
+            node_cert: &issue(who)?,
+            workloads: &[],
+            options: "",
+        };
+        mtls::config(node, &services, &table, "")
     };
     let mesh = client_node(bed, "mesh")?;
     let agents = Agents {
