@@ -60,7 +60,7 @@ use super::cpu::{Disturbance, Meter};
 use super::iptables::{self, Dnat, DnatService};
 use super::procstat;
 use super::servers::{Haproxy, Nginx};
-use super::stats::{median, ratio, spread};
+use super::stats::{median, ratio, spread, target_line};
 use super::wrk::{self, Load, Report};
 use super::{client_node, wait_services, Tools};
 use crate::artifacts::Artifacts;
@@ -593,12 +593,7 @@ fn render_results(rows: &[Summary], args: &Args) -> String {
     let conn = |p: &str| find(p).map(|r| r.conn_per_s);
     let rr = |p: &str| find(p).map(|r| r.rr_per_s);
     let mut target = |what: &str, measured: Option<f64>, min: f64| {
-        let (value, verdict) = match measured {
-            Some(v) if v >= min => (format!("{v:.2}x"), "met"),
-            Some(v) => (format!("{v:.2}x"), "NOT met"),
-            None => ("-".to_string(), "not measured"),
-        };
-        let _ = writeln!(out, "  {what:<48} {value:>7}  (>= {min}x) {verdict}");
+        out.push_str(&target_line(what, measured, min));
     };
     let (d_conn, d_rr) = (direct.conn_per_s, direct.rr_per_s);
     let vs_direct = |v: f64| ratio(v, d_conn);

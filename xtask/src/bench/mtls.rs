@@ -46,7 +46,7 @@ use mesh_tests::{metrics, Agent, Node, TestBed};
 
 use super::cpu::{Disturbance, Meter};
 use super::servers::{Iperf3Server, Nginx, Stunnel, TlsFiles};
-use super::stats::{median, ratio, spread};
+use super::stats::{median, ratio, spread, target_line};
 use super::wrk::{self, Load, Report};
 use super::{check_interrupted, client_node, iperf, procstat, wait_services, Tools};
 use crate::artifacts::Artifacts;
@@ -571,12 +571,7 @@ fn render_results(rows: &[Summary], args: &Args) -> String {
     let mesh = find(MESH);
     let stunnel = find(STUNNEL);
     let mut target = |what: &str, measured: Option<f64>, min: f64| {
-        let (value, verdict) = match measured {
-            Some(v) if v >= min => (format!("{v:.2}x"), "met"),
-            Some(v) => (format!("{v:.2}x"), "NOT met"),
-            None => ("-".to_string(), "not measured"),
-        };
-        let _ = writeln!(out, "  {what:<44} {value:>7}  (>= {min}x) {verdict}");
+        out.push_str(&target_line(what, measured, min));
     };
     target(
         "mesh mTLS bulk vs plain",

@@ -74,15 +74,7 @@ impl Nginx {
             .arg(&conf)
             .arg("-e")
             .arg(dir.join("error.log"));
-        let log = dir.join("nginx.out");
-        let proc = node.spawn_with(
-            "nginx",
-            cmd,
-            Some(&node.workload_cgroup("nginx")?),
-            Capture::File(log.clone()),
-        )?;
-        wait_listening(node, &proc, listen, &[&log, &dir.join("error.log")])?;
-        Ok(Self {
+        launch(node, dir, "nginx", cmd, listen, &[&dir.join("error.log")]).map(|proc| Self {
             addr: listen,
             _proc: proc,
         })
@@ -127,15 +119,7 @@ impl Haproxy {
         let conf = write_config(dir, "haproxy.cfg", &haproxy_config(listen, backend))?;
         let mut cmd = Command::new("haproxy");
         cmd.arg("-db").arg("-f").arg(&conf);
-        let log = dir.join("haproxy.out");
-        let proc = node.spawn_with(
-            "haproxy",
-            cmd,
-            Some(&node.workload_cgroup("haproxy")?),
-            Capture::File(log.clone()),
-        )?;
-        wait_listening(node, &proc, listen, &[&log])?;
-        Ok(Self {
+        launch(node, dir, "haproxy", cmd, listen, &[]).map(|proc| Self {
             addr: listen,
             _proc: proc,
         })
@@ -212,15 +196,7 @@ impl Stunnel {
         )?;
         let mut cmd = Command::new("stunnel");
         cmd.arg(&conf);
-        let log = dir.join("stunnel.out");
-        let proc = node.spawn_with(
-            "stunnel",
-            cmd,
-            Some(&node.workload_cgroup("stunnel")?),
-            Capture::File(log.clone()),
-        )?;
-        wait_listening(node, &proc, listen, &[&log])?;
-        Ok(Self {
+        launch(node, dir, "stunnel", cmd, listen, &[]).map(|proc| Self {
             addr: listen,
             _proc: proc,
         })
@@ -243,15 +219,7 @@ impl Iperf3Server {
             .arg(listen.ip().to_string())
             .arg("-p")
             .arg(listen.port().to_string());
-        let log = dir.join("iperf3.out");
-        let proc = node.spawn_with(
-            "iperf3",
-            cmd,
-            Some(&node.workload_cgroup("iperf3")?),
-            Capture::File(log.clone()),
-        )?;
-        wait_listening(node, &proc, listen, &[&log])?;
-        Ok(Self {
+        launch(node, dir, "iperf3", cmd, listen, &[]).map(|proc| Self {
             addr: listen,
             _proc: proc,
         })
@@ -267,6 +235,29 @@ fn write_config(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 
 /// Waits until a TCP connect to `addr` from inside `node` succeeds, failing early (with the
 /// server's logs) if the server exits.
+/// Starts `cmd` in `node` (workload cgroup `name`), its output in `dir/<name>.out`, and waits
+/// until it listens on `listen`; on failure the error quotes that output and `extra_logs`.
+fn launch(
+    node: &Node,
+    dir: &Path,
+    name: &str,
+    cmd: Command,
+    listen: SocketAddr,
+    extra_logs: &[&Path],
+) -> Result<Proc> {
+    let log = dir.join(format!("{name}.out"));
+    let proc = node.spawn_with(
+        name,
+        cmd,
+        Some(&node.workload_cgroup(name)?),
+        Capture::File(log.clone()),
+    )?;
+    let mut logs = vec![log.as_path()];
+    logs.extend_from_slice(extra_logs);
+    wait_listening(node, &proc, listen, &logs)?;
+    Ok(proc)
+}
+
 fn wait_listening(node: &Node, proc: &Proc, addr: SocketAddr, logs: &[&Path]) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let logs = || {

@@ -30,6 +30,17 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
+/// One design-target line: `what`, the measured ratio and whether it reaches `min` (measured,
+/// never asserted).
+pub fn target_line(what: &str, measured: Option<f64>, min: f64) -> String {
+    let (value, verdict) = match measured {
+        Some(v) if v >= min => (format!("{v:.2}x"), "met"),
+        Some(v) => (format!("{v:.2}x"), "NOT met"),
+        None => ("-".to_string(), "not measured"),
+    };
+    format!("  {what:<48} {value:>7}  (>= {min}x) {verdict}\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,5 +53,8 @@ mod tests {
         assert_eq!(spread(&[10.0, 8.0, 12.0]), Some(0.4));
         assert_eq!(ratio(1.0, 2.0), 0.5);
         assert!(ratio(1.0, 0.0).is_nan());
+        assert!(target_line("a", Some(0.5), 0.4).ends_with("0.50x  (>= 0.4x) met\n"));
+        assert!(target_line("a", Some(0.3), 0.4).ends_with("0.30x  (>= 0.4x) NOT met\n"));
+        assert!(target_line("a", None, 0.4).ends_with("-  (>= 0.4x) not measured\n"));
     }
 }
