@@ -759,3 +759,48 @@ fn a_strict_backend_on_another_host_is_health_checked_through_the_tunnel() {
     p.server = p.b.http_server("server", backend, &marker, 200).or_fail();
     wait_health(&p.agent_a, backend, "healthy").or_fail();
 }
+
+#[test]
+fn a_strict_ipv6_service_is_tunneled_between_hosts() {
+    let bed = TestBed::new("mtls_ipv6").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let b = bed.add_node("b").or_fail();
+    let marker = unique_marker("v6");
+    let backend = SocketAddr::new(b.ipv6().into(), BACKEND_PORT);
+    let _server = b.tcp_server("server", backend, &marker).or_fail();
+    let vip = sa("[fd00:96::30]:80");
+    let pay6 = Service::tcp("pay6", vip, &[backend]).with("mtls = \"strict\"");
+    let ca = Ca::init(&bed, "ca").or_fail();
+    let start = |node: &Node, stem: &str| -> Result<Agent> {
+        let cert = ca.issue(&bed, &format!("spiffe://mesh.test/ns/mesh/sa/{stem}"), stem)?;
+        let agent = node.start_agent(&config(node, pay6.clone(), &ca.cert, &cert, &[], "")?)?;
+        agent.wait_status(SETTLE, |st| {
+            Agent::backends_in(st, "pay6") == [backend.to_string()]
+        })?;
+        Ok(agent)
+    };
+    let _agent_b = start(&b, "node-b").or_fail();
+    let agent_a = start(&a, "node-a").or_fail();
+
+    let report = client(&a, "client", vip, 3).or_fail();
+    assert_eq!(
+        report.backends.get(&marker),
+        Some(&3),
+        "the IPv6 VIP reaches the backend on b through the tunnel: {report:?}"
+    );
+    assert!(agent_a.counter("mtls_redirected").or_fail() >= 3);
+    // b's agent took the flows in over the tunnel (to its inbound port on b's IPv6 address).
+    wait_metric(
+        &b,
+        "mesh_mtls_flows_total{side=\"inbound\",result=\"opened\"}",
+        3.0,
+    )
+    .or_fail();
+    // Plaintext straight to the IPv6 backend is dropped by b's kernel.
+    let plain = client(&a, "client", backend, 1).or_fail();
+    assert_eq!(
+        plain.ok(),
+        0,
+        "plaintext reached the strict backend: {plain:?}"
+    );
+}

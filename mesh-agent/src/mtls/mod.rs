@@ -67,6 +67,26 @@ pub enum TunnelError {
     Listen { addr: SocketAddr, cause: io::Error },
 }
 
+/// A listener on `[::]:port` that also accepts IPv4 (`IPV6_V6ONLY` off), so peers reach the
+/// inbound tunnel over either family.
+fn bind_dual_stack(port: u16) -> Result<TcpListener, TunnelError> {
+    let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+    let listen = || -> io::Result<TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_only_v6(false)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    listen().map_err(|cause| TunnelError::Listen { addr, cause })
+}
+
 /// The state the listeners share.
 pub struct Tunnel {
     credentials: Arc<Credentials>,
@@ -151,7 +171,7 @@ impl Tunnel {
     }
 
     /// Binds the listeners (outbound on 127.0.0.1 and, if it binds, ::1; inbound on all
-    /// addresses) and spawns them with the credential watcher and the pool's idle expiry.
+    /// addresses of both families, or all IPv4 ones on a host without IPv6) and spawns them with the credential watcher and the pool's idle expiry.
     pub async fn spawn(
         self: &Arc<Self>,
         config: &TunnelConfig,
@@ -164,11 +184,17 @@ impl Tunnel {
                 .await
                 .map_err(|cause| TunnelError::Listen { addr, cause })
         };
-        let inbound = bind(SocketAddr::new(
-            Ipv4Addr::UNSPECIFIED.into(),
-            config.inbound_port,
-        ))
-        .await?;
+        let inbound = match bind_dual_stack(config.inbound_port) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::info!(%error, "no IPv6 inbound listener; IPv4 only");
+                bind(SocketAddr::new(
+                    Ipv4Addr::UNSPECIFIED.into(),
+                    config.inbound_port,
+                ))
+                .await?
+            }
+        };
         let mut outbound = vec![
             bind(SocketAddr::new(
                 Ipv4Addr::LOCALHOST.into(),
