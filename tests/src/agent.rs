@@ -167,19 +167,24 @@ impl Agent {
         process::spawn("mesh-agent cli", cmd, None, None, Capture::Lines)?.finish(CLI_TIMEOUT)
     }
 
-    /// `mesh-agent status --admin-socket S --output json`, parsed.
-    pub fn status_json(&self) -> Result<Value> {
+    /// `mesh-agent COMMAND --admin-socket S --output json` (a query of this agent), parsed.
+    pub fn query_json(&self, command: &str) -> Result<Value> {
         let out = self
             .cli(&[
-                "status".as_ref(),
+                command.as_ref(),
                 "--admin-socket".as_ref(),
                 self.socket.as_os_str(),
                 "--output".as_ref(),
                 "json".as_ref(),
             ])?
-            .ok("mesh-agent status")?;
+            .ok(&format!("mesh-agent {command}"))?;
         serde_json::from_str(&out.stdout)
-            .with_context(|| format!("mesh-agent status printed non-JSON: {:?}", out.stdout))
+            .with_context(|| format!("mesh-agent {command} printed non-JSON: {:?}", out.stdout))
+    }
+
+    /// `mesh-agent status --admin-socket S --output json`, parsed.
+    pub fn status_json(&self) -> Result<Value> {
+        self.query_json("status")
     }
 
     /// Polls the status (every 10 ms, up to `timeout`) until `pred` holds; returns it.

@@ -20,23 +20,7 @@ const T: Duration = Duration::from_secs(1);
 const BACKEND_PORT: u16 = 8080;
 
 fn cli_json(agent: &Agent, command: &str) -> Value {
-    let out = agent
-        .cli(&[
-            command.as_ref(),
-            "--admin-socket".as_ref(),
-            agent.socket_path().as_os_str(),
-            "--output".as_ref(),
-            "json".as_ref(),
-        ])
-        .or_fail()
-        .ok(command)
-        .or_fail();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "`mesh-agent {command}` printed non-JSON ({e}): {}",
-            out.stdout
-        )
-    })
+    agent.query_json(command).or_fail()
 }
 
 fn keys(value: &Value) -> BTreeSet<String> {

@@ -29,16 +29,7 @@ fn sa(s: &str) -> SocketAddr {
 
 /// `mesh-agent endpoints --output json`.
 fn endpoints(agent: &Agent) -> Result<Vec<Value>> {
-    let out = agent
-        .cli(&[
-            "endpoints".as_ref(),
-            "--admin-socket".as_ref(),
-            agent.socket_path().as_os_str(),
-            "--output".as_ref(),
-            "json".as_ref(),
-        ])?
-        .ok("mesh-agent endpoints")?;
-    Ok(serde_json::from_str(&out.stdout)?)
+    Ok(serde_json::from_value(agent.query_json("endpoints")?)?)
 }
 
 /// The endpoint `addr` of `service`.

@@ -97,16 +97,7 @@ fn wait_web<'m>(
 
 /// `mesh-agent nodes --output json` of `agent`.
 fn nodes(agent: &Agent) -> Result<serde_json::Value> {
-    let out = agent
-        .cli(&[
-            "nodes".as_ref(),
-            "--admin-socket".as_ref(),
-            agent.socket_path().as_os_str(),
-            "--output".as_ref(),
-            "json".as_ref(),
-        ])?
-        .ok("mesh-agent nodes")?;
-    Ok(serde_json::from_str(&out.stdout)?)
+    agent.query_json("nodes")
 }
 
 /// The value of metric line `name` on `node`'s metrics endpoint.

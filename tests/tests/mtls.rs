@@ -436,17 +436,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_rejected() {
 
 /// The serial of the certificate `agent` holds for `identity` (`mesh-agent certs`).
 fn serial_in_force(agent: &Agent, identity: &str) -> Result<String> {
-    let out = agent
-        .cli(&[
-            "certs".as_ref(),
-            "--admin-socket".as_ref(),
-            agent.socket_path().as_os_str(),
-            "--output".as_ref(),
-            "json".as_ref(),
-        ])?
-        .ok("mesh-agent certs")?;
-    let certs: serde_json::Value = serde_json::from_str(&out.stdout)
-        .with_context(|| format!("mesh-agent certs printed non-JSON: {:?}", out.stdout))?;
+    let certs = agent.query_json("certs")?;
     certs
         .as_array()
         .into_iter()
@@ -675,16 +665,7 @@ fn a_thousand_concurrent_flows_share_one_tunnel_connection_and_leak_no_descripto
 
 /// The endpoint `backend` of `pay` in `mesh-agent endpoints --output json` of `agent`.
 fn pay_endpoint(agent: &Agent, backend: SocketAddr) -> Result<serde_json::Value> {
-    let out = agent
-        .cli(&[
-            "endpoints".as_ref(),
-            "--admin-socket".as_ref(),
-            agent.socket_path().as_os_str(),
-            "--output".as_ref(),
-            "json".as_ref(),
-        ])?
-        .ok("mesh-agent endpoints")?;
-    let all: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    let all = agent.query_json("endpoints")?;
     all.as_array()
         .into_iter()
         .flatten()

@@ -631,23 +631,10 @@ fn render_results(rows: &[Summary], args: &Args) -> String {
 mod tests {
     use super::*;
 
-    fn report(rps: f64) -> Report {
-        Report {
-            requests: 1000,
-            elapsed_s: 1.0,
-            requests_per_s: rps,
-            latency_avg_s: 1e-4,
-            latency_p50_s: 1e-4,
-            latency_p99_s: 2e-4,
-            socket_errors: Default::default(),
-            non_2xx: 0,
-        }
-    }
-
     fn samples(conn: &[f64], rr: &[f64]) -> Samples {
         Samples {
-            conn: conn.iter().copied().map(report).collect(),
-            rr: rr.iter().copied().map(report).collect(),
+            conn: conn.iter().copied().map(Report::with_rate).collect(),
+            rr: rr.iter().copied().map(Report::with_rate).collect(),
             ..Samples::default()
         }
     }

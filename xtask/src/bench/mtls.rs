@@ -652,23 +652,10 @@ fn render_memory(idle: &Memory, flows: Option<&FlowsMemory>, count: u32) -> Stri
 mod tests {
     use super::*;
 
-    fn report(rps: f64) -> Report {
-        Report {
-            requests: 1000,
-            elapsed_s: 1.0,
-            requests_per_s: rps,
-            latency_avg_s: 1e-4,
-            latency_p50_s: 1e-4,
-            latency_p99_s: 2e-4,
-            socket_errors: Default::default(),
-            non_2xx: 0,
-        }
-    }
-
     fn samples(conn: f64, rr: f64, bulk: f64) -> Samples {
         Samples {
-            conn: vec![report(conn); 3],
-            rr: vec![report(rr); 3],
+            conn: vec![Report::with_rate(conn); 3],
+            rr: vec![Report::with_rate(rr); 3],
             bulk_bps: vec![bulk; 3],
             ..Samples::default()
         }

@@ -94,6 +94,23 @@ impl Load {
     }
 }
 
+#[cfg(test)]
+impl Report {
+    /// A clean report of 1,000 requests at `requests_per_s` (for the suites' table tests).
+    pub fn with_rate(requests_per_s: f64) -> Self {
+        Self {
+            requests: 1000,
+            elapsed_s: 1.0,
+            requests_per_s,
+            latency_avg_s: 1e-4,
+            latency_p50_s: 1e-4,
+            latency_p99_s: 2e-4,
+            socket_errors: SocketErrors::default(),
+            non_2xx: 0,
+        }
+    }
+}
+
 /// Runs wrk with `load` against `target` in `client`'s namespace and workload cgroup `wrk`,
 /// failing unless it exits 0 with a report of working traffic.
 pub fn run(client: &Node, load: &Load, target: SocketAddr) -> Result<Report> {
