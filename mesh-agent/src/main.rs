@@ -19,10 +19,13 @@ mod kernel_addr;
 mod maglev;
 mod metrics;
 mod mtls;
+mod node_lock;
 mod reconcile;
 mod registry;
 mod run;
+mod state_file;
 mod status;
+mod uninstall;
 mod watch;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
@@ -102,8 +105,18 @@ enum Command {
         /// Config file to read the node name from.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// bpffs mount; the node's pins are under <bpffs>/mesh/<node>/.
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+        /// The agent's state directory; <state-dir>/<node>/ is removed.
+        #[arg(long, default_value = "/var/lib/mesh")]
+        state_dir: PathBuf,
+        /// Admin socket to remove when the agent recorded none.
+        #[arg(long, default_value_os_t = run::default_admin_socket().to_path_buf())]
+        admin_socket: PathBuf,
+        /// Remove even while an agent serves the node (its data plane goes from under it).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -309,15 +322,26 @@ fn execute(command: Command) -> anyhow::Result<()> {
             node,
             config,
             bpffs,
+            state_dir,
+            admin_socket,
+            force,
         } => {
             let config = config.map(|path| config::Config::load(&path)).transpose()?;
             let node = run::node_name(node.as_deref(), config.as_ref())?;
-            let pins = dataplane::PinDir::new(&bpffs, &node);
-            dataplane::uninstall(&pins)?;
-            println!(
-                "removed the data plane of node {node} ({})",
-                pins.root().display()
-            );
+            let target = uninstall::Target {
+                pins: dataplane::PinDir::new(&bpffs, &node),
+                state: state_dir.join(&node),
+                node: node.clone(),
+                admin_socket,
+                force,
+            };
+            let removed = uninstall::uninstall(&target)?;
+            if removed.is_empty() {
+                println!("nothing to remove for node {node}: no pins, admin socket or state");
+            }
+            for path in removed {
+                println!("removed {}", path.display());
+            }
             Ok(())
         }
     }

@@ -11,7 +11,7 @@
 //! plane down for one side file.
 
 use std::{
-    io::{self, Write as _},
+    io,
     path::{Path, PathBuf},
 };
 
@@ -139,29 +139,10 @@ impl Registry {
             version: VERSION,
             endpoints: registrations.endpoints().to_vec(),
         };
-        let text = serde_json::to_vec_pretty(&file).expect("endpoints always serialize");
-        let tmp = self.path.with_extension("json.tmp");
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(write_error(dir))?;
-        }
-        let mut out = std::fs::File::create(&tmp).map_err(write_error(&tmp))?;
-        out.write_all(&text).map_err(write_error(&tmp))?;
-        out.sync_all().map_err(write_error(&tmp))?;
-        std::fs::rename(&tmp, &self.path).map_err(write_error(&self.path))?;
-        // The rename itself is durable once the directory is synced.
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(write_error(dir))?;
-        }
-        Ok(())
-    }
-}
-
-fn write_error(path: &Path) -> impl FnOnce(io::Error) -> RegistryError + '_ {
-    move |cause| RegistryError::Write {
-        path: path.to_owned(),
-        cause,
+        crate::state_file::write_json(&self.path, &file).map_err(|e| RegistryError::Write {
+            path: e.path,
+            cause: e.cause,
+        })
     }
 }
 

@@ -36,6 +36,7 @@ use crate::{
     kernel_addr,
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
     mtls::Tunnel,
+    node_lock::NodeLock,
     reconcile::{self, KernelState},
     registry::Registry,
     status::{self, EndpointStatus, NodeStatus, StatusReport},
@@ -227,6 +228,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| cgroup_root.clone());
     let pins = PinDir::new(&options.bpffs, &node);
+    // Before any map, link or socket is touched: one agent per node.
+    let _lock = NodeLock::acquire(
+        pins.root(),
+        &options.state_dir.join(&node).join("agent.json"),
+        &node,
+        &options.admin_socket,
+    )?;
     let settings = Settings {
         flow_events: !options.no_flow_events,
         debug_log: options.ebpf_debug_log,
