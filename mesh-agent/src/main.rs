@@ -20,6 +20,7 @@ mod maglev;
 mod metrics;
 mod mtls;
 mod node_lock;
+mod peers;
 mod reconcile;
 mod registry;
 mod run;

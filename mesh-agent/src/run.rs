@@ -37,6 +37,7 @@ use crate::{
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
     mtls::Tunnel,
     node_lock::NodeLock,
+    peers::{Peers, RestoreGrace},
     reconcile::{self, KernelState},
     registry::Registry,
     status::{self, EndpointStatus, NodeStatus, StatusReport},
@@ -110,6 +111,8 @@ struct Agent {
     gossip_config: Option<GossipConfig>,
     /// Every other gossip member, alive or dead.
     members: Arc<Vec<Member>>,
+    /// The peers' announcements in force (kept across restarts).
+    peers: Peers,
     gossip_stats: Option<Arc<gossip::Stats>>,
     /// The mTLS tunnel, when the config has an `[mtls]` section; it follows the catalog's
     /// strict services and the config's policies.
@@ -158,8 +161,20 @@ impl AgentView for SharedAgent {
             endpoints: gossip::endpoint_names(&agent.sources.announcement()),
             rejected: Vec::new(),
         };
+        // Peers kept from the state file that gossip has not delivered yet.
+        let restored = agent
+            .peers
+            .restored()
+            .filter(|name| !agent.members.iter().any(|m| m.name == *name))
+            .map(|name| NodeStatus {
+                name: name.to_owned(),
+                role: "peer".to_owned(),
+                state: "restored".to_owned(),
+                ..NodeStatus::default()
+            });
         std::iter::once(this)
             .chain(agent.members.iter().map(gossip::node_status))
+            .chain(restored)
             .collect()
     }
 
@@ -265,6 +280,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     );
     let (probes_tx, mut probes) = mpsc::channel::<ProbeReport>(1024);
     let registry = Registry::new(&options.state_dir, &node);
+    let peers = match &config.gossip {
+        Some(gossip) => Peers::restore(
+            &options.state_dir,
+            &node,
+            RestoreGrace::for_interval(gossip.interval),
+        ),
+        None => Peers::none(),
+    };
     let mut agent = Agent {
         node: node_for_agent,
         config_path: options.config.clone(),
@@ -285,12 +308,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             node: node.clone(),
             config: config.services.clone(),
             registered: registry.restore(),
-            ..Sources::default()
+            peers: peers.announcements(),
         },
         registry,
         conflicts: Vec::new(),
         gossip_config: config.gossip.clone(),
         members: Arc::default(),
+        peers,
         gossip_stats: None,
         tunnel: tunnel.clone(),
     };
@@ -496,7 +520,12 @@ impl Agent {
             }
         };
         changed |= self.health.expire(now);
-        if changed {
+        if self.peers.expire(now) {
+            self.sources.peers = self.peers.announcements();
+            if let Err(error) = self.recompute() {
+                tracing::error!("cannot withdraw the restored peers the mesh forgot: {error:#}");
+            }
+        } else if changed {
             self.refresh();
         }
     }
@@ -557,12 +586,12 @@ impl Agent {
     /// Takes the gossip members' latest state and applies the catalog it makes.
     fn set_members(&mut self, members: Arc<Vec<Member>>) {
         gossip::log_changes(&self.members, &members);
-        self.sources.peers = members
-            .iter()
-            .filter(|m| m.alive)
-            .map(|m| (m.name.clone(), m.announcement.clone()))
-            .collect();
+        let changed = self.peers.update(&members, Instant::now());
         self.members = members;
+        if !changed {
+            return;
+        }
+        self.sources.peers = self.peers.announcements();
         if let Err(error) = self.recompute() {
             tracing::error!("cannot apply the mesh catalog, the previous state stays: {error:#}");
         }

@@ -81,7 +81,7 @@ pub struct EndpointStatus {
 }
 
 /// A node of the mesh as this agent sees it (`mesh-agent nodes`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct NodeStatus {
     pub name: String,
     /// `self` for this agent's node.

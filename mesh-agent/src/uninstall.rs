@@ -72,11 +72,11 @@ pub fn uninstall(target: &Target) -> Result<Vec<PathBuf>, UninstallError> {
         remove_if_empty(target.pins.root().parent());
     }
     if is_socket(&admin_socket) {
-        remove(&admin_socket, fs::remove_file)?;
+        remove(&admin_socket, |p| fs::remove_file(p))?;
         removed.push(admin_socket);
     }
     if target.state.exists() {
-        remove(&target.state, fs::remove_dir_all)?;
+        remove(&target.state, |p| fs::remove_dir_all(p))?;
         removed.push(target.state.clone());
     }
     Ok(removed)

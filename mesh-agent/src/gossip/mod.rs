@@ -65,6 +65,8 @@ pub struct Member {
     pub announcement: Announcement,
     /// Its records that were left out.
     pub errors: Vec<RecordError>,
+    /// Whether all the records it counts have arrived (see [`NodeRecord::records`]).
+    pub complete: bool,
 }
 
 /// A running gossip instance; stops when dropped.
@@ -96,6 +98,7 @@ pub async fn start(
         v: record::FORMAT_VERSION,
         agent: crate::VERSION.to_owned(),
         started: started.as_secs(),
+        records: None,
     };
     let id = ChitchatId::new(
         node,
@@ -125,9 +128,7 @@ pub async fn start(
         key,
         stats: Arc::clone(&stats),
     };
-    let records = record::encode(&node_record, announcement)
-        .into_iter()
-        .collect();
+    let records = record::in_write_order(record::encode(&node_record, announcement));
     let handle = spawn_chitchat(chitchat_config, records, &transport)
         .await
         .map_err(|cause| GossipError::Start {
@@ -170,7 +171,7 @@ impl Gossip {
         for key in stale {
             state.delete(&key);
         }
-        for (key, value) in records {
+        for (key, value) in record::in_write_order(records) {
             state.set(key, value);
         }
     }
@@ -222,7 +223,9 @@ fn snapshot(chitchat: &Chitchat, this: &str) -> Vec<Member> {
         .filter_map(|id| {
             let state = chitchat.node_state(id)?;
             let decoded = record::decode(state.key_values());
+            let complete = decoded.complete();
             Some(Member {
+                complete,
                 name: id.node_id.to_string(),
                 address: id.gossip_advertise_addr,
                 alive: live.contains(id),

@@ -23,7 +23,7 @@ use crate::config::{Affinity, LbPolicy, Protocol, DEFAULT_AFFINITY_TIMEOUT_S};
 /// The record format this agent writes.
 pub const FORMAT_VERSION: u32 = 1;
 
-const NODE_KEY: &str = "node";
+pub const NODE_KEY: &str = "node";
 const SERVICE_PREFIX: &str = "svc:";
 const ENDPOINT_PREFIX: &str = "ep:";
 
@@ -42,6 +42,12 @@ pub struct NodeRecord {
     /// Unix time (s) the agent started.
     #[serde(default)]
     pub started: u64,
+    /// How many `svc:` and `ep:` records the node announces with this record. The node record
+    /// is written after them, and chitchat delivers a node's records in version order, so a
+    /// receiver holding fewer has caught the node mid-delivery (a restarted agent's records
+    /// still arriving) and keeps what it had. Absent from agents before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<u32>,
 }
 
 /// `svc:<name>`: a service definition.
@@ -106,12 +112,27 @@ pub struct Decoded {
     pub node: NodeRecord,
     pub announcement: Announcement,
     pub errors: Vec<RecordError>,
+    /// `svc:` and `ep:` records seen, decodable or not.
+    pub records: u32,
 }
 
-/// The records of `announcement` (and `node`), by key.
+impl Decoded {
+    /// Whether every record the node's `node` record counts has arrived (a node record
+    /// without a count is taken as complete).
+    pub fn complete(&self) -> bool {
+        self.node.records.is_none_or(|n| n == self.records)
+    }
+}
+
+/// The records of `announcement` (and `node`, with its record count), by key.
 pub fn encode(node: &NodeRecord, announcement: &Announcement) -> BTreeMap<String, String> {
     let mut records = BTreeMap::new();
-    records.insert(NODE_KEY.to_owned(), to_json(node));
+    let count = announcement.services.len() + announcement.endpoints.len();
+    let node = NodeRecord {
+        records: Some(u32::try_from(count).unwrap_or(u32::MAX)),
+        ..node.clone()
+    };
+    records.insert(NODE_KEY.to_owned(), to_json(&node));
     for (name, def) in &announcement.services {
         let record = ServiceRecord {
             v: FORMAT_VERSION,
@@ -142,10 +163,20 @@ pub fn encode(node: &NodeRecord, announcement: &Announcement) -> BTreeMap<String
     records
 }
 
+/// `records` in the order to write them: the node record (with its count) last, so it gets
+/// the highest version and a peer holding it holds every record it counts.
+pub fn in_write_order(mut records: BTreeMap<String, String>) -> Vec<(String, String)> {
+    let node = records.remove_entry(NODE_KEY);
+    records.into_iter().chain(node).collect()
+}
+
 /// Reads a node's records; what does not decode is reported in [`Decoded::errors`].
 pub fn decode<'a>(records: impl IntoIterator<Item = (&'a str, &'a str)>) -> Decoded {
     let mut decoded = Decoded::default();
     for (key, value) in records {
+        if key.starts_with(SERVICE_PREFIX) || key.starts_with(ENDPOINT_PREFIX) {
+            decoded.records += 1;
+        }
         if let Err(cause) = decode_one(&mut decoded, key, value) {
             decoded.errors.push(RecordError {
                 key: key.to_owned(),
@@ -246,14 +277,40 @@ mod tests {
             v: 1,
             agent: "0.1.0".into(),
             started: 7,
+            records: None,
         };
         let records = encode(&node, &announcement());
         assert_eq!(records["svc:web"], V1_SERVICE.trim_end());
         assert_eq!(records["ep:web:[fd00::2]:8080"], V1_ENDPOINT.trim_end());
         let decoded = decode(records.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         assert_eq!(decoded.errors, []);
-        assert_eq!(decoded.node, node);
+        assert_eq!(
+            decoded.node,
+            NodeRecord {
+                records: Some(2),
+                ..node
+            }
+        );
+        assert!(decoded.complete());
         assert_eq!(decoded.announcement, announcement());
+    }
+
+    #[test]
+    fn a_node_caught_mid_delivery_is_incomplete_and_the_node_record_is_written_last() {
+        let node = NodeRecord::default();
+        let records = encode(&node, &announcement());
+        let ordered = in_write_order(records.clone());
+        assert_eq!(ordered.last().map(|(k, _)| k.as_str()), Some(NODE_KEY));
+        let partial = decode(
+            records
+                .iter()
+                .filter(|(k, _)| !k.starts_with(ENDPOINT_PREFIX))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        assert!(!partial.complete());
+        // An agent of the previous format sends no count: taken as complete.
+        let old = decode([("node", r#"{"v":1,"agent":"x","started":1}"#), ("svc:web", V1_SERVICE)]);
+        assert!(old.complete());
     }
 
     #[test]
