@@ -166,20 +166,35 @@ impl Hold {
     }
 }
 
-/// A running `tcp-many` whose connections are all open.
+/// A workload running in the background that prints a report of type `R` when it ends.
 #[derive(Debug)]
-pub struct Many {
+pub struct Running<R> {
     proc: Proc,
     timeout: Duration,
+    report: std::marker::PhantomData<R>,
 }
 
-impl Many {
-    /// Waits for it to close its connections and returns its report.
-    pub fn finish(self) -> Result<ManyReport> {
+impl<R: serde::de::DeserializeOwned> Running<R> {
+    fn new(proc: Proc, timeout: Duration) -> Self {
+        Running {
+            proc,
+            timeout,
+            report: std::marker::PhantomData,
+        }
+    }
+
+    /// Waits (bounded) for it to end by itself and returns its report.
+    pub fn finish(self) -> Result<R> {
         let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
         parse_last_json(&out.stdout)
     }
 }
+
+/// A running `tcp-many` whose connections are all open.
+pub type Many = Running<ManyReport>;
+
+/// A running `tcp-client` loop (new connections one after another for a while).
+pub type ClientLoop = Running<TcpClientReport>;
 
 /// A `mesh-workload` command with `args`.
 pub fn command(args: &[&str]) -> Result<Command> {
@@ -443,10 +458,36 @@ impl Node {
         // tunnel on a busy 2-core machine); a failing connection costs up to `timeout` more.
         let bound = Duration::from_secs(10) + Duration::from_millis(5) * count + timeout * 4;
         p.wait_line(bound, |l| l.starts_with("echoed "))?;
-        Ok(Many {
-            proc: p,
-            timeout: hold + Duration::from_secs(10),
-        })
+        Ok(Many::new(p, hold + Duration::from_secs(10)))
+    }
+
+    /// Starts a `tcp-client` loop to `target` from workload cgroup `workload`: a new
+    /// connection every `interval` (each bounded by 1 s) until `duration` has passed (at most
+    /// 100,000). Returns once it runs; [`ClientLoop::finish`] gives what it saw.
+    pub fn tcp_client_loop(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        duration: Duration,
+        interval: Duration,
+    ) -> Result<ClientLoop> {
+        let addr = target.to_string();
+        let cmd = command(&[
+            "tcp-client",
+            "--connect",
+            &addr,
+            "--count",
+            "100000",
+            "--timeout-ms",
+            "1000",
+            "--duration-ms",
+            &ms(duration),
+            "--interval-ms",
+            &ms(interval),
+        ])?;
+        let p = self.spawn(workload, cmd)?;
+        p.wait_line(READY_TIMEOUT, |l| l == "looping")?;
+        Ok(ClientLoop::new(p, duration + Duration::from_secs(10)))
     }
 
     /// Sends `count` datagrams to `target` (one at a time, each waiting up to `timeout` for
