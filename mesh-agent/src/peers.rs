@@ -178,7 +178,10 @@ impl Peers {
             }
             match (member.alive, kept) {
                 (true, Some(kept)) if !member.complete => {
-                    tracing::debug!(member = member.name, "records still arriving; keeping its previous announcement");
+                    tracing::debug!(
+                        member = member.name,
+                        "records still arriving; keeping its previous announcement"
+                    );
                     self.peers.insert(
                         member.name.clone(),
                         Peer {
@@ -234,8 +237,7 @@ impl Peers {
         let Some(heard) = self.heard else {
             return false;
         };
-        if now.saturating_duration_since(heard) < self.grace.0 || self.restored().next().is_none()
-        {
+        if now.saturating_duration_since(heard) < self.grace.0 || self.restored().next().is_none() {
             return false;
         }
         let before = self.announcements();
@@ -403,7 +405,11 @@ mod tests {
         assert!(!peers.update(&[member("b", false, 2, "10.0.0.2:80")], now, heard));
         assert_eq!(peers.announcements().len(), 2);
         let c = member("c", true, 1, "10.0.0.3:80");
-        assert!(!peers.update(&[member("b", true, 2, "10.0.0.2:80"), c.clone()], now, heard));
+        assert!(!peers.update(
+            &[member("b", true, 2, "10.0.0.2:80"), c.clone()],
+            now,
+            heard
+        ));
         let dead_b = [member("b", false, 2, "10.0.0.2:80"), c];
         // Reported dead at t; the mesh was last heard before that: not yet.
         let t = now + Duration::from_secs(2);

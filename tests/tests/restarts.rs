@@ -50,7 +50,10 @@ fn assert_no_failure(scenario: &str, report: &TcpClientReport, agent: &Agent) {
         "{scenario}: {report:?}\n--- agent log ---\n{}",
         agent.log()
     );
-    assert!(report.ok() > 100, "{scenario}: too few connects: {report:?}");
+    assert!(
+        report.ok() > 100,
+        "{scenario}: too few connects: {report:?}"
+    );
     eprintln!(
         "{scenario}: {} connects, {} failed, backends {:?}",
         report.ok(),
@@ -72,7 +75,11 @@ fn loop_around(node: &Node, during: impl FnOnce()) -> TcpClientReport {
 /// Drops gossip (UDP port 15010) in and out of `node`'s namespace, or lets it through again.
 fn gossip_blocked(node: &Node, blocked: bool) {
     let action = if blocked { "-I" } else { "-D" };
-    for (chain, dir) in [("INPUT", "--dport"), ("OUTPUT", "--dport"), ("INPUT", "--sport")] {
+    for (chain, dir) in [
+        ("INPUT", "--dport"),
+        ("OUTPUT", "--dport"),
+        ("INPUT", "--sport"),
+    ] {
         let mut cmd = Command::new("iptables");
         cmd.args([action, chain, "-p", "udp", dir, "15010", "-j", "DROP"]);
         node.run("iptables", cmd, Duration::from_secs(10))
@@ -102,7 +109,8 @@ fn a_restarted_agent_never_refuses_while_gossip_catches_up_or_is_cut_off() {
         let backend = SocketAddr::new(node.ipv4().into(), BACKEND_PORT);
         let server = node.tcp_server("server", backend, name).or_fail();
         let seed = hosts.first().map_or(&node, |(n, _, _)| n);
-        let config = render(name, &[Service::tcp("web", sa(VIP), &[backend])]) + &gossip(&node, seed);
+        let config =
+            render(name, &[Service::tcp("web", sa(VIP), &[backend])]) + &gossip(&node, seed);
         let agent = node.start_agent(&config).or_fail();
         hosts.push((node, agent, server));
     }
@@ -171,7 +179,10 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_balancing() {
     let before = agent.counter("rewritten").or_fail();
 
     let second = agent.run_second().or_fail();
-    assert!(!second.status.success(), "a second agent started: {second:?}");
+    assert!(
+        !second.status.success(),
+        "a second agent started: {second:?}"
+    );
     let pid = agent.pid().expect("agent started");
     for needle in [
         "already served by another agent".to_owned(),
@@ -179,10 +190,15 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_balancing() {
         agent.socket_path().display().to_string(),
         "--takeover".to_owned(),
     ] {
-        assert!(second.stderr.contains(&needle), "no {needle:?} in {second:?}");
+        assert!(
+            second.stderr.contains(&needle),
+            "no {needle:?} in {second:?}"
+        );
     }
     // The first agent still balances, and still sees its flows.
-    let report = a.tcp_client("client", sa(VIP), 50, Duration::from_secs(1)).or_fail();
+    let report = a
+        .tcp_client("client", sa(VIP), 50, Duration::from_secs(1))
+        .or_fail();
     assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(report.ok(), 50, "{report:?}");
     assert!(agent.is_running());
@@ -203,7 +219,11 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_balancing() {
             .or_fail()
             .ok("flows")
             .or_fail();
-        let forwarded = flows.stdout.lines().filter(|l| l.contains("\"web\"")).count();
+        let forwarded = flows
+            .stdout
+            .lines()
+            .filter(|l| l.contains("\"web\""))
+            .count();
         if forwarded >= 50 {
             break;
         }
@@ -239,7 +259,9 @@ fn a_config_caught_mid_write_is_never_applied_half() {
     let agent = a.start_agent(&config).or_fail();
     let last = sa("10.96.1.40:80");
     // Cut at the table boundary of the middle service: the first half is a valid config.
-    let cut = config.find("[[services]]\nname = \"svc20\"").expect("svc20 in the config");
+    let cut = config
+        .find("[[services]]\nname = \"svc20\"")
+        .expect("svc20 in the config");
     let (first, second) = config.split_at(cut);
 
     let looping = a
@@ -262,7 +284,11 @@ fn a_config_caught_mid_write_is_never_applied_half() {
         agent.log()
     );
     let status = agent.status_json().or_fail();
-    assert_eq!(status["services"].as_array().map(Vec::len), Some(40), "{status}");
+    assert_eq!(
+        status["services"].as_array().map(Vec::len),
+        Some(40),
+        "{status}"
+    );
 }
 
 /// Points `link` at `target` atomically (a sibling link renamed over it).
@@ -289,7 +315,11 @@ fn a_configmap_symlink_swap_is_applied_and_sighup_reloads() {
     let cm = bed.tmpdir().join("cm");
     let version = |name: &str, services: u32| {
         std::fs::create_dir_all(cm.join(name)).or_fail();
-        std::fs::write(cm.join(name).join("mesh.toml"), many_services(services, backend)).or_fail();
+        std::fs::write(
+            cm.join(name).join("mesh.toml"),
+            many_services(services, backend),
+        )
+        .or_fail();
     };
     version("..v1", 1);
     relink("..v1", &cm.join("..data"));
@@ -304,7 +334,9 @@ fn a_configmap_symlink_swap_is_applied_and_sighup_reloads() {
         })
         .or_fail();
     eprintln!("..data swap applied after {:?}", swapped.elapsed());
-    let report = a.tcp_client("client", sa("10.96.1.2:80"), 20, Duration::from_secs(1)).or_fail();
+    let report = a
+        .tcp_client("client", sa("10.96.1.2:80"), 20, Duration::from_secs(1))
+        .or_fail();
     assert_eq!(report.failed(), 0, "{report:?}");
 
     // A change the watcher cannot see (written through a hard link in another directory)
@@ -315,7 +347,11 @@ fn a_configmap_symlink_swap_is_applied_and_sighup_reloads() {
     std::fs::write(hidden.join("mesh.toml"), many_services(3, backend)).or_fail();
     std::thread::sleep(Duration::from_millis(500));
     let status = agent.status_json().or_fail();
-    assert_eq!(status["services"].as_array().map(Vec::len), Some(2), "{status}");
+    assert_eq!(
+        status["services"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
     agent.kill(Signal::Hup).or_fail();
     agent
         .wait_status(Duration::from_secs(5), |st| {
@@ -345,7 +381,11 @@ fn uninstall_refuses_under_a_running_agent_and_removes_everything_without_one() 
     let mut agent = a
         .start_agent(&render("a", &[Service::tcp("web", sa(VIP), &[backend])]))
         .or_fail();
-    assert!(cgroup_programs(&a).contains("mesh_connect4"), "{}", cgroup_programs(&a));
+    assert!(
+        cgroup_programs(&a).contains("mesh_connect4"),
+        "{}",
+        cgroup_programs(&a)
+    );
     let node = a.full_name();
     let state = agent.state_dir();
     let uninstall = |agent: &Agent| {
@@ -365,9 +405,18 @@ fn uninstall_refuses_under_a_running_agent_and_removes_everything_without_one() 
     let refused = uninstall(&agent);
     assert!(!refused.status.success(), "{refused:?}");
     let pid = agent.pid().expect("agent started");
-    assert!(refused.stderr.contains(&format!("pid {pid}")), "{refused:?}");
-    let report = a.tcp_client("client", sa(VIP), 20, Duration::from_secs(1)).or_fail();
-    assert_eq!(report.failed(), 0, "still balancing after a refused uninstall: {report:?}");
+    assert!(
+        refused.stderr.contains(&format!("pid {pid}")),
+        "{refused:?}"
+    );
+    let report = a
+        .tcp_client("client", sa(VIP), 20, Duration::from_secs(1))
+        .or_fail();
+    assert_eq!(
+        report.failed(),
+        0,
+        "still balancing after a refused uninstall: {report:?}"
+    );
 
     // SIGKILL leaves everything behind, the admin socket included.
     agent.kill(Signal::Kill).or_fail();
@@ -376,7 +425,9 @@ fn uninstall_refuses_under_a_running_agent_and_removes_everything_without_one() 
     let pins = a.bpffs_dir().join("mesh").join(&node);
     for path in [pins.as_path(), agent.socket_path(), &state.join(&node)] {
         assert!(
-            removed.stdout.contains(&format!("removed {}", path.display())),
+            removed
+                .stdout
+                .contains(&format!("removed {}", path.display())),
             "{path:?} not reported in {removed:?}"
         );
         assert!(!path.exists(), "{path:?} still exists");

@@ -178,7 +178,8 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
         if let Some(phi) = args.phi_threshold {
             extra.push(format!("phi_threshold = {phi}"));
         }
-        let config = render(node.name(), &[web]) + &gossip_table(node.ipv4().into(), &seeds, &key, &extra);
+        let config =
+            render(node.name(), &[web]) + &gossip_table(node.ipv4().into(), &seeds, &key, &extra);
         let agent = Agent::start_with(&node, artifacts.agent.clone(), &config)?;
         let applies = Applies::follow(agent.log_path().to_path_buf());
         members.push(Member {
