@@ -183,7 +183,11 @@ impl AgentView for SharedAgent {
     }
 
     fn register(&self, endpoint: Endpoint) -> Result<bool, String> {
-        let changed = self.lock().change_registrations(|r| r.register(endpoint))?;
+        let mut agent = self.lock();
+        let catalog = agent.sources.catalog();
+        crate::catalog::check_registration(&catalog, &endpoint)?;
+        let changed = agent.change_registrations(|r| r.register(endpoint))?;
+        drop(agent);
         if changed {
             let _ = self.announce.send(());
         }
@@ -552,8 +556,18 @@ impl Agent {
             }
         }
         if let Some(tunnel) = &self.tunnel {
+            // What this node hosts, as peers may reach it: never its loopback and the like,
+            // even where its own config lists such a backend.
+            let local = self.sources.announcement();
+            let local: HashSet<(&str, SocketAddr)> = local
+                .endpoints
+                .iter()
+                .filter(|e| e.check().is_ok())
+                .map(|e| (e.service.as_str(), e.address))
+                .collect();
+            let hosted = |service: &str, backend: SocketAddr| local.contains(&(service, backend));
             tunnel.update(
-                &crate::config::mtls_services(&merged.services, &self.config.services),
+                &crate::config::mtls_services(&merged.services, &self.config.services, &hosted),
                 self.config.policies.clone(),
             );
         }
