@@ -705,8 +705,21 @@ impl Agent {
             .installed_backends()
             .map(|(id, name, addr)| ((name, addr), id))
             .collect();
+        let mut announcers: HashMap<(&str, SocketAddr), Vec<String>> = HashMap::new();
+        let local = self.sources.announcement();
+        let members = std::iter::once((self.node.as_str(), &local))
+            .chain(self.sources.peers.iter().map(|(n, a)| (n.as_str(), a)));
+        for (node, announcement) in members {
+            for e in &announcement.endpoints {
+                announcers
+                    .entry((e.service.as_str(), e.address))
+                    .or_default()
+                    .push(node.to_owned());
+            }
+        }
         let now = Instant::now();
         let installed = &installed;
+        let announcers = &announcers;
         self.desired
             .services
             .values()
@@ -732,6 +745,10 @@ impl Agent {
                             weight: backend.weight,
                             state: state.to_owned(),
                             connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
+                            announced_by: announcers
+                                .get(&(service.name.as_str(), backend.addr))
+                                .cloned()
+                                .unwrap_or_default(),
                             health: view.as_ref().map(|v| v.state.to_owned()),
                             health_reason: view.as_ref().and_then(|v| v.reason.clone()),
                             ejected_until: view
