@@ -819,7 +819,7 @@ impl Agent {
             bytes_received: load(&stats.bytes_received),
             datagrams_sent: load(&stats.datagrams_sent),
             datagrams_received: load(&stats.datagrams_received),
-            auth_failures: load(&stats.auth_failures),
+            rejected: stats.rejected(),
         }
     }
 }

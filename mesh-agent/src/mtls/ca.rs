@@ -95,8 +95,8 @@ pub fn init(trust_domain: &str, valid_for: Duration) -> Result<Pem, CaError> {
 
 /// The trust domain a CA made by [`init`] is for (its subject's organization).
 pub fn trust_domain_of(ca_cert_pem: &str) -> Result<String, CaError> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(ca_cert_pem.as_bytes())
-        .map_err(|_| CaError::Cert {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(ca_cert_pem.as_bytes()).map_err(|_| CaError::Cert {
             cause: rcgen::Error::CouldNotParseCertificate,
         })?;
     let cert = pem.parse_x509().map_err(|_| CaError::Cert {
