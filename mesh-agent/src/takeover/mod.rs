@@ -1,0 +1,256 @@
+//! Takeover: a new agent (`mesh-agent run --takeover`) replaces the running one on its node
+//! without a moment where a connect is refused or the node is unlocked.
+//!
+//! The protocol, over the running agent's admin socket:
+//!
+//! 1. The successor sends `POST /v1/takeover` with `Upgrade: mesh-takeover/1`; the running
+//!    agent (the predecessor) checks the caller is root (`SO_PEERCRED`) and answers
+//!    `101 Switching Protocols`. The connection is now a plain stream between the two.
+//! 2. The predecessor stops gossip and every accept loop (so two processes never read one
+//!    socket), then sends one [`message`]: the node lock, the admin, outbound, inbound,
+//!    metrics and gossip sockets as `SCM_RIGHTS`, named by a JSON header. What waits in a
+//!    listener's backlog meanwhile is accepted by the successor.
+//! 3. The successor adopts the lock, installs the data plane (adopting the pinned maps and
+//!    replacing the links), applies its config and sends [`READY`].
+//! 4. The predecessor makes the successor systemd's main process (`MAINPID=`), answers [`GO`],
+//!    closes its copies of the sockets and drains: it relays the flows it has until they end
+//!    or its drain timeout passes, then exits, leaving the pins and the admin socket alone.
+//!    Only after `GO` does the successor serve.
+//!
+//! If the successor fails before `READY` (bad config, incompatible pins, crash) or is not
+//! ready within [`READY_TIMEOUT`], the predecessor serves again with its copies of the
+//! sockets and the successor, if still there, exits on the closed connection.
+
+pub mod message;
+
+use std::{
+    io,
+    os::fd::{BorrowedFd, OwnedFd},
+    path::Path,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{header, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::UnixStream,
+};
+
+pub use message::Kind;
+use message::{Header, MessageError};
+
+/// The admin route of a takeover.
+pub const PATH: &str = "/v1/takeover";
+
+/// The protocol named in the `Upgrade` header.
+pub const PROTOCOL: &str = "mesh-takeover/1";
+
+/// Successor → predecessor: installed and configured, about to serve.
+pub const READY: u8 = b'R';
+
+/// Predecessor → successor: committed; serve now.
+pub const GO: u8 = b'G';
+
+/// How long the predecessor waits for [`READY`] before it serves again.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a takeover failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("cannot reach the running agent at {path}: {cause}")]
+    Connect { path: String, cause: io::Error },
+    #[error("takeover request failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the running agent refused the takeover: {status} {body}")]
+    Refused { status: StatusCode, body: String },
+    #[error("the running agent answered the takeover without switching protocols")]
+    NotUpgraded,
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    #[error("the successor was not ready within {0:?}")]
+    NotReady(Duration),
+    #[error("the successor went away before it was ready ({0})")]
+    SuccessorGone(io::Error),
+    #[error("the running agent did not commit to the takeover ({0}); it serves on")]
+    NotCommitted(io::Error),
+    #[error("cannot answer the successor: {0}")]
+    Answer(io::Error),
+}
+
+/// The descriptors a predecessor handed over; what is not taken is closed with it.
+#[derive(Debug)]
+pub struct Inherited {
+    predecessor: Header,
+    fds: Vec<(Kind, Option<OwnedFd>)>,
+    stream: UnixStream,
+}
+
+/// Asks the agent on `admin_socket` to hand its sockets over. `Ok(None)` when no agent
+/// answers there (no socket, or nobody listening): the caller starts as usual.
+pub async fn request(admin_socket: &Path) -> Result<Option<Inherited>, TakeoverError> {
+    let stream = match UnixStream::connect(admin_socket).await {
+        Ok(stream) => stream,
+        Err(cause)
+            if matches!(
+                cause.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(cause) => {
+            return Err(TakeoverError::Connect {
+                path: admin_socket.display().to_string(),
+                cause,
+            })
+        }
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(connection.with_upgrades());
+    let request = Request::post(PATH)
+        .header(header::HOST, "mesh-agent")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(Empty::<Bytes>::new())
+        .expect("a constant request is well formed");
+    let response = sender.send_request(request).await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+            .unwrap_or_default();
+        return Err(TakeoverError::Refused { status, body });
+    }
+    let upgraded = hyper::upgrade::on(response).await?;
+    // The connection task ends with the upgrade; the stream is ours now.
+    drop(connection);
+    let parts = upgraded
+        .downcast::<TokioIo<UnixStream>>()
+        .map_err(|_| TakeoverError::NotUpgraded)?;
+    if !parts.read_buf.is_empty() {
+        return Err(TakeoverError::NotUpgraded);
+    }
+    let stream = parts.io.into_inner();
+    let (predecessor, fds) = message::receive(&stream).await?;
+    tracing::info!(
+        pid = predecessor.pid,
+        agent = predecessor.agent,
+        sockets = ?predecessor.fds,
+        "taking over from the running agent"
+    );
+    Ok(Some(Inherited {
+        fds: predecessor
+            .fds
+            .iter()
+            .copied()
+            .zip(fds.into_iter().map(Some))
+            .collect(),
+        predecessor,
+        stream,
+    }))
+}
+
+impl Inherited {
+    /// The predecessor's pid.
+    pub fn predecessor(&self) -> u32 {
+        self.predecessor.pid
+    }
+
+    /// The first descriptor of `kind` that `wanted` accepts, taken.
+    pub fn take(&mut self, kind: Kind, wanted: impl Fn(&OwnedFd) -> bool) -> Option<OwnedFd> {
+        self.fds
+            .iter_mut()
+            .filter(|(k, fd)| *k == kind && fd.as_ref().is_some_and(&wanted))
+            .find_map(|(_, fd)| fd.take())
+    }
+
+    /// Tells the predecessor this agent is ready and waits for its go: `Ok` means serve now.
+    /// The descriptors not taken are closed.
+    pub async fn ready(mut self) -> Result<(), TakeoverError> {
+        let unused: Vec<Kind> = self
+            .fds
+            .iter()
+            .filter(|(_, fd)| fd.is_some())
+            .map(|(kind, _)| *kind)
+            .collect();
+        if !unused.is_empty() {
+            tracing::info!(
+                ?unused,
+                "sockets of the predecessor this config does not use are closed"
+            );
+        }
+        self.fds.clear();
+        self.stream
+            .write_all(&[READY])
+            .await
+            .map_err(TakeoverError::NotCommitted)?;
+        let mut answer = [0u8; 1];
+        match self.stream.read(&mut answer).await {
+            Ok(1) if answer[0] == GO => Ok(()),
+            Ok(_) => Err(TakeoverError::NotCommitted(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection closed",
+            ))),
+            Err(cause) => Err(TakeoverError::NotCommitted(cause)),
+        }
+    }
+}
+
+/// A successor that asked for this agent's sockets: the upgraded admin connection.
+#[derive(Debug)]
+pub struct Successor {
+    stream: UnixStream,
+    pid: Option<u32>,
+}
+
+impl Successor {
+    /// The successor on `stream`, whose process is `pid` (from `SO_PEERCRED`).
+    pub fn new(stream: UnixStream, pid: Option<u32>) -> Self {
+        Self { stream, pid }
+    }
+
+    /// The successor's pid, if known.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Sends `fds` and waits until the successor is ready, then makes it systemd's main
+    /// process and tells it to go. `Ok`: the successor serves and this agent must drain.
+    /// The caller has stopped everything that reads the sockets.
+    pub async fn hand_over(mut self, fds: &[(Kind, BorrowedFd<'_>)]) -> Result<(), TakeoverError> {
+        let header = Header {
+            v: message::VERSION,
+            pid: std::process::id(),
+            agent: crate::VERSION.to_owned(),
+            fds: fds.iter().map(|(kind, _)| *kind).collect(),
+        };
+        let raw: Vec<BorrowedFd<'_>> = fds.iter().map(|(_, fd)| *fd).collect();
+        message::send(&self.stream, &header, &raw).await?;
+        let mut answer = [0u8; 1];
+        match tokio::time::timeout(READY_TIMEOUT, self.stream.read(&mut answer)).await {
+            Err(_) => return Err(TakeoverError::NotReady(READY_TIMEOUT)),
+            Ok(Ok(1)) if answer[0] == READY => {}
+            Ok(Ok(_)) => {
+                return Err(TakeoverError::SuccessorGone(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the connection closed",
+                )))
+            }
+            Ok(Err(cause)) => return Err(TakeoverError::SuccessorGone(cause)),
+        }
+        // Before GO: this process is still alive, so systemd never sees the unit without one.
+        if let Some(pid) = self.pid {
+            crate::sd_notify::main_pid(pid);
+        }
+        if let Err(cause) = self.stream.write_all(&[GO]).await {
+            crate::sd_notify::main_pid(std::process::id());
+            return Err(TakeoverError::Answer(cause));
+        }
+        Ok(())
+    }
+}
