@@ -166,6 +166,21 @@ impl Hold {
     }
 }
 
+/// A running `tcp-client` loop of sequential connects.
+#[derive(Debug)]
+pub struct ClientLoop {
+    proc: Proc,
+    timeout: Duration,
+}
+
+impl ClientLoop {
+    /// Waits for the loop to end and returns its report.
+    pub fn finish(self) -> Result<TcpClientReport> {
+        let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
+        parse_last_json(&out.stdout)
+    }
+}
+
 /// A running `tcp-many` whose connections are all open.
 #[derive(Debug)]
 pub struct Many {
@@ -376,6 +391,39 @@ impl Node {
         let bound = (timeout * 2 + hold) * count + Duration::from_secs(5);
         let out = self.run(workload, cmd, bound)?.ok("tcp-client")?;
         parse_last_json(&out.stdout)
+    }
+
+    /// Starts a `tcp-client` in the background: sequential connections to `target` (each
+    /// bounded by `timeout`, held `hold`) for `duration`, at most `max` of them.
+    pub fn tcp_client_loop(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        duration: Duration,
+        max: u32,
+        timeout: Duration,
+        hold: Duration,
+    ) -> Result<ClientLoop> {
+        let (addr, n) = (target.to_string(), max.to_string());
+        let (timeout_ms, hold_ms, duration_ms) = (ms(timeout), ms(hold), ms(duration));
+        let cmd = command(&[
+            "tcp-client",
+            "--connect",
+            &addr,
+            "--count",
+            &n,
+            "--timeout-ms",
+            &timeout_ms,
+            "--hold-ms",
+            &hold_ms,
+            "--duration-ms",
+            &duration_ms,
+        ])?;
+        Ok(ClientLoop {
+            proc: self.spawn(workload, cmd)?,
+            // The last connection may start just before the end: connect + read + hold.
+            timeout: duration + timeout * 2 + hold + Duration::from_secs(10),
+        })
     }
 
     /// Starts a `tcp-hold` to `target`: one connection sending a line every `interval` for

@@ -205,9 +205,9 @@ fn take_over(
     let pid = caller.pid().and_then(|p| u32::try_from(p).ok());
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let stream = match upgrade.await.map(|u| u.downcast::<TokioIo<UnixStream>>()) {
-            Ok(Ok(parts)) if parts.read_buf.is_empty() => parts.io.into_inner(),
-            Ok(_) => {
+        let (stream, early) = match upgrade.await.map(|u| u.downcast::<TokioIo<UnixStream>>()) {
+            Ok(Ok(parts)) => (parts.io.into_inner(), parts.read_buf),
+            Ok(Err(_)) => {
                 tracing::warn!("takeover: the connection did not upgrade as expected");
                 return;
             }
@@ -216,7 +216,14 @@ fn take_over(
                 return;
             }
         };
-        if let Err(error) = agent.take_over(Successor::new(stream, pid)) {
+        let successor = match Successor::asking(stream, early, pid).await {
+            Ok(successor) => successor,
+            Err(error) => {
+                tracing::warn!(?pid, %error, "takeover: the successor did not ask");
+                return;
+            }
+        };
+        if let Err(error) = agent.take_over(successor) {
             tracing::warn!(?pid, error, "refused a takeover");
         }
     });

@@ -5,7 +5,9 @@
 //!
 //! 1. The successor sends `POST /v1/takeover` with `Upgrade: mesh-takeover/1`; the running
 //!    agent (the predecessor) checks the caller is root (`SO_PEERCRED`) and answers
-//!    `101 Switching Protocols`. The connection is now a plain stream between the two.
+//!    `101 Switching Protocols`. The connection is now a plain stream between the two; the
+//!    successor sends [`ASK`] once it has read the answer (descriptors sent earlier could
+//!    land in its HTTP read buffer, and descriptors read without a control buffer are lost).
 //! 2. The predecessor stops gossip and every accept loop (so two processes never read one
 //!    socket), then sends one [`message`]: the node lock, the admin, outbound, inbound,
 //!    metrics and gossip sockets as `SCM_RIGHTS`, named by a JSON header. What waits in a
@@ -47,6 +49,9 @@ pub const PATH: &str = "/v1/takeover";
 
 /// The protocol named in the `Upgrade` header.
 pub const PROTOCOL: &str = "mesh-takeover/1";
+
+/// Successor → predecessor: upgraded; send the sockets.
+pub const ASK: u8 = b'T';
 
 /// Successor → predecessor: installed and configured, about to serve.
 pub const READY: u8 = b'R';
@@ -135,7 +140,11 @@ pub async fn request(admin_socket: &Path) -> Result<Option<Inherited>, TakeoverE
     if !parts.read_buf.is_empty() {
         return Err(TakeoverError::NotUpgraded);
     }
-    let stream = parts.io.into_inner();
+    let mut stream = parts.io.into_inner();
+    stream
+        .write_all(&[ASK])
+        .await
+        .map_err(|cause| TakeoverError::Message(MessageError::Send(cause)))?;
     let (predecessor, fds) = message::receive(&stream).await?;
     tracing::info!(
         pid = predecessor.pid,
@@ -208,10 +217,38 @@ pub struct Successor {
     pid: Option<u32>,
 }
 
+/// How long a successor may take to send [`ASK`] after the upgrade.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Successor {
-    /// The successor on `stream`, whose process is `pid` (from `SO_PEERCRED`).
-    pub fn new(stream: UnixStream, pid: Option<u32>) -> Self {
-        Self { stream, pid }
+    /// Waits for the [`ASK`] of the successor on `stream` (`early`: what the HTTP server had
+    /// read of it past the request), whose process is `pid` (from `SO_PEERCRED`).
+    pub async fn asking(
+        mut stream: UnixStream,
+        early: Bytes,
+        pid: Option<u32>,
+    ) -> Result<Successor, TakeoverError> {
+        let mut byte = [0u8; 1];
+        let asked = match early.first() {
+            Some(&first) => Ok(first),
+            None => match tokio::time::timeout(ASK_TIMEOUT, stream.read(&mut byte)).await {
+                Err(_) => return Err(TakeoverError::NotReady(ASK_TIMEOUT)),
+                Ok(Ok(1)) => Ok(byte[0]),
+                Ok(Ok(_)) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the connection closed",
+                )),
+                Ok(Err(cause)) => Err(cause),
+            },
+        };
+        match asked {
+            Ok(ASK) => Ok(Successor { stream, pid }),
+            Ok(other) => Err(TakeoverError::SuccessorGone(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected byte {other:#04x} instead of the ask"),
+            ))),
+            Err(cause) => Err(TakeoverError::SuccessorGone(cause)),
+        }
     }
 
     /// The successor's pid, if known.
