@@ -4,7 +4,9 @@
 //! agents tunnel it (certificates from the real `mesh-agent ca init` / `cert issue`). The
 //! clients are real: 20 `tcp-hold` flows echoing a line every 100 ms and a `tcp-client` loop
 //! of new connects, and the assertions are on what they saw (echoes, errors by errno) and on
-//! the old agents' processes (running while their flows are open, gone once they ended).
+//! the old agents' processes (running while their flows are open, gone once they ended). The
+//! upgrade test also health-checks the strict backend through the tunnel (a's agent asks b's)
+//! and wants no probe to fail across the upgrades.
 //!
 //! Needs root, cgroup2, bpffs and built `mesh-agent` / `mesh-workload`; fails, never skips.
 
@@ -31,7 +33,11 @@ fn vip() -> SocketAddr {
     VIP.parse().expect("socket address")
 }
 
-/// Nodes `a` (clients) and `b` (backend) with their agents; `args_a` go to `a`'s agent.
+/// A TCP check of `pay`'s backend; through the tunnel from `a`, run by `b`'s agent.
+const HEALTH: &str = "health = { interval_ms = 500, timeout_ms = 200, healthy_threshold = 1, unhealthy_threshold = 2 }";
+
+/// Nodes `a` (clients) and `b` (backend) with their agents; `args_a` go to `a`'s agent,
+/// `service` is an extra line of `pay` (may be empty).
 struct Pair {
     // Fields drop in order: processes before the nodes.
     agent_a: Agent,
@@ -42,13 +48,17 @@ struct Pair {
     marker: String,
 }
 
-fn pair(bed: &TestBed, args_a: &[&str]) -> Pair {
+fn pair(bed: &TestBed, args_a: &[&str], service: &str) -> Pair {
     let a = bed.add_node("a").or_fail();
     let b = bed.add_node("b").or_fail();
     let backend = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
     let marker = format!("takeover-{}", std::process::id());
     let server = b.tcp_server("server", backend, &marker).or_fail();
-    let pay = || Service::tcp("pay", vip(), &[backend]).with("mtls = \"strict\"");
+    let pay = || {
+        Service::tcp("pay", vip(), &[backend])
+            .with("mtls = \"strict\"")
+            .with(service)
+    };
     let ca = Ca::init(bed, "ca").or_fail();
     let node_a = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/a", "node-a").or_fail();
     let node_b = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b").or_fail();
@@ -101,7 +111,7 @@ fn finish(holds: Vec<mesh_tests::workload::Hold>) -> Vec<HoldReport> {
 #[test]
 fn takeover_of_both_agents_refuses_and_resets_nothing() {
     let bed = TestBed::new("takeover_upgrade").or_fail();
-    let mut p = pair(&bed, &[]);
+    let mut p = pair(&bed, &[], HEALTH);
     let hold_for = Duration::from_secs(16);
     let flows = holds(&p, hold_for);
     let flows_started = Instant::now();
@@ -174,6 +184,17 @@ fn takeover_of_both_agents_refuses_and_resets_nothing() {
         closed.elapsed(),
         reports.iter().map(|r| r.echoed).collect::<Vec<_>>()
     );
+    for (side, agent) in [("client", &p.agent_a), ("server", &p.agent_b)] {
+        assert!(
+            !agent.log().contains("backend unhealthy"),
+            "a health probe through the tunnel failed across the upgrades ({side} side)"
+        );
+    }
+    let probed = p.agent_a.query_json("endpoints").or_fail();
+    assert!(
+        probed.to_string().contains("\"healthy\""),
+        "the successor's probes through the tunnel pass: {probed}"
+    );
     // The successors serve on their own.
     let after = p.a.tcp_client("client", vip(), 10, CONNECT_TIMEOUT).or_fail();
     assert_eq!(after.backends.get(&p.marker), Some(&10), "{after:?}");
@@ -184,7 +205,7 @@ fn takeover_of_both_agents_refuses_and_resets_nothing() {
 fn sigterm_drains_open_flows_until_the_timeout_and_refuses_new_ones() {
     let bed = TestBed::new("takeover_sigterm").or_fail();
     let drain = Duration::from_secs(3);
-    let p = pair(&bed, &["--drain-timeout", "3s"]);
+    let p = pair(&bed, &["--drain-timeout", "3s"], "");
     let flows = holds(&p, Duration::from_secs(20));
     let term = Instant::now();
     p.agent_a.signal(Signal::Term).or_fail();
