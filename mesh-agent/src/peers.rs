@@ -159,7 +159,10 @@ impl Peers {
             let kept = self.peers.get(&member.name).cloned();
             match (member.alive, kept) {
                 (true, Some(kept)) if !member.complete => {
-                    tracing::debug!(member = member.name, "records still arriving; keeping its previous announcement");
+                    tracing::debug!(
+                        member = member.name,
+                        "records still arriving; keeping its previous announcement"
+                    );
                     self.peers.insert(
                         member.name.clone(),
                         Peer {
@@ -208,8 +211,7 @@ impl Peers {
         let Some(heard) = self.heard else {
             return false;
         };
-        if now.saturating_duration_since(heard) < self.grace.0 || self.restored().next().is_none()
-        {
+        if now.saturating_duration_since(heard) < self.grace.0 || self.restored().next().is_none() {
             return false;
         }
         let before = self.announcements();

@@ -42,7 +42,7 @@ use crate::{
     },
     kernel_addr,
     metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
-    mtls::{OriginalDestinations, Tunnel},
+    mtls::Tunnel,
     node_lock::NodeLock,
     peers::{Peers, RestoreGrace},
     reconcile::{self, KernelState},
@@ -274,7 +274,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         true => takeover::request(&options.admin_socket).await?,
         false => None,
     };
-    let lock = match inherited.as_mut().and_then(|i| i.take(Kind::Lock, |_| true)) {
+    let lock = match inherited
+        .as_mut()
+        .and_then(|i| i.take(Kind::Lock, |_| true))
+    {
         Some(fd) => NodeLock::adopt(fd, &owner_file, &options.admin_socket),
         None => {
             if options.takeover {
@@ -396,9 +399,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         node: node.clone(),
         admin: agent.clone(),
         metrics: agent.clone(),
-        tunnel: tunnel.clone().map(|t| {
-            let destinations: Arc<dyn OriginalDestinations> = Arc::new(redirects);
-            (t, destinations, agent.clone() as Arc<dyn Names + Send + Sync>)
+        tunnel: tunnel.clone().map(|tunnel| listening::TunnelServe {
+            tunnel,
+            destinations: Arc::new(redirects),
+            names: agent.clone(),
         }),
         gossip: config.gossip.clone(),
     };

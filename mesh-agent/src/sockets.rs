@@ -86,7 +86,8 @@ impl Sockets {
         let tunnel = match wanted.tunnel {
             None => None,
             Some(config) => {
-                let port = |p: u16| move |fd: &OwnedFd| local_addr(fd).is_some_and(|a| a.port() == p);
+                let port =
+                    |p: u16| move |fd: &OwnedFd| local_addr(fd).is_some_and(|a| a.port() == p);
                 let inbound = match take(Kind::Inbound, &port(config.inbound_port)) {
                     Some(fd) => adopt(fd)?,
                     None => Listeners::bind_inbound(config.inbound_port)?,

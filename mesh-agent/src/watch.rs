@@ -94,7 +94,8 @@ struct Follower {
 impl Follower {
     fn run(mut self, rx: &std_mpsc::Receiver<Message>, changes: &UnboundedSender<()>) {
         while let Ok(Message::Event(event)) = rx.recv() {
-            if !completes_a_version(event.kind) || !event.paths.iter().any(|p| self.chain.contains(p))
+            if !completes_a_version(event.kind)
+                || !event.paths.iter().any(|p| self.chain.contains(p))
             {
                 continue;
             }

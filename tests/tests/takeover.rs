@@ -60,8 +60,12 @@ fn pair(bed: &TestBed, args_a: &[&str], service: &str) -> Pair {
             .with(service)
     };
     let ca = Ca::init(bed, "ca").or_fail();
-    let node_a = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/a", "node-a").or_fail();
-    let node_b = ca.issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b").or_fail();
+    let node_a = ca
+        .issue(bed, "spiffe://mesh.test/ns/mesh/sa/a", "node-a")
+        .or_fail();
+    let node_b = ca
+        .issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b")
+        .or_fail();
     let client = ca.issue(bed, CLIENT_ID, "client").or_fail();
     let table = |node_cert, workloads| MtlsTable {
         ca_bundle: &ca.cert,
@@ -139,7 +143,11 @@ fn takeover_of_both_agents_refuses_and_resets_nothing() {
     let upgrade_b = Instant::now();
     let old_b = p.agent_b.takeover().or_fail();
     let took_b = upgrade_b.elapsed();
-    assert_ne!(Some(old_b.pid()), p.agent_b.pid(), "a new server-side agent");
+    assert_ne!(
+        Some(old_b.pid()),
+        p.agent_b.pid(),
+        "a new server-side agent"
+    );
 
     let report = connects.finish().or_fail();
     eprintln!(
@@ -176,8 +184,13 @@ fn takeover_of_both_agents_refuses_and_resets_nothing() {
         let status = old
             .wait_timeout(Duration::from_secs(10))
             .or_fail()
-            .unwrap_or_else(|| panic!("the old {side}-side agent still runs 10 s after its flows closed"));
-        assert!(status.success(), "the old {side}-side agent exited with {status}");
+            .unwrap_or_else(|| {
+                panic!("the old {side}-side agent still runs 10 s after its flows closed")
+            });
+        assert!(
+            status.success(),
+            "the old {side}-side agent exited with {status}"
+        );
     }
     eprintln!(
         "old agents exited {:?} after the flows closed; echoes per flow: {:?}",
@@ -196,7 +209,9 @@ fn takeover_of_both_agents_refuses_and_resets_nothing() {
         "the successor's probes through the tunnel pass: {probed}"
     );
     // The successors serve on their own.
-    let after = p.a.tcp_client("client", vip(), 10, CONNECT_TIMEOUT).or_fail();
+    let after =
+        p.a.tcp_client("client", vip(), 10, CONNECT_TIMEOUT)
+            .or_fail();
     assert_eq!(after.backends.get(&p.marker), Some(&10), "{after:?}");
     assert!(p.agent_a.is_running() && p.agent_b.is_running());
 }
@@ -212,8 +227,14 @@ fn sigterm_drains_open_flows_until_the_timeout_and_refuses_new_ones() {
     std::thread::sleep(Duration::from_millis(300));
 
     // New strict connects are refused by the closed listener, never passed in clear.
-    let refused = p.a.tcp_client("client", vip(), 10, CONNECT_TIMEOUT).or_fail();
-    assert_eq!(refused.ok(), 0, "a connect reached the backend: {refused:?}");
+    let refused =
+        p.a.tcp_client("client", vip(), 10, CONNECT_TIMEOUT)
+            .or_fail();
+    assert_eq!(
+        refused.ok(),
+        0,
+        "a connect reached the backend: {refused:?}"
+    );
     assert_eq!(
         refused.errors.get("ECONNREFUSED"),
         Some(&10),
@@ -222,7 +243,10 @@ fn sigterm_drains_open_flows_until_the_timeout_and_refuses_new_ones() {
 
     // The open flows keep echoing until the drain timeout (tcp-hold stops at its first error).
     std::thread::sleep((drain - Duration::from_millis(500)).saturating_sub(term.elapsed()));
-    assert!(p.agent_a.is_running(), "the agent exited before the drain timeout");
+    assert!(
+        p.agent_a.is_running(),
+        "the agent exited before the drain timeout"
+    );
     let running = flows.iter().filter(|h| h.is_running()).count();
     assert_eq!(running, FLOWS, "flows were cut before the drain timeout");
 

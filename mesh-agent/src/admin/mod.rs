@@ -230,7 +230,10 @@ fn take_over(
     let mut response = Response::new(Full::new(Bytes::new()).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
     headers.insert(
         header::UPGRADE,
         header::HeaderValue::from_static(takeover::PROTOCOL),

@@ -309,7 +309,10 @@ mod tests {
         );
         assert!(!partial.complete());
         // An agent of the previous format sends no count: taken as complete.
-        let old = decode([("node", r#"{"v":1,"agent":"x","started":1}"#), ("svc:web", V1_SERVICE)]);
+        let old = decode([
+            ("node", r#"{"v":1,"agent":"x","started":1}"#),
+            ("svc:web", V1_SERVICE),
+        ]);
         assert!(old.complete());
     }
 

@@ -475,7 +475,13 @@ async fn a_draining_peer_finishes_its_streams_while_new_flows_reach_its_successo
         let listener = TcpListener::from_std(shared.try_clone().unwrap()).unwrap();
         tokio::spawn(inbound::serve(Arc::clone(tunnel), listener))
     };
-    let client = agent(&fixture, &cgroups, shared.local_addr().unwrap().port(), backend).await;
+    let client = agent(
+        &fixture,
+        &cgroups,
+        shared.local_addr().unwrap().port(),
+        backend,
+    )
+    .await;
     let old = agent(&fixture, &cgroups, 0, backend).await;
     let old_accepting = accept_on(&old.tunnel);
     let frontend = cgroups.id("frontend");
@@ -503,11 +509,11 @@ async fn a_draining_peer_finishes_its_streams_while_new_flows_reach_its_successo
         );
     }
     // Streams opened before the GOAWAY reached the client may still land on the old peer.
-    let (on_old, on_new) = (
-        old.count(INBOUND, "opened"),
-        new.count(INBOUND, "opened"),
+    let (on_old, on_new) = (old.count(INBOUND, "opened"), new.count(INBOUND, "opened"));
+    assert!(
+        on_new >= 1 && on_old + on_new == 21,
+        "old {on_old}, new {on_new}"
     );
-    assert!(on_new >= 1 && on_old + on_new == 21, "old {on_old}, new {on_new}");
     assert_eq!(client.count(OUTBOUND, "refused"), 0);
     // The flow the old peer had goes on to its end, then the old peer is idle.
     assert_eq!(exchange(long, b"after").await.unwrap(), b"before after");

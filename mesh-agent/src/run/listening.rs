@@ -23,13 +23,18 @@ pub struct Serve {
     pub node: String,
     pub admin: Arc<dyn AgentView>,
     pub metrics: Arc<dyn SnapshotSource>,
-    /// With `[mtls]`: the tunnel, the kernel's original destinations and the service names.
-    pub tunnel: Option<(
-        Arc<Tunnel>,
-        Arc<dyn OriginalDestinations>,
-        Arc<dyn Names + Send + Sync>,
-    )>,
+    /// With `[mtls]`.
+    pub tunnel: Option<TunnelServe>,
     pub gossip: Option<GossipConfig>,
+}
+
+/// What the tunnel's accept loops need.
+pub struct TunnelServe {
+    pub tunnel: Arc<Tunnel>,
+    /// The kernel's original destinations of redirected connects.
+    pub destinations: Arc<dyn OriginalDestinations>,
+    /// Service names, for the flows.
+    pub names: Arc<dyn Names + Send + Sync>,
 }
 
 /// The running accept loops and gossip.
@@ -46,9 +51,11 @@ impl Serve {
         announcement: &Announcement,
     ) -> anyhow::Result<Listening> {
         let mut accepting = JoinSet::new();
-        if let Some((tunnel, destinations, names)) = &self.tunnel {
+        if let Some(serve) = &self.tunnel {
             if let Some(listeners) = sockets.tunnel()? {
-                tunnel.serve(listeners, destinations, names, &mut accepting)?;
+                serve
+                    .tunnel
+                    .serve(listeners, &serve.destinations, &serve.names, &mut accepting)?;
             }
         }
         accepting.spawn(admin::serve(sockets.admin()?, Arc::clone(&self.admin)));

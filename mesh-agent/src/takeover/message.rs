@@ -266,7 +266,10 @@ mod tests {
         assert_eq!(got, sent);
         let mut fds = fds.into_iter();
         let listener = std::net::TcpListener::from(fds.next().unwrap());
-        assert_eq!(listener.local_addr().unwrap(), inbound.local_addr().unwrap());
+        assert_eq!(
+            listener.local_addr().unwrap(),
+            inbound.local_addr().unwrap()
+        );
         let udp = std::net::UdpSocket::from(fds.next().unwrap());
         assert_eq!(udp.local_addr().unwrap(), gossip.local_addr().unwrap());
         // The received listener is the same socket: a connect queued on it is accepted here.
@@ -281,9 +284,13 @@ mod tests {
         let (old, new) = UnixStream::pair().unwrap();
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // Names two, sends one.
-        send(&old, &header(vec![Kind::Lock, Kind::Admin]), &[socket.as_fd()])
-            .await
-            .unwrap();
+        send(
+            &old,
+            &header(vec![Kind::Lock, Kind::Admin]),
+            &[socket.as_fd()],
+        )
+        .await
+        .unwrap();
         let err = receive(&new).await.unwrap_err();
         assert!(
             matches!(
