@@ -174,12 +174,15 @@ pub async fn start(
 }
 
 impl Gossip {
-    /// Stops gossiping and returns once chitchat (and its socket) is gone.
+    /// Stops gossiping and returns once chitchat's task (and with it its socket) is gone.
     pub async fn stop(mut self) {
         self.follow.abort();
         if let Some(handle) = self.handle.take() {
+            // Cancelled, then joined: no waiting on a round in progress, and once the join
+            // returns nothing of chitchat reads the socket.
+            handle.abort();
             if let Err(error) = handle.shutdown().await {
-                tracing::debug!(%error, "gossip ended with an error");
+                tracing::debug!(%error, "gossip task ended");
             }
         }
         tracing::info!("gossip stopped");

@@ -140,31 +140,36 @@ pub async fn request(admin_socket: &Path) -> Result<Option<Inherited>, TakeoverE
     if !parts.read_buf.is_empty() {
         return Err(TakeoverError::NotUpgraded);
     }
-    let mut stream = parts.io.into_inner();
-    stream
-        .write_all(&[ASK])
-        .await
-        .map_err(|cause| TakeoverError::Message(MessageError::Send(cause)))?;
-    let (predecessor, fds) = message::receive(&stream).await?;
-    tracing::info!(
-        pid = predecessor.pid,
-        agent = predecessor.agent,
-        sockets = ?predecessor.fds,
-        "taking over from the running agent"
-    );
-    Ok(Some(Inherited {
-        fds: predecessor
-            .fds
-            .iter()
-            .copied()
-            .zip(fds.into_iter().map(Some))
-            .collect(),
-        predecessor,
-        stream,
-    }))
+    Inherited::receive(parts.io.into_inner()).await.map(Some)
 }
 
 impl Inherited {
+    /// Asks the predecessor at the other end of `stream` (upgraded) for its sockets and
+    /// receives them.
+    async fn receive(mut stream: UnixStream) -> Result<Inherited, TakeoverError> {
+        stream
+            .write_all(&[ASK])
+            .await
+            .map_err(|cause| TakeoverError::Message(MessageError::Send(cause)))?;
+        let (predecessor, fds) = message::receive(&stream).await?;
+        tracing::info!(
+            pid = predecessor.pid,
+            agent = predecessor.agent,
+            sockets = ?predecessor.fds,
+            "taking over from the running agent"
+        );
+        Ok(Inherited {
+            fds: predecessor
+                .fds
+                .iter()
+                .copied()
+                .zip(fds.into_iter().map(Some))
+                .collect(),
+            predecessor,
+            stream,
+        })
+    }
+
     /// The predecessor's pid.
     pub fn predecessor(&self) -> u32 {
         self.predecessor.pid
@@ -289,5 +294,105 @@ impl Successor {
             return Err(TakeoverError::Answer(cause));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    /// The two ends of an upgraded takeover connection, the predecessor's already asked.
+    async fn connected() -> (
+        Successor,
+        tokio::task::JoinHandle<Result<Inherited, TakeoverError>>,
+    ) {
+        let (old, new) = UnixStream::pair().unwrap();
+        let receiving = tokio::spawn(Inherited::receive(new));
+        let successor = Successor::asking(old, Bytes::new(), None).await.unwrap();
+        (successor, receiving)
+    }
+
+    #[tokio::test]
+    async fn sockets_go_over_and_both_sides_commit() {
+        let (successor, receiving) = connected().await;
+        let lock = tempfile_dir();
+        let inbound = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let want = inbound.local_addr().unwrap();
+        let handing = tokio::spawn(async move {
+            successor
+                .hand_over(&[(Kind::Lock, lock.as_fd()), (Kind::Inbound, inbound.as_fd())])
+                .await
+        });
+        let mut inherited = receiving.await.unwrap().unwrap();
+        assert_eq!(inherited.predecessor(), std::process::id());
+        assert!(inherited.take(Kind::Metrics, |_| true).is_none());
+        let fd = inherited.take(Kind::Inbound, |_| true).unwrap();
+        assert_eq!(std::net::TcpListener::from(fd).local_addr().unwrap(), want);
+        assert!(
+            inherited.take(Kind::Lock, |_| false).is_none(),
+            "refused by the filter"
+        );
+        inherited.ready().await.unwrap();
+        handing.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_successor_gone_before_ready_leaves_the_predecessor_serving() {
+        let (successor, receiving) = connected().await;
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let handing =
+            tokio::spawn(
+                async move { successor.hand_over(&[(Kind::Gossip, socket.as_fd())]).await },
+            );
+        // The successor received the sockets, then failed (its install, say) and exited.
+        drop(receiving.await.unwrap().unwrap());
+        let err = handing.await.unwrap().unwrap_err();
+        assert!(matches!(err, TakeoverError::SuccessorGone(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_predecessor_that_does_not_commit_stops_the_successor() {
+        let (old, new) = UnixStream::pair().unwrap();
+        let receiving = tokio::spawn(Inherited::receive(new));
+        let mut old = Successor::asking(old, Bytes::new(), None)
+            .await
+            .unwrap()
+            .stream;
+        let header = Header {
+            v: message::VERSION,
+            pid: 1,
+            agent: "old".into(),
+            fds: vec![],
+        };
+        message::send(&old, &header, &[]).await.unwrap();
+        let inherited = receiving.await.unwrap().unwrap();
+        let ready = tokio::spawn(inherited.ready());
+        // The predecessor reads READY but serves again instead of answering GO.
+        let mut byte = [0u8; 1];
+        old.read_exact(&mut byte).await.unwrap();
+        assert_eq!(byte[0], READY);
+        drop(old);
+        let err = ready.await.unwrap().unwrap_err();
+        assert!(matches!(err, TakeoverError::NotCommitted(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_ask_already_read_by_the_http_server_counts() {
+        let (old, _new) = UnixStream::pair().unwrap();
+        Successor::asking(old, Bytes::from_static(&[ASK]), Some(7))
+            .await
+            .unwrap();
+        let (old, _new) = UnixStream::pair().unwrap();
+        let err = Successor::asking(old, Bytes::from_static(b"x"), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TakeoverError::SuccessorGone(_)), "{err}");
+    }
+
+    /// A directory to stand in for the locked pin directory.
+    fn tempfile_dir() -> std::fs::File {
+        std::fs::File::open(std::env::temp_dir()).unwrap()
     }
 }
