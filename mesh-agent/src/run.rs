@@ -267,6 +267,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| cgroup_root.clone());
     let pins = PinDir::new(&options.bpffs, &node);
+    // The credentials are only read: a bad file fails here, before a takeover stops the
+    // running agent.
+    let tunnel = config
+        .mtls
+        .as_ref()
+        .map(|m| Tunnel::new(&m.tunnel(), cgroup_root.clone()))
+        .transpose()?;
     // Before any map, link or socket is touched: one agent per node (a successor is handed
     // the predecessor's lock).
     let owner_file = options.state_dir.join(&node).join("agent.json");
@@ -300,11 +307,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             }),
         loopback_sockmap: config.mtls.as_ref().is_some_and(|m| m.loopback_sockmap),
     };
-    let tunnel = config
-        .mtls
-        .as_ref()
-        .map(|m| Tunnel::new(&m.tunnel(), cgroup_root.clone()))
-        .transpose()?;
     let (dataplane, telemetry) = DataPlane::install(&cgroup, pins, settings)
         .with_context(|| format!("installing the data plane on cgroup {}", cgroup.display()))?;
     let kernel = dataplane.maps.read_state()?;
