@@ -69,6 +69,15 @@ pub struct DesiredBackend {
 }
 
 impl Desired {
+    /// Services by name (a service's VIP markers are not services of their own).
+    pub fn service_count(&self) -> usize {
+        self.services
+            .values()
+            .map(|s| s.name.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    }
+
     /// The desired state of a validated config (the agent goes through
     /// [`crate::catalog::Catalog::desired`], which gives the same for a single node).
     #[cfg(test)]

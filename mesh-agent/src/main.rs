@@ -136,6 +136,9 @@ enum CaCommand {
         key: PathBuf,
         #[arg(long, default_value_t = 3650)]
         days: u64,
+        /// Replace an existing CA at these paths (every certificate it issued stops verifying).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -289,9 +292,15 @@ fn execute(command: Command) -> anyhow::Result<()> {
             cert,
             key,
             days,
+            force,
         }) => {
             let pem = mtls::ca::init(&trust_domain, std::time::Duration::from_secs(days * 86_400))?;
-            mtls::ca::write(&pem, &cert, &key)?;
+            let existing = if force {
+                mtls::ca::Existing::Replace
+            } else {
+                mtls::ca::Existing::Refuse
+            };
+            mtls::ca::write(&pem, &cert, &key, existing)?;
             println!(
                 "CA for trust domain {trust_domain}: {} (key {})",
                 cert.display(),
@@ -317,7 +326,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             };
             let id: mtls::spiffe::SpiffeId = spiffe_id.parse()?;
             let pem = mtls::ca::issue(&ca, &id, std::time::Duration::from_secs(days * 86_400))?;
-            mtls::ca::write(&pem, &cert, &key)?;
+            mtls::ca::write(&pem, &cert, &key, mtls::ca::Existing::Replace)?;
             println!("{id}: {} (key {})", cert.display(), key.display());
             Ok(())
         }

@@ -59,6 +59,7 @@ impl std::fmt::Display for Owner {
 /// The node's lock, held while this value lives (and by any copy of its descriptor).
 #[derive(Debug)]
 pub struct NodeLock {
+    /// Held for the lock; handed over by a takeover.
     dir: OwnedFd,
     owner_file: PathBuf,
 }

@@ -8,14 +8,18 @@
 //! restarted agent starts from them.
 //!
 //! An announcement leaves only when the mesh says so:
-//! - a member this agent has seen alive (in this generation) is declared dead;
+//! - a member this agent has seen alive (in this generation) is declared dead, and authentic
+//!   gossip still arrives after that (a member declared dead while nothing arrives any more is
+//!   more likely this agent's own isolation, which it cannot tell apart: it keeps the last
+//!   catalog until it hears the mesh again);
 //! - a member's live records no longer hold it (withdrawn);
 //! - a restored peer is never seen alive within [`RestoreGrace`] after this agent first heard
 //!   any live member: the mesh has forgotten it (it died while this agent was down).
 //!
-//! Until any member is heard, restored peers stay in force indefinitely: a node cut off from
-//! gossip keeps serving the last catalog it knew (backends that die meanwhile are caught by
-//! the health checks and passive ejection, which need no gossip).
+//! Until any member is heard, and while none is, the peers stay in force indefinitely: a node
+//! cut off from gossip keeps serving the last catalog it knew (backends that die meanwhile are
+//! caught by the health checks and passive ejection, which need no gossip). The price: in a
+//! mesh of two, the survivor keeps the dead peer's endpoints (and ejects them passively).
 //!
 //! A member caught mid-delivery (fewer records than its node record counts, as when a
 //! restarted peer's records are still arriving) keeps the announcement it had.
@@ -71,6 +75,9 @@ pub struct Peers {
     peers: BTreeMap<String, Peer>,
     /// When a live member was first heard (restored peers' grace runs from here).
     heard: Option<Instant>,
+    /// Members seen alive and since declared dead, with when that was first reported: the
+    /// death is taken once authentic gossip arrives after it.
+    dying: BTreeMap<String, Instant>,
     grace: RestoreGrace,
 }
 
@@ -119,6 +126,7 @@ impl Peers {
             file,
             peers,
             heard: None,
+            dying: BTreeMap::new(),
             grace,
         }
     }
@@ -129,6 +137,7 @@ impl Peers {
             file: PathBuf::new(),
             peers: BTreeMap::new(),
             heard: None,
+            dying: BTreeMap::new(),
             grace: RestoreGrace(Duration::ZERO),
         }
     }
@@ -149,14 +158,24 @@ impl Peers {
             .map(|(name, _)| name.as_str())
     }
 
-    /// Takes gossip's latest view of the members; whether the announcements in force changed.
-    pub fn update(&mut self, members: &[Member], now: Instant) -> bool {
+    /// Takes gossip's latest view of the members (called on every change and periodically,
+    /// so pending deaths are settled); `last_heard`: when the last authentic gossip datagram
+    /// arrived. Whether the announcements in force changed.
+    pub fn update(
+        &mut self,
+        members: &[Member],
+        now: Instant,
+        last_heard: Option<Instant>,
+    ) -> bool {
         if self.heard.is_none() && members.iter().any(|m| m.alive) {
             self.heard = Some(now);
         }
         let before = self.announcements();
         for member in members {
             let kept = self.peers.get(&member.name).cloned();
+            if member.alive {
+                self.dying.remove(&member.name);
+            }
             match (member.alive, kept) {
                 (true, Some(kept)) if !member.complete => {
                     tracing::debug!(
@@ -184,14 +203,19 @@ impl Peers {
                         },
                     );
                 }
-                // Declared dead after this agent saw that very generation alive.
+                // Declared dead after this agent saw that very generation alive: gone once
+                // the mesh is heard after the report.
                 (false, Some(kept))
                     if kept.origin
                         == (Origin::Live {
                             generation: member.generation,
                         }) =>
                 {
-                    self.peers.remove(&member.name);
+                    let reported = *self.dying.entry(member.name.clone()).or_insert(now);
+                    if last_heard.is_some_and(|heard| heard > reported) {
+                        self.dying.remove(&member.name);
+                        self.peers.remove(&member.name);
+                    }
                 }
                 // Never seen alive by this agent (a restored peer, or a new generation not
                 // yet heard beating): not taken to be gone.
@@ -202,6 +226,8 @@ impl Peers {
         self.peers.retain(|name, peer| {
             peer.origin == Origin::Restored || members.iter().any(|m| &m.name == name)
         });
+        let peers = &self.peers;
+        self.dying.retain(|name, _| peers.contains_key(name));
         self.settle(before)
     }
 
@@ -335,7 +361,7 @@ mod tests {
             member("b", true, 1, "10.0.0.2:80"),
             member("c", true, 1, "10.0.0.3:80"),
         ];
-        assert!(first.update(&members, now));
+        assert!(first.update(&members, now, None));
         Peers::restore(dir.path(), "a", GRACE)
     }
 
@@ -346,7 +372,7 @@ mod tests {
         assert_eq!(peers.announcements().len(), 2);
         assert_eq!(peers.restored().count(), 2);
         let later = Instant::now() + Duration::from_secs(3600);
-        assert!(!peers.update(&[], later));
+        assert!(!peers.update(&[], later, None));
         assert!(!peers.expire(later));
         assert_eq!(peers.announcements().len(), 2);
     }
@@ -357,7 +383,7 @@ mod tests {
         let mut peers = restored(&dir);
         let t0 = Instant::now();
         // b is back with another endpoint; c is not heard of.
-        assert!(peers.update(&[member("b", true, 2, "10.0.0.9:80")], t0));
+        assert!(peers.update(&[member("b", true, 2, "10.0.0.9:80")], t0, None));
         let names: Vec<_> = peers.announcements().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["b", "c"]);
         assert!(!peers.expire(t0 + Duration::from_secs(9)));
@@ -375,12 +401,52 @@ mod tests {
         let mut peers = restored(&dir);
         let now = Instant::now();
         // Learned through a seed, not yet heard beating: reported dead, kept.
-        assert!(!peers.update(&[member("b", false, 2, "10.0.0.2:80")], now));
+        let heard = Some(now + Duration::from_secs(1));
+        assert!(!peers.update(&[member("b", false, 2, "10.0.0.2:80")], now, heard));
         assert_eq!(peers.announcements().len(), 2);
-        assert!(!peers.update(&[member("b", true, 2, "10.0.0.2:80")], now));
-        assert!(peers.update(&[member("b", false, 2, "10.0.0.2:80")], now));
+        let c = member("c", true, 1, "10.0.0.3:80");
+        assert!(!peers.update(
+            &[member("b", true, 2, "10.0.0.2:80"), c.clone()],
+            now,
+            heard
+        ));
+        let dead_b = [member("b", false, 2, "10.0.0.2:80"), c];
+        // Reported dead at t; the mesh was last heard before that: not yet.
+        let t = now + Duration::from_secs(2);
+        assert!(!peers.update(&dead_b, t, heard));
+        // Heard after the report: gone.
+        let later = Some(t + Duration::from_millis(100));
+        assert!(peers.update(&dead_b, t + Duration::from_millis(250), later));
         let names: Vec<_> = peers.announcements().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["c"]);
+    }
+
+    #[test]
+    fn members_declared_dead_while_nothing_arrives_stay() {
+        let dir = ScratchDir::new("peers-isolated");
+        let mut peers = restored(&dir);
+        let now = Instant::now();
+        let alive = [
+            member("b", true, 1, "10.0.0.2:80"),
+            member("c", true, 1, "10.0.0.3:80"),
+        ];
+        let heard = Some(now);
+        assert!(!peers.update(&alive, now, heard));
+        // Cut off: nothing arrives after `now`, both are declared dead. Nothing leaves,
+        // however long.
+        let dead = alive.clone().map(|m| Member { alive: false, ..m });
+        for s in [1, 10, 3600] {
+            let t = now + Duration::from_secs(s);
+            assert!(!peers.update(&dead, t, heard));
+            assert!(!peers.expire(t));
+        }
+        assert_eq!(peers.announcements().len(), 2);
+        // Heard again: b is back, c is still dead, so c leaves.
+        let back = [alive[0].clone(), dead[1].clone()];
+        let t = now + Duration::from_secs(3601);
+        assert!(peers.update(&back, t, Some(t)));
+        let names: Vec<_> = peers.announcements().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["b"]);
     }
 
     #[test]
@@ -390,7 +456,7 @@ mod tests {
         let mut partial = member("b", true, 2, "10.0.0.2:80");
         partial.announcement.endpoints.clear();
         partial.complete = false;
-        assert!(!peers.update(&[partial], Instant::now()));
+        assert!(!peers.update(&[partial], Instant::now(), None));
         assert_eq!(peers.announcements()[0].1, announcement("10.0.0.2:80"));
         assert_eq!(peers.restored().collect::<Vec<_>>(), ["c"]);
     }

@@ -415,6 +415,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let _watcher = watch::watch_file(&options.config, changes_tx)?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let mut health_poll = tokio::time::interval(health::POLL_INTERVAL);
     health_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(admin_socket = %options.admin_socket.display(), "ready");
@@ -441,9 +442,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 }
             }
             Some(()) = changes.recv() => {
-                // Editors write in bursts (truncate, write, rename); let the burst settle.
+                // A deploy may swap several links at once; let the burst settle.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 while changes.try_recv().is_ok() {}
+                agent.lock().reload();
+                let _ = announce_tx.send(());
+            }
+            _ = hangup.recv() => {
+                tracing::info!(config = %options.config.display(), "SIGHUP: reloading the config");
                 agent.lock().reload();
                 let _ = announce_tx.send(());
             }
@@ -601,14 +607,12 @@ impl Agent {
             }
         };
         changed |= self.health.expire(now);
-        if self.peers.expire(now) {
-            self.sources.peers = self.peers.announcements();
-            if let Err(error) = self.recompute() {
-                tracing::error!("cannot withdraw the restored peers the mesh forgot: {error:#}");
-            }
-        } else if changed {
+        if changed {
             self.refresh();
         }
+        // Settles the deaths reported while the mesh was not heard, and the restored peers'
+        // grace.
+        self.follow_peers(now);
     }
 
     /// Merges the catalog's sources again, applies health and brings the kernel to the
@@ -680,8 +684,16 @@ impl Agent {
     /// Takes the gossip members' latest state and applies the catalog it makes.
     fn set_members(&mut self, members: Arc<Vec<Member>>) {
         gossip::log_changes(&self.members, &members);
-        let changed = self.peers.update(&members, Instant::now());
         self.members = members;
+        self.follow_peers(Instant::now());
+    }
+
+    /// Brings the peers' announcements in force up to date with the members (and the restored
+    /// peers' grace) and applies the catalog when they changed.
+    fn follow_peers(&mut self, now: Instant) {
+        let last_heard = self.gossip_stats.as_ref().and_then(|s| s.last_authentic());
+        let members = Arc::clone(&self.members);
+        let changed = self.peers.update(&members, now, last_heard) | self.peers.expire(now);
         if !changed {
             return;
         }
@@ -694,6 +706,7 @@ impl Agent {
     /// Re-reads the config file; a bad file is rejected and the state in force stays.
     /// Returns the config now in force when it changed.
     fn reload(&mut self) {
+        let before = self.desired.service_count();
         let result = Config::load(&self.config_path)
             .map_err(anyhow::Error::from)
             .and_then(|config| {
@@ -712,6 +725,15 @@ impl Agent {
             Ok(()) => {
                 self.reloads_applied += 1;
                 self.config_error = None;
+                let after = self.desired.service_count();
+                if after < before {
+                    tracing::warn!(
+                        before,
+                        after,
+                        removed = before - after,
+                        "the config change leaves the kernel with fewer services"
+                    );
+                }
             }
             Err(error) => {
                 self.reloads_rejected += 1;

@@ -326,6 +326,21 @@ impl Agent {
         }
     }
 
+    /// Runs a second `mesh-agent run` with this agent's arguments (same node, pins, state and
+    /// admin socket) in the node's namespace, and waits (bounded) for it to end.
+    pub fn run_second(&self) -> Result<Finished> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(self.run_args());
+        self.node
+            .spawn_with(
+                "second mesh-agent",
+                cmd,
+                self.cgroup.as_ref(),
+                Capture::Lines,
+            )?
+            .finish(READY_TIMEOUT)
+    }
+
     /// Whether the agent process is alive.
     pub fn is_running(&self) -> bool {
         self.proc.as_ref().is_some_and(Proc::is_running)

@@ -127,6 +127,33 @@ pub fn render(node: &str, services: &[Service]) -> String {
     s
 }
 
+/// A `[gossip]` table: `advertise` on the gossip port, joining through `seeds`, under the mesh
+/// key in `key_file`; `extra` lines (`interval = "100ms"`) follow.
+pub fn gossip_table(
+    advertise: std::net::IpAddr,
+    seeds: &[std::net::IpAddr],
+    key_file: &std::path::Path,
+    extra: &[String],
+) -> String {
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|s| format!("\"{}\"", SocketAddr::new(*s, GOSSIP_PORT)))
+        .collect();
+    let mut s = format!(
+        "\n[gossip]\nadvertise = \"{}\"\nseeds = [{}]\nkey_file = {:?}\n",
+        SocketAddr::new(advertise, GOSSIP_PORT),
+        seeds.join(", "),
+        key_file.display().to_string()
+    );
+    for line in extra {
+        let _ = writeln!(s, "{line}");
+    }
+    s
+}
+
+/// The gossip port of every agent of a test mesh.
+pub const GOSSIP_PORT: u16 = 15010;
+
 /// The 1-based number of the first line of `text` containing `needle`.
 pub fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)

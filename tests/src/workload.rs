@@ -166,35 +166,35 @@ impl Hold {
     }
 }
 
-/// A running `tcp-client` loop of sequential connects.
+/// A workload running in the background that prints a report of type `R` when it ends.
 #[derive(Debug)]
-pub struct ClientLoop {
+pub struct Running<R> {
     proc: Proc,
     timeout: Duration,
+    report: std::marker::PhantomData<R>,
 }
 
-impl ClientLoop {
-    /// Waits for the loop to end and returns its report.
-    pub fn finish(self) -> Result<TcpClientReport> {
+impl<R: serde::de::DeserializeOwned> Running<R> {
+    fn new(proc: Proc, timeout: Duration) -> Self {
+        Running {
+            proc,
+            timeout,
+            report: std::marker::PhantomData,
+        }
+    }
+
+    /// Waits (bounded) for it to end by itself and returns its report.
+    pub fn finish(self) -> Result<R> {
         let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
         parse_last_json(&out.stdout)
     }
 }
 
 /// A running `tcp-many` whose connections are all open.
-#[derive(Debug)]
-pub struct Many {
-    proc: Proc,
-    timeout: Duration,
-}
+pub type Many = Running<ManyReport>;
 
-impl Many {
-    /// Waits for it to close its connections and returns its report.
-    pub fn finish(self) -> Result<ManyReport> {
-        let out = self.proc.finish(self.timeout)?.ok(self.proc.label())?;
-        parse_last_json(&out.stdout)
-    }
-}
+/// A running `tcp-client` loop (new connections one after another for a while).
+pub type ClientLoop = Running<TcpClientReport>;
 
 /// A `mesh-workload` command with `args`.
 pub fn command(args: &[&str]) -> Result<Command> {
@@ -393,39 +393,6 @@ impl Node {
         parse_last_json(&out.stdout)
     }
 
-    /// Starts a `tcp-client` in the background: sequential connections to `target` (each
-    /// bounded by `timeout`, held `hold`) for `duration`, at most `max` of them.
-    pub fn tcp_client_loop(
-        &self,
-        workload: &str,
-        target: SocketAddr,
-        duration: Duration,
-        max: u32,
-        timeout: Duration,
-        hold: Duration,
-    ) -> Result<ClientLoop> {
-        let (addr, n) = (target.to_string(), max.to_string());
-        let (timeout_ms, hold_ms, duration_ms) = (ms(timeout), ms(hold), ms(duration));
-        let cmd = command(&[
-            "tcp-client",
-            "--connect",
-            &addr,
-            "--count",
-            &n,
-            "--timeout-ms",
-            &timeout_ms,
-            "--hold-ms",
-            &hold_ms,
-            "--duration-ms",
-            &duration_ms,
-        ])?;
-        Ok(ClientLoop {
-            proc: self.spawn(workload, cmd)?,
-            // The last connection may start just before the end: connect + read + hold.
-            timeout: duration + timeout * 2 + hold + Duration::from_secs(10),
-        })
-    }
-
     /// Starts a `tcp-hold` to `target`: one connection sending a line every `interval` for
     /// `duration`, checking each echo. With `want`, reconnects (up to 200 times) until the
     /// connection lands on that backend. Returns once connected.
@@ -491,10 +458,36 @@ impl Node {
         // tunnel on a busy 2-core machine); a failing connection costs up to `timeout` more.
         let bound = Duration::from_secs(10) + Duration::from_millis(5) * count + timeout * 4;
         p.wait_line(bound, |l| l.starts_with("echoed "))?;
-        Ok(Many {
-            proc: p,
-            timeout: hold + Duration::from_secs(10),
-        })
+        Ok(Many::new(p, hold + Duration::from_secs(10)))
+    }
+
+    /// Starts a `tcp-client` loop to `target` from workload cgroup `workload`: a new
+    /// connection every `interval` (each bounded by 1 s) until `duration` has passed (at most
+    /// 100,000). Returns once it runs; [`ClientLoop::finish`] gives what it saw.
+    pub fn tcp_client_loop(
+        &self,
+        workload: &str,
+        target: SocketAddr,
+        duration: Duration,
+        interval: Duration,
+    ) -> Result<ClientLoop> {
+        let addr = target.to_string();
+        let cmd = command(&[
+            "tcp-client",
+            "--connect",
+            &addr,
+            "--count",
+            "100000",
+            "--timeout-ms",
+            "1000",
+            "--duration-ms",
+            &ms(duration),
+            "--interval-ms",
+            &ms(interval),
+        ])?;
+        let p = self.spawn(workload, cmd)?;
+        p.wait_line(READY_TIMEOUT, |l| l == "looping")?;
+        Ok(ClientLoop::new(p, duration + Duration::from_secs(10)))
     }
 
     /// Sends `count` datagrams to `target` (one at a time, each waiting up to `timeout` for

@@ -12,12 +12,11 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mesh_tests::config::{render, Service};
+use mesh_tests::config::{gossip_table, render, Service, GOSSIP_PORT};
 use mesh_tests::{metrics, Agent, Node, OrFail, Proc, Signal, TestBed};
 
 const VIP: &str = "10.96.0.10:80";
 const BACKEND_PORT: u16 = 8080;
-const GOSSIP_PORT: u16 = 15010;
 /// The budget for a dead node's endpoints to leave every peer.
 const WITHDRAW: Duration = Duration::from_secs(5);
 /// Convergence after a start or a change (the target is 1 s; starts are slower).
@@ -45,13 +44,13 @@ impl Member {
 fn config(bed: &TestBed, node: &Node, seed: &Node) -> String {
     let backend = SocketAddr::new(node.ipv4().into(), BACKEND_PORT);
     let web = Service::tcp("web", sa(VIP), &[backend]);
-    format!(
-        "{}\n[gossip]\nadvertise = \"{}:{GOSSIP_PORT}\"\nseeds = [\"{}:{GOSSIP_PORT}\"]\nkey_file = {:?}\ninterval = \"100ms\"\n",
-        render(node.name(), &[web]),
-        node.ipv4(),
-        seed.ipv4(),
-        key_path(bed).display().to_string()
-    )
+    render(node.name(), &[web])
+        + &gossip_table(
+            node.ipv4().into(),
+            &[seed.ipv4().into()],
+            &key_path(bed),
+            &["interval = \"100ms\"".to_owned()],
+        )
 }
 
 fn key_path(bed: &TestBed) -> std::path::PathBuf {

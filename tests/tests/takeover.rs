@@ -23,9 +23,9 @@ const CLIENT_ID: &str = "spiffe://mesh.test/ns/shop/sa/client";
 /// Long-lived flows and their echo period.
 const FLOWS: usize = 20;
 const ECHO_EVERY: Duration = Duration::from_millis(100);
-/// Each connect of the loop: its bound and how long it is held before the next.
+/// The bound of a connect, and the pause between two of the loop's.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECT_HOLD: Duration = Duration::from_millis(10);
+const CONNECT_EVERY: Duration = Duration::from_millis(10);
 /// How long an agent's start may take to show.
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -120,15 +120,8 @@ fn takeover_of_both_agents_refuses_and_resets_nothing() {
     let flows = holds(&p, hold_for);
     let flows_started = Instant::now();
     let connects =
-        p.a.tcp_client_loop(
-            "client",
-            vip(),
-            Duration::from_secs(9),
-            20_000,
-            CONNECT_TIMEOUT,
-            CONNECT_HOLD,
-        )
-        .or_fail();
+        p.a.tcp_client_loop("client", vip(), Duration::from_secs(9), CONNECT_EVERY)
+            .or_fail();
     std::thread::sleep(Duration::from_secs(1));
 
     // (i) the client-side agent, then (ii) the server-side one.

@@ -140,11 +140,28 @@ pub struct Stats {
     pub auth_failures: AtomicU64,
     /// Authentic messages chitchat could not decode, and messages too large to frame.
     pub undeliverable: AtomicU64,
+    /// When the last authentic datagram arrived.
+    last_authentic: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Stats {
     fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// When the last authentic datagram arrived.
+    pub fn last_authentic(&self) -> Option<Instant> {
+        *self
+            .last_authentic
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn heard(&self) {
+        *self
+            .last_authentic
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
     }
 }
 
@@ -295,6 +312,7 @@ impl Socket for AuthSocket {
             Stats::add(&self.stats.datagrams_received, 1);
             match self.key.open(&self.buf[..n]) {
                 Ok(message) => {
+                    self.stats.heard();
                     self.feeder.send(message).await?;
                     self.pending = Some((from, n));
                 }

@@ -32,6 +32,17 @@ pub enum CaError {
     Random,
     #[error("cannot make the certificate: {cause}")]
     Sign { cause: rcgen::Error },
+    #[error("the CA names no trust domain (no organization in its subject); was it made by `mesh-agent ca init`?")]
+    NoTrustDomain,
+    #[error("{id} is outside the CA's trust domain {trust_domain}; the mesh would refuse it, so it is not signed")]
+    ForeignTrustDomain { id: String, trust_domain: String },
+    #[error("refusing to overwrite {}: every certificate the existing CA issued would stop verifying; pass --force to replace it", path.display())]
+    Exists { path: std::path::PathBuf },
+    #[error("cannot write {}: {cause}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 /// Certificates start being valid a little before now, so a peer whose clock lags accepts them.
@@ -82,8 +93,35 @@ pub fn init(trust_domain: &str, valid_for: Duration) -> Result<Pem, CaError> {
     })
 }
 
-/// A new key and a certificate for `id`, signed by the CA (`ca.cert`, `ca.key`).
+/// The trust domain a CA made by [`init`] is for (its subject's organization).
+pub fn trust_domain_of(ca_cert_pem: &str) -> Result<String, CaError> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(ca_cert_pem.as_bytes()).map_err(|_| CaError::Cert {
+            cause: rcgen::Error::CouldNotParseCertificate,
+        })?;
+    let cert = pem.parse_x509().map_err(|_| CaError::Cert {
+        cause: rcgen::Error::CouldNotParseCertificate,
+    })?;
+    let td = cert
+        .subject()
+        .iter_organization()
+        .next()
+        .and_then(|o| o.as_str().ok())
+        .filter(|td| check_trust_domain(td))
+        .ok_or(CaError::NoTrustDomain)?;
+    Ok(td.to_owned())
+}
+
+/// A new key and a certificate for `id`, signed by the CA (`ca.cert`, `ca.key`); refused for
+/// an id outside the CA's trust domain.
 pub fn issue(ca: &Pem, id: &SpiffeId, valid_for: Duration) -> Result<Pem, CaError> {
+    let trust_domain = trust_domain_of(&ca.cert)?;
+    if id.trust_domain() != trust_domain {
+        return Err(CaError::ForeignTrustDomain {
+            id: id.to_string(),
+            trust_domain,
+        });
+    }
     let ca_key = KeyPair::from_pem(&ca.key).map_err(|cause| CaError::Key { cause })?;
     let issuer =
         Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(|cause| CaError::Cert { cause })?;
@@ -117,17 +155,48 @@ pub fn issue(ca: &Pem, id: &SpiffeId, valid_for: Duration) -> Result<Pem, CaErro
     })
 }
 
-/// Writes `pem` to `cert` and `key` (the key readable by its owner only).
-pub fn write(pem: &Pem, cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<()> {
+/// Whether [`write`] may replace existing files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    Replace,
+    Refuse,
+}
+
+/// Writes `pem` to `cert` and `key` (the key readable by its owner only). With
+/// [`Existing::Refuse`] neither file may exist yet (checked before anything is written).
+pub fn write(
+    pem: &Pem,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    existing: Existing,
+) -> Result<(), CaError> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    std::fs::write(cert, &pem.cert)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(key)?;
-    file.write_all(pem.key.as_bytes())
+    if existing == Existing::Refuse {
+        if let Some(path) = [cert, key].into_iter().find(|p| p.exists()) {
+            return Err(CaError::Exists {
+                path: path.to_owned(),
+            });
+        }
+    }
+    let open = |path: &std::path::Path, mode: u32| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).mode(mode);
+        match existing {
+            Existing::Replace => options.create(true).truncate(true),
+            // A file that appeared since the check is not overwritten either.
+            Existing::Refuse => options.create_new(true),
+        };
+        options.open(path)
+    };
+    for (path, text, mode) in [(cert, &pem.cert, 0o644), (key, &pem.key, 0o600)] {
+        open(path, mode)
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .map_err(|cause| CaError::Write {
+                path: path.to_owned(),
+                cause,
+            })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -151,5 +220,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("CA key"));
+    }
+
+    #[test]
+    fn an_id_of_another_trust_domain_is_not_signed() {
+        let ca = init("mesh.test", Duration::from_secs(86_400)).unwrap();
+        assert_eq!(trust_domain_of(&ca.cert).unwrap(), "mesh.test");
+        let foreign: SpiffeId = "spiffe://evil.test/ns/shop/sa/frontend".parse().unwrap();
+        let err = issue(&ca, &foreign, Duration::from_secs(3600)).unwrap_err();
+        assert!(matches!(err, CaError::ForeignTrustDomain { .. }), "{err}");
+        assert!(err.to_string().contains("mesh.test"), "{err}");
+    }
+
+    #[test]
+    fn an_existing_ca_is_not_overwritten_without_force() {
+        let dir = crate::state_file::ScratchDir::new("ca-overwrite");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        let first = init("mesh.test", Duration::from_secs(86_400)).unwrap();
+        write(&first, &cert, &key, Existing::Refuse).unwrap();
+        let second = init("mesh.test", Duration::from_secs(86_400)).unwrap();
+        let err = write(&second, &cert, &key, Existing::Refuse).unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), first.cert);
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), first.key);
+        write(&second, &cert, &key, Existing::Replace).unwrap();
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), second.cert);
     }
 }

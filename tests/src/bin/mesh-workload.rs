@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | `tcp-server --listen ADDR:PORT --name NAME [--http-status CODE]` | per connection (one thread each): writes `NAME\n`, then echoes every line until EOF; prints `ready` once listening. With `--http-status`, a connection whose peer sends an HTTP request within 300 ms first gets `HTTP/1.1 CODE` with body `NAME\n` and is closed (a health-check target); the others are served as above |
 //! | `udp-server --listen ADDR:PORT --name NAME` | answers each datagram with `NAME:<payload>`; prints `ready` once bound |
-//! | `tcp-client --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H] [--duration-ms D]` | N sequential connections (or fewer: none starts after D ms), reads each one's name line; prints a JSON [`TcpClientReport`] |
+//! | `tcp-client --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H] [--duration-ms D --interval-ms I]` | N sequential connections (with D: until D ms have passed, at most N; I ms apart), reads each one's name line; prints `looping`, then a JSON [`TcpClientReport`] |
 //! | `tcp-hold --connect ADDR:PORT [--interval-ms I] [--duration-ms D] [--want NAME --max-attempts M]` | one long-lived connection (reconnecting until it reaches NAME if asked), prints `connected NAME`, then sends a line every I ms and checks the echo; prints a JSON [`HoldReport`] |
 //! | `tcp-many --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N connections open at once (each reads its name line), then each sends its own line and checks the echo; prints `echoed E` with all still open, keeps them H ms, closes them and prints a JSON [`ManyReport`]. Raises its RLIMIT_NOFILE soft limit to fit N |
 //! | `udp-client --target ADDR:PORT --count N [--connected] [--timeout-ms T]` | one datagram at a time, waiting for each reply; prints a JSON [`UdpClientReport`] |
@@ -319,11 +319,17 @@ fn tcp_client(args: &Args) -> Result<ExitCode> {
     let timeout = args.ms("timeout-ms", 1000)?;
     let hold = args.ms("hold-ms", 0)?;
     let duration = args.ms("duration-ms", 0)?;
-    let start = Instant::now();
+    let interval = args.ms("interval-ms", 0)?;
     let mut report = TcpClientReport::default();
+    let started = Instant::now();
+    println!("looping");
+    io::stdout().flush()?;
     for _ in 0..count {
-        if !duration.is_zero() && start.elapsed() >= duration {
+        if !duration.is_zero() && started.elapsed() >= duration {
             break;
+        }
+        if !interval.is_zero() {
+            std::thread::sleep(interval);
         }
         match connect_and_name(target, timeout) {
             Ok((stream, name)) => {

@@ -41,7 +41,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
-use mesh_tests::config::{render, Service};
+use mesh_tests::config::{gossip_table, render, Service};
 use mesh_tests::{Agent, Node, Signal, TestBed};
 
 use super::applylog::Applies;
@@ -83,7 +83,6 @@ const VIP: &str = "10.96.0.10:80";
 /// Each node's own backend of `web`, and the extra endpoint the changes register.
 const BACKEND_PORT: u16 = 8080;
 const EXTRA_PORT: u16 = 8081;
-const GOSSIP_PORT: u16 = 15010;
 /// How many nodes seed the others.
 const SEEDS: usize = 2;
 /// A fresh mesh must agree within this.
@@ -166,28 +165,21 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
     let nodes = (1..=n)
         .map(|i| bed.add_node(&format!("n{i}")))
         .collect::<Result<Vec<_>>>()?;
-    let seeds: Vec<String> = nodes[..SEEDS]
-        .iter()
-        .map(|s| format!("\"{}:{GOSSIP_PORT}\"", s.ipv4()))
-        .collect();
+    let seeds: Vec<std::net::IpAddr> = nodes[..SEEDS].iter().map(|s| s.ipv4().into()).collect();
     let mut members = Vec::new();
     for node in nodes {
         check_interrupted()?;
         let backend = SocketAddr::new(node.ipv4().into(), BACKEND_PORT);
         let web = Service::tcp(SERVICE, VIP.parse()?, &[backend]);
-        let mut config = format!(
-            "{}\n[gossip]\nadvertise = \"{}:{GOSSIP_PORT}\"\nseeds = [{}]\nkey_file = {:?}\n",
-            render(node.name(), &[web]),
-            node.ipv4(),
-            seeds.join(", "),
-            key.display().to_string()
-        );
+        let mut extra = Vec::new();
         if let Some(interval) = &args.interval {
-            let _ = writeln!(config, "interval = {interval:?}");
+            extra.push(format!("interval = {interval:?}"));
         }
         if let Some(phi) = args.phi_threshold {
-            let _ = writeln!(config, "phi_threshold = {phi}");
+            extra.push(format!("phi_threshold = {phi}"));
         }
+        let config =
+            render(node.name(), &[web]) + &gossip_table(node.ipv4().into(), &seeds, &key, &extra);
         let agent = Agent::start_with(&node, artifacts.agent.clone(), &config)?;
         let applies = Applies::follow(agent.log_path().to_path_buf());
         members.push(Member {
