@@ -8,12 +8,15 @@
 //! upgrade test also health-checks the strict backend through the tunnel (a's agent asks b's)
 //! and wants no probe to fail across the upgrades.
 //!
+//! A third test replaces an agent of a gossip mesh and checks the successor gossips on the
+//! socket it was handed (a registration made on it reaches the other node).
+//!
 //! Needs root, cgroup2, bpffs and built `mesh-agent` / `mesh-workload`; fails, never skips.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mesh_tests::config::Service;
+use mesh_tests::config::{gossip_table, render, Service};
 use mesh_tests::mtls::{self, Ca, MtlsTable};
 use mesh_tests::{Agent, HoldReport, Node, OrFail, Proc, Signal, TestBed};
 
@@ -266,5 +269,80 @@ fn sigterm_drains_open_flows_until_the_timeout_and_refuses_new_ones() {
         "SIGTERM: agent exited after {exited:?}; echoes per flow: {:?}; cut with: {:?}",
         reports.iter().map(|r| r.echoed).collect::<Vec<_>>(),
         reports[0].errors
+    );
+}
+
+#[test]
+fn takeover_hands_the_gossip_socket_over_and_the_successor_gossips_on_it() {
+    let bed = TestBed::new("takeover_gossip").or_fail();
+    let key = bed.tmpdir().join("mesh.key");
+    std::fs::write(&key, "a-test-mesh-key-of-32-bytes-long\n").or_fail();
+    let web = "10.96.0.41:80"
+        .parse::<SocketAddr>()
+        .expect("socket address");
+    let b = bed.add_node("b").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let gossip = |node: &Node| {
+        gossip_table(
+            node.ipv4().into(),
+            &[b.ipv4().into()],
+            &key,
+            &["interval = \"100ms\"".to_owned()],
+        )
+    };
+    let first = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
+    let second = SocketAddr::new(b.ipv4().into(), BACKEND_PORT + 1);
+    let _servers = [
+        b.tcp_server("server", first, "first").or_fail(),
+        b.tcp_server("server", second, "second").or_fail(),
+    ];
+    // b announces web; a defines nothing and learns it through gossip only.
+    let mut agent_b = b
+        .start_agent(&(render("b", &[Service::tcp("web", web, &[first])]) + &gossip(&b)))
+        .or_fail();
+    let agent_a = a.start_agent(&(render("a", &[]) + &gossip(&a))).or_fail();
+    let has = |want: &[SocketAddr]| {
+        let mut want: Vec<String> = want.iter().map(ToString::to_string).collect();
+        want.sort();
+        move |st: &serde_json::Value| Agent::backends_in(st, "web") == want
+    };
+    agent_a.wait_status(SETTLE * 2, has(&[first])).or_fail();
+
+    let connects = a
+        .tcp_client_loop("client", web, Duration::from_secs(4), CONNECT_EVERY)
+        .or_fail();
+    std::thread::sleep(Duration::from_secs(1));
+    let old_b = agent_b.takeover().or_fail();
+    // Without [mtls] there is nothing to drain: the old agent exits once it handed over.
+    let status = old_b
+        .wait_timeout(Duration::from_secs(5))
+        .or_fail()
+        .expect("the old agent exits after the handover");
+    assert!(status.success(), "the old agent exited with {status}");
+    let log = agent_b.log();
+    assert!(
+        log.contains("taking over from the running agent") && log.contains("Gossip"),
+        "the successor received the gossip socket\n{log}"
+    );
+    // A registration on the successor reaches a: it gossips on the socket it was handed.
+    agent_b
+        .cli(&[
+            "register".as_ref(),
+            "--service".as_ref(),
+            "web".as_ref(),
+            "--address".as_ref(),
+            second.to_string().as_ref(),
+            "--admin-socket".as_ref(),
+            agent_b.socket_path().as_os_str(),
+        ])
+        .or_fail()
+        .ok("mesh-agent register")
+        .or_fail();
+    agent_a.wait_status(SETTLE, has(&[first, second])).or_fail();
+    let report = connects.finish().or_fail();
+    eprintln!("gossip takeover: connect loop {report:?}");
+    assert!(
+        report.errors.is_empty() && report.ok() > 100,
+        "connects from a failed while b's agent was replaced: {report:?}"
     );
 }
