@@ -125,8 +125,8 @@ impl NodeLock {
     }
 
     /// Writes this process into the owner record (atomically; a failure is logged, the lock
-    /// holds either way).
-    fn record_owner(&self, admin_socket: &Path) {
+    /// holds either way). Also after a failed takeover, whose successor recorded itself.
+    pub fn record_owner(&self, admin_socket: &Path) {
         let owner = Owner {
             pid: Some(std::process::id()),
             admin_socket: Some(admin_socket.to_owned()),

@@ -434,6 +434,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                     Ok(()) => break drain::Why::TakenOver,
                     Err(error) => {
                         tracing::error!(%error, "takeover failed; serving again");
+                        lock.record_owner(&options.admin_socket);
                         let announcement = agent.lock().resume();
                         listening = serve.start(&sockets, &announcement).await?;
                         members = listening.members();

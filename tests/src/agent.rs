@@ -310,6 +310,29 @@ impl Agent {
         Ok(())
     }
 
+    /// Runs `mesh-agent run --takeover` with this agent's arguments but the config
+    /// `config_toml` (written beside the agent's) and waits (bounded) for it to end: a
+    /// successor that fails. The running agent stays this `Agent`'s.
+    pub fn run_takeover_with(&self, config_toml: &str) -> Result<Finished> {
+        let config = self.config_path.with_extension("next.toml");
+        std::fs::write(&config, config_toml)
+            .with_context(|| format!("writing {}", config.display()))?;
+        let mut args = self.run_args();
+        if let Some(i) = args.iter().position(|a| a == "--config") {
+            args[i + 1] = config.into();
+        }
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--takeover");
+        self.node
+            .spawn_with(
+                "failing successor",
+                cmd,
+                self.cgroup.as_ref(),
+                Capture::Lines,
+            )?
+            .finish(READY_TIMEOUT * 2)
+    }
+
     /// Sends `sig` and returns at once (a drain takes its time).
     pub fn signal(&self, sig: Signal) -> Result<()> {
         match &self.proc {

@@ -8,6 +8,7 @@
 //! upgrade test also health-checks the strict backend through the tunnel (a's agent asks b's)
 //! and wants no probe to fail across the upgrades.
 //!
+//! Another has a successor fail after it received the sockets: the old agent serves on.
 //! A third test replaces an agent of a gossip mesh and checks the successor gossips on the
 //! socket it was handed (a registration made on it reaches the other node).
 //!
@@ -49,6 +50,8 @@ struct Pair {
     a: Node,
     _b: Node,
     marker: String,
+    /// `a`'s agent config.
+    config_a: String,
 }
 
 fn pair(bed: &TestBed, args_a: &[&str], service: &str) -> Pair {
@@ -81,6 +84,7 @@ fn pair(bed: &TestBed, args_a: &[&str], service: &str) -> Pair {
     let config_a = mtls::config(&a, &[pay()], &table(&node_a, &workloads), "").or_fail();
     let agent_b = b.start_agent(&config_b).or_fail();
     let agent_a = Agent::start_with_args(&a, &config_a, args_a).or_fail();
+    let config_a = config_a.clone();
     for agent in [&agent_a, &agent_b] {
         agent
             .wait_status(SETTLE, |st| {
@@ -95,6 +99,7 @@ fn pair(bed: &TestBed, args_a: &[&str], service: &str) -> Pair {
         a,
         _b: b,
         marker,
+        config_a,
     }
 }
 
@@ -345,4 +350,55 @@ fn takeover_hands_the_gossip_socket_over_and_the_successor_gossips_on_it() {
         report.errors.is_empty() && report.ok() > 100,
         "connects from a failed while b's agent was replaced: {report:?}"
     );
+}
+
+#[test]
+fn a_successor_that_fails_after_the_handover_leaves_the_old_agent_serving() {
+    let bed = TestBed::new("takeover_failed").or_fail();
+    let mut p = pair(&bed, &[], "");
+    let flows = holds(&p, Duration::from_secs(8));
+    let connects =
+        p.a.tcp_client_loop("client", vip(), Duration::from_secs(5), CONNECT_EVERY)
+            .or_fail();
+    std::thread::sleep(Duration::from_secs(1));
+    // Its inbound port is the metrics port, which the running agent holds and hands over as
+    // metrics: the successor fails to bind it after it received the sockets and installed
+    // the data plane.
+    let bad = p
+        .config_a
+        .replace("[mtls]\n", "[mtls]\ninbound_port = 15020\n");
+    let failed = p.agent_a.run_takeover_with(&bad).or_fail();
+    assert!(
+        !failed.status.success() && failed.stderr.contains("15020"),
+        "the successor fails on the port: {failed:?}"
+    );
+    assert!(p.agent_a.is_running(), "the old agent went away");
+    assert!(
+        p.agent_a.log().contains("takeover failed; serving again"),
+        "{}",
+        p.agent_a.log()
+    );
+    let report = connects.finish().or_fail();
+    eprintln!("failed takeover: connect loop {report:?}");
+    assert!(
+        report.errors.is_empty() && report.ok() > 100,
+        "connects failed around the failed takeover: {report:?}"
+    );
+    for (i, r) in finish(flows).iter().enumerate() {
+        assert!(
+            r.errors.is_empty() && r.echoed == r.sent,
+            "flow {i} suffered from the failed takeover: {r:?}"
+        );
+    }
+    // The old agent serves as before: a good successor takes over from it.
+    let old = p.agent_a.takeover().or_fail();
+    let status = old
+        .wait_timeout(Duration::from_secs(10))
+        .or_fail()
+        .expect("the old agent, with no flow open, exits after the handover");
+    assert!(status.success(), "the old agent exited with {status}");
+    let after =
+        p.a.tcp_client("client", vip(), 10, CONNECT_TIMEOUT)
+            .or_fail();
+    assert_eq!(after.backends.get(&p.marker), Some(&10), "{after:?}");
 }
