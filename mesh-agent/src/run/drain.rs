@@ -27,6 +27,7 @@ pub async fn drain(
     interrupt: &mut Signal,
 ) {
     let Some(tunnel) = tunnel else {
+        tracing::info!(?why, "no [mtls] tunnel: nothing to drain");
         return;
     };
     let started = Instant::now();
