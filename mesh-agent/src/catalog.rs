@@ -97,15 +97,18 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Why this endpoint is unusable, or `Ok`: a valid service name, a unicast address with a
-    /// port, a weight in range.
+    /// Why this endpoint cannot be announced to the mesh, or `Ok`: a valid service name, a
+    /// port, an address other hosts can reach (not loopback, unspecified, broadcast, multicast
+    /// or link-local: another host would dial its own), a weight in range.
     pub fn check(&self) -> Result<(), String> {
         config::check_service_name(&self.service).map_err(|e| format!("service: {e}"))?;
-        let ip = self.address.ip();
-        if self.address.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+        let addr = self.address;
+        if addr.port() == 0 {
+            return Err(format!("{addr}: port 0 is not an endpoint"));
+        }
+        if let Some(kind) = unannounceable(addr.ip()) {
             return Err(format!(
-                "{}: an endpoint needs a unicast address and a port",
-                self.address
+                "{addr}: {kind} address cannot be announced (another host would reach its own)"
             ));
         }
         if self.weight > MAX_WEIGHT {
@@ -116,6 +119,57 @@ impl Endpoint {
         }
         Ok(())
     }
+}
+
+/// The kind of address that names no particular host of the mesh, if `ip` is one.
+fn unannounceable(ip: IpAddr) -> Option<&'static str> {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    [
+        (ip.is_loopback(), "a loopback"),
+        (ip.is_unspecified(), "an unspecified"),
+        (broadcast, "a broadcast"),
+        (ip.is_multicast(), "a multicast"),
+        (link_local, "a link-local"),
+    ]
+    .into_iter()
+    .find_map(|(is, kind)| is.then_some(kind))
+}
+
+/// Why `endpoint` cannot be registered on this node against `catalog`, or `Ok`: it must be
+/// announceable ([`Endpoint::check`]), of a service the catalog has, of that service's address
+/// family, and not a VIP of any service (a registration must never point the mesh at a
+/// frontend).
+pub fn check_registration(catalog: &Catalog, endpoint: &Endpoint) -> Result<(), String> {
+    endpoint.check()?;
+    let addr = endpoint.address;
+    let service = catalog
+        .services
+        .iter()
+        .find(|s| s.name == endpoint.service)
+        .ok_or_else(|| {
+            format!(
+                "service {}: not in the catalog (define it in a config first)",
+                endpoint.service
+            )
+        })?;
+    if service.vip.is_ipv4() != addr.is_ipv4() {
+        return Err(format!(
+            "{addr}: service {} has VIP {}, an endpoint must be of the same address family",
+            service.name, service.vip
+        ));
+    }
+    if let Some(other) = catalog.services.iter().find(|s| s.vip == addr.ip()) {
+        return Err(format!(
+            "{addr}: {} is the VIP of service {}, not an endpoint",
+            addr.ip(),
+            other.name
+        ));
+    }
+    Ok(())
 }
 
 /// What one node announces.
@@ -506,6 +560,34 @@ protocol = "udp"
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_registration_names_the_rule_it_breaks() {
+        let sources = Sources {
+            node: "a".into(),
+            config: config().services,
+            ..Sources::default()
+        };
+        let catalog = sources.catalog();
+        let refused = |service: &str, address: &str| {
+            check_registration(&catalog, &ep(service, address, 1)).unwrap_err()
+        };
+        for (service, address, rule) in [
+            ("nosuch", "10.0.0.4:80", "not in the catalog"),
+            ("web", "[fd00::4]:80", "same address family"),
+            ("web", "127.0.0.1:15020", "loopback"),
+            ("web", "0.0.0.0:80", "unspecified"),
+            ("web", "255.255.255.255:80", "broadcast"),
+            ("web", "224.0.0.1:80", "multicast"),
+            ("web", "169.254.1.1:80", "link-local"),
+            ("web", "10.96.0.53:53", "the VIP of service dns"),
+            ("web", "10.0.0.4:0", "port 0"),
+        ] {
+            let error = refused(service, address);
+            assert!(error.contains(rule), "{service} {address}: {error}");
+        }
+        check_registration(&catalog, &ep("web", "10.0.0.4:80", 1)).unwrap();
     }
 
     #[test]

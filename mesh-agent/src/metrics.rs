@@ -22,7 +22,7 @@
 //! | `mesh_gossip_members` | gauge | `state` (`alive`, `dead`; this node counts as alive) |
 //! | `mesh_gossip_bytes_total` | counter | `direction` (`sent`, `received`) |
 //! | `mesh_gossip_datagrams_total` | counter | `direction` (`sent`, `received`) |
-//! | `mesh_gossip_auth_failures_total` | counter | |
+//! | `mesh_gossip_auth_failures_total` | counter | `kind`: not_a_frame, old_format, hmac, stale, future, replayed |
 //! | `mesh_catalog_conflicts` | gauge | `kind` ([`crate::catalog::ConflictKind::name`]) |
 
 use std::{convert::Infallible, fmt, io, net::SocketAddr, sync::Arc, time::Duration};
@@ -91,7 +91,8 @@ pub struct GossipSample {
     pub bytes_received: u64,
     pub datagrams_sent: u64,
     pub datagrams_received: u64,
-    pub auth_failures: u64,
+    /// Datagrams dropped, by reason.
+    pub rejected: Vec<(&'static str, u64)>,
 }
 
 /// Produces a [`Snapshot`] on demand.
@@ -288,8 +289,8 @@ fn encode_snapshot(s: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result
     counter_family(
         encoder,
         "gossip_auth_failures",
-        "Gossip datagrams dropped because they failed authentication with the mesh key.",
-        [([("kind", "hmac")], s.gossip.auth_failures)],
+        "Gossip datagrams dropped, by kind: not_a_frame, old_format (format 1), hmac (another key or altered), stale, future (outside the time window), replayed.",
+        s.gossip.rejected.iter().map(|(kind, n)| ([("kind", *kind)], *n)),
     )?;
     gauge_family(
         encoder,
@@ -546,7 +547,7 @@ mod tests {
                 bytes_received: 200,
                 datagrams_sent: 2,
                 datagrams_received: 5,
-                auth_failures: 3,
+                rejected: vec![("hmac", 3), ("replayed", 2)],
             },
             conflicts: vec![("definition", 1)],
             tunnel: Some(crate::mtls::stats::TunnelSample {
@@ -596,6 +597,7 @@ mod tests {
             r#"mesh_gossip_datagrams_total{direction="sent"} 2"#,
             r#"mesh_gossip_datagrams_total{direction="received"} 5"#,
             r#"mesh_gossip_auth_failures_total{kind="hmac"} 3"#,
+            r#"mesh_gossip_auth_failures_total{kind="replayed"} 2"#,
             r#"mesh_catalog_conflicts{kind="definition"} 1"#,
             "# UNIT mesh_agent_uptime_seconds seconds",
             "mesh_agent_uptime_seconds 12.5",

@@ -215,7 +215,7 @@ mod tests {
             ("{\"version\": 9, \"endpoints\": []}", "format version 9"),
             (
                 r#"{"version": 1, "endpoints": [{"service": "web", "address": "0.0.0.0:80", "weight": 1}]}"#,
-                "endpoint web 0.0.0.0:80: 0.0.0.0:80: an endpoint needs a unicast address",
+                "endpoint web 0.0.0.0:80: 0.0.0.0:80: an unspecified address cannot be announced",
             ),
         ];
         for (text, want) in cases {

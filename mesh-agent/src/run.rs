@@ -201,7 +201,11 @@ impl AgentView for SharedAgent {
     }
 
     fn register(&self, endpoint: Endpoint) -> Result<bool, String> {
-        let changed = self.lock().change_registrations(|r| r.register(endpoint))?;
+        let mut agent = self.lock();
+        let catalog = agent.sources.catalog();
+        crate::catalog::check_registration(&catalog, &endpoint)?;
+        let changed = agent.change_registrations(|r| r.register(endpoint))?;
+        drop(agent);
         if changed {
             let _ = self.announce.send(());
         }
@@ -634,8 +638,18 @@ impl Agent {
             }
         }
         if let Some(tunnel) = &self.tunnel {
+            // What this node hosts, as peers may reach it: never its loopback and the like,
+            // even where its own config lists such a backend.
+            let local = self.sources.announcement();
+            let local: HashSet<(&str, SocketAddr)> = local
+                .endpoints
+                .iter()
+                .filter(|e| e.check().is_ok())
+                .map(|e| (e.service.as_str(), e.address))
+                .collect();
+            let hosted = |service: &str, backend: SocketAddr| local.contains(&(service, backend));
             tunnel.update(
-                &crate::config::mtls_services(&merged.services, &self.config.services),
+                &crate::config::mtls_services(&merged.services, &self.config.services, &hosted),
                 self.config.policies.clone(),
             );
         }
@@ -786,8 +800,21 @@ impl Agent {
             .installed_backends()
             .map(|(id, name, addr)| ((name, addr), id))
             .collect();
+        let mut announcers: HashMap<(&str, SocketAddr), Vec<String>> = HashMap::new();
+        let local = self.sources.announcement();
+        let members = std::iter::once((self.node.as_str(), &local))
+            .chain(self.sources.peers.iter().map(|(n, a)| (n.as_str(), a)));
+        for (node, announcement) in members {
+            for e in &announcement.endpoints {
+                announcers
+                    .entry((e.service.as_str(), e.address))
+                    .or_default()
+                    .push(node.to_owned());
+            }
+        }
         let now = Instant::now();
         let installed = &installed;
+        let announcers = &announcers;
         self.desired
             .services
             .values()
@@ -813,6 +840,10 @@ impl Agent {
                             weight: backend.weight,
                             state: state.to_owned(),
                             connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
+                            announced_by: announcers
+                                .get(&(service.name.as_str(), backend.addr))
+                                .cloned()
+                                .unwrap_or_default(),
                             health: view.as_ref().map(|v| v.state.to_owned()),
                             health_reason: view.as_ref().and_then(|v| v.reason.clone()),
                             ejected_until: view
@@ -883,7 +914,7 @@ impl Agent {
             bytes_received: load(&stats.bytes_received),
             datagrams_sent: load(&stats.datagrams_sent),
             datagrams_received: load(&stats.datagrams_received),
-            auth_failures: load(&stats.auth_failures),
+            rejected: stats.rejected(),
         }
     }
 }

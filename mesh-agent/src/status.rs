@@ -69,6 +69,9 @@ pub struct EndpointStatus {
     pub state: String,
     /// Connections and UDP datagrams the kernel sent to it since it was added.
     pub connections: u64,
+    /// The nodes announcing it (this one from its config or a registration, peers by gossip;
+    /// any member holding the mesh key may announce endpoints of any service).
+    pub announced_by: Vec<String>,
     /// `healthy`, `unhealthy` (active check) or `ejected` (failed connects).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
@@ -266,6 +269,7 @@ pub fn render_endpoints(endpoints: &[EndpointStatus]) -> String {
             "STATE",
             "HEALTH",
             "CONNECTIONS",
+            "NODE",
         ],
         endpoints.iter().map(|e| {
             let mut health = e.health.clone().unwrap_or_else(|| "-".into());
@@ -282,6 +286,7 @@ pub fn render_endpoints(endpoints: &[EndpointStatus]) -> String {
                 e.state.clone(),
                 health,
                 e.connections.to_string(),
+                e.announced_by.join(","),
             ]
         }),
     )

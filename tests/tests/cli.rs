@@ -126,8 +126,8 @@ fn cli_json_answers_field_by_field() {
     assert_eq!(
         endpoints,
         json!([
-            {"service": "web", "address": b_addr.to_string(), "weight": 2, "state": "active", "connections": 20, "health": "healthy"},
-            {"service": "web", "address": c_addr.to_string(), "weight": 0, "state": "drained", "connections": 0, "health": "healthy"},
+            {"service": "web", "address": b_addr.to_string(), "weight": 2, "state": "active", "connections": 20, "health": "healthy", "announced_by": [a.full_name()]},
+            {"service": "web", "address": c_addr.to_string(), "weight": 0, "state": "drained", "connections": 0, "health": "healthy", "announced_by": [a.full_name()]},
         ])
     );
 
@@ -178,6 +178,7 @@ fn cli_json_answers_field_by_field() {
         "ENDPOINT",
         "STATE",
         "CONNECTIONS",
+        "NODE",
         "drained",
         "active",
     ] {

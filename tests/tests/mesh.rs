@@ -169,7 +169,7 @@ fn five_nodes_converge_withdraw_a_dead_node_and_take_it_back() {
         .netns()
         .run_in(move || -> Result<()> {
             let s = UdpSocket::bind("0.0.0.0:0")?;
-            let mut forged = b"MGS1".to_vec();
+            let mut forged = b"MGS2".to_vec();
             forged.extend_from_slice(b"not a gossip message, wrong key");
             forged.extend_from_slice(&[7u8; 32]);
             for _ in 0..3 {

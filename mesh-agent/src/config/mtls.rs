@@ -3,6 +3,7 @@
 //! the `[[policies]]` rules. Checked here with the same `file:line: field: cause` errors as
 //! the rest of the file; turned into the tunnel's settings by [`MtlsConfig::tunnel`].
 
+use std::net::SocketAddr;
 use std::{collections::HashSet, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
@@ -96,16 +97,28 @@ impl MtlsConfig {
     }
 }
 
-/// The mTLS services of a catalog, for the inbound side, each with the active check the
-/// local config (`local`) gives it: the one a peer's health probe of its backends runs here.
-pub fn mtls_services(services: &[ServiceConfig], local: &[ServiceConfig]) -> Vec<MtlsService> {
+/// The mTLS services of a catalog, for the inbound side: each with the backends of it this
+/// node hosts (`hosted(service, backend)`: it announces them, from its config or a
+/// registration; the inbound tunnel and the peers' probes reach those only, never what other
+/// nodes announce), and with the active check the local config (`local`) gives it, the one a
+/// peer's health probe of its backends runs here.
+pub fn mtls_services(
+    services: &[ServiceConfig],
+    local: &[ServiceConfig],
+    hosted: &dyn Fn(&str, SocketAddr) -> bool,
+) -> Vec<MtlsService> {
     services
         .iter()
         .filter(|s| s.mtls)
         .map(|s| MtlsService {
             name: s.name.clone(),
             port: s.port,
-            backends: s.backends.iter().map(|b| b.address).collect(),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| b.address)
+                .filter(|&b| hosted(&s.name, b))
+                .collect(),
             check: local
                 .iter()
                 .find(|l| l.name == s.name)
@@ -367,11 +380,14 @@ mod tests {
         assert_eq!(strict, [true, false, false]);
         assert_eq!(c.policies.rules.len(), 1);
         assert_eq!(c.policies.rules[0].port, Some(443));
-        let services = mtls_services(&c.services, &c.services);
+        let services = mtls_services(&c.services, &c.services, &|_, _| true);
         assert_eq!(services[0].backends, ["10.0.0.5:8443".parse().unwrap()]);
         // payments has no active check in this config; without a local definition none.
         assert_eq!(services[0].check, None);
-        assert_eq!(mtls_services(&c.services, &[])[0].check, None);
+        assert_eq!(mtls_services(&c.services, &[], &|_, _| true)[0].check, None);
+        // A backend another node announces is not this node's to dial.
+        let elsewhere = mtls_services(&c.services, &c.services, &|_, _| false);
+        assert!(elsewhere[0].backends.is_empty());
         assert!(
             !mtls.loopback_sockmap,
             "the loopback sockmap is off by default"
