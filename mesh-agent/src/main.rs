@@ -24,8 +24,11 @@ mod peers;
 mod reconcile;
 mod registry;
 mod run;
+mod sd_notify;
+mod sockets;
 mod state_file;
 mod status;
+mod takeover;
 mod uninstall;
 mod watch;
 

@@ -111,12 +111,18 @@ pub struct MetricsError {
 /// The media type of the OpenMetrics text exposition.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, source: Arc<dyn SnapshotSource>) -> Result<(), MetricsError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|cause| MetricsError { addr, cause })?;
-    tracing::info!(%addr, "serving metrics on /metrics");
+/// Binds the metrics listener (non-blocking, as [`serve`] takes it).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+        .map_err(|cause| MetricsError { addr, cause })
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, source: Arc<dyn SnapshotSource>) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving metrics on /metrics");
+    }
     let registry = Arc::new(registry(source));
     loop {
         let stream = match listener.accept().await {

@@ -91,10 +91,6 @@ impl NodeLock {
 
     /// The lock a predecessor handed over (its descriptor, received by a takeover); this
     /// process becomes the recorded owner.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used by the takeover (being merged)")
-    )]
     pub fn adopt(dir: OwnedFd, owner_file: &Path, admin_socket: &Path) -> Self {
         let lock = Self {
             dir,
@@ -124,17 +120,13 @@ impl NodeLock {
     }
 
     /// The locked descriptor, to hand to a successor.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used by the takeover (being merged)")
-    )]
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.dir.as_fd()
     }
 
     /// Writes this process into the owner record (atomically; a failure is logged, the lock
-    /// holds either way).
-    fn record_owner(&self, admin_socket: &Path) {
+    /// holds either way). Also after a failed takeover, whose successor recorded itself.
+    pub fn record_owner(&self, admin_socket: &Path) {
         let owner = Owner {
             pid: Some(std::process::id()),
             admin_socket: Some(admin_socket.to_owned()),

@@ -4,6 +4,13 @@
 //! follows the config file, serves the admin API and waits for a signal. On SIGTERM/SIGINT the
 //! data plane stays in place (pinned) unless `--cleanup-on-exit` was given, so established and
 //! new connections keep flowing while the agent restarts or upgrades.
+//!
+//! With `--takeover` it replaces the agent running on the admin socket ([`crate::takeover`]);
+//! a replaced agent, or one stopped by a signal, drains its tunneled flows ([`drain`]) before
+//! it exits.
+
+mod drain;
+mod listening;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -20,7 +27,7 @@ use tokio::{
 };
 
 use crate::{
-    admin::{self, AgentView},
+    admin::AgentView,
     catalog::{Conflict, Endpoint, Sources},
     cgroup,
     config::{gossip::GossipConfig, Config},
@@ -40,7 +47,9 @@ use crate::{
     peers::{Peers, RestoreGrace},
     reconcile::{self, KernelState},
     registry::Registry,
+    sockets::{Sockets, Wanted},
     status::{self, EndpointStatus, NodeStatus, StatusReport},
+    takeover::{self, Kind, Successor},
     watch,
 };
 
@@ -78,6 +87,13 @@ pub struct RunOptions {
     /// Log every kernel decision through aya-log at debug level (verbose).
     #[arg(long)]
     pub ebpf_debug_log: bool,
+    /// Replace the agent running on --admin-socket without a gap: take its listening sockets
+    /// and node lock; it then drains and exits. Starts as usual when no agent answers there.
+    #[arg(long)]
+    pub takeover: bool,
+    /// How long a replaced or stopped (SIGTERM) agent keeps relaying its open tunneled flows.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 /// The agent's state, shared by the reload loop, the admin API and the metrics.
@@ -124,6 +140,8 @@ struct SharedAgent {
     flows: Arc<FlowLog>,
     /// Asks the main loop to announce this node's endpoints again.
     announce: mpsc::UnboundedSender<()>,
+    /// Asks the main loop to hand the sockets over (one takeover at a time).
+    takeovers: mpsc::Sender<Successor>,
 }
 
 impl SharedAgent {
@@ -219,6 +237,12 @@ impl AgentView for SharedAgent {
             .map(|t| t.certs())
             .unwrap_or_default()
     }
+
+    fn take_over(&self, successor: Successor) -> Result<(), String> {
+        self.takeovers
+            .try_send(successor)
+            .map_err(|_| "a takeover is already under way".to_owned())
+    }
 }
 
 impl Names for SharedAgent {
@@ -247,13 +271,33 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| cgroup_root.clone());
     let pins = PinDir::new(&options.bpffs, &node);
-    // Before any map, link or socket is touched: one agent per node.
-    let _lock = NodeLock::acquire(
-        pins.root(),
-        &options.state_dir.join(&node).join("agent.json"),
-        &node,
-        &options.admin_socket,
-    )?;
+    // The credentials are only read: a bad file fails here, before a takeover stops the
+    // running agent.
+    let tunnel = config
+        .mtls
+        .as_ref()
+        .map(|m| Tunnel::new(&m.tunnel(), cgroup_root.clone()))
+        .transpose()?;
+    // Before any map, link or socket is touched: one agent per node (a successor is handed
+    // the predecessor's lock).
+    let owner_file = options.state_dir.join(&node).join("agent.json");
+    let mut inherited = match options.takeover {
+        true => takeover::request(&options.admin_socket).await?,
+        false => None,
+    };
+    let lock = match inherited
+        .as_mut()
+        .and_then(|i| i.take(Kind::Lock, |_| true))
+    {
+        Some(fd) => NodeLock::adopt(fd, &owner_file, &options.admin_socket),
+        None => {
+            if options.takeover {
+                tracing::info!(admin_socket = %options.admin_socket.display(),
+                    "--takeover: no agent answers on the admin socket; starting as usual");
+            }
+            NodeLock::acquire(pins.root(), &owner_file, &node, &options.admin_socket)?
+        }
+    };
     let settings = Settings {
         flow_events: !options.no_flow_events,
         debug_log: options.ebpf_debug_log,
@@ -267,11 +311,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             }),
         loopback_sockmap: config.mtls.as_ref().is_some_and(|m| m.loopback_sockmap),
     };
-    let tunnel = config
-        .mtls
-        .as_ref()
-        .map(|m| Tunnel::new(&m.tunnel(), cgroup_root.clone()))
-        .transpose()?;
     let (dataplane, telemetry) = DataPlane::install(&cgroup, pins, settings)
         .with_context(|| format!("installing the data plane on cgroup {}", cgroup.display()))?;
     let kernel = dataplane.maps.read_state()?;
@@ -323,22 +362,30 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         tunnel: tunnel.clone(),
     };
     agent.recompute()?;
-    let gossip = match &config.gossip {
-        Some(settings) => {
-            let gossip = gossip::start(&node, settings, &agent.sources.announcement()).await?;
-            agent.gossip_stats = Some(Arc::clone(gossip.stats()));
-            Some(gossip)
-        }
-        None => None,
-    };
-    let mut members = gossip.as_ref().map(gossip::Gossip::members);
+    let sockets = Sockets::open(
+        &Wanted {
+            admin: &options.admin_socket,
+            tunnel: config.mtls.as_ref().map(|m| m.tunnel()).as_ref(),
+            metrics: options.metrics_addr,
+            gossip: config.gossip.as_ref().map(|g| g.listen),
+        },
+        inherited.as_mut(),
+    )?;
+    if let Some(inherited) = inherited {
+        let predecessor = inherited.predecessor();
+        inherited.ready().await?;
+        tracing::info!(predecessor, "took over; the predecessor drains");
+    }
     let flow_log = Arc::new(FlowLog::default());
     let (announce_tx, mut announce) = mpsc::unbounded_channel();
+    let (takeovers_tx, mut takeovers) = mpsc::channel(1);
     let redirects = agent.dataplane.redirects();
+    let announcement = agent.sources.announcement();
     let agent = Arc::new(SharedAgent {
         state: Mutex::new(agent),
         flows: Arc::clone(&flow_log),
         announce: announce_tx.clone(),
+        takeovers: takeovers_tx,
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -351,25 +398,23 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     if let Some(logger) = telemetry.logger {
         tasks.spawn(forward_kernel_log(logger));
     }
-    if let (Some(tunnel), Some(mtls)) = (&tunnel, &config.mtls) {
-        tunnel
-            .spawn(
-                &mtls.tunnel(),
-                Arc::new(redirects),
-                agent.clone(),
-                &mut tasks,
-            )
-            .await?;
+    if let Some(tunnel) = &tunnel {
+        tunnel.spawn(&mut tasks);
     }
-    let listener = admin::bind(&options.admin_socket)?;
-    tasks.spawn(admin::serve(listener, agent.clone()));
-    let metrics = agent.clone();
-    let metrics_addr = options.metrics_addr;
-    tasks.spawn(async move {
-        if let Err(error) = metrics::serve(metrics_addr, metrics).await {
-            tracing::error!("{error}; metrics are off");
-        }
-    });
+    let serve = listening::Serve {
+        node: node.clone(),
+        admin: agent.clone(),
+        metrics: agent.clone(),
+        tunnel: tunnel.clone().map(|tunnel| listening::TunnelServe {
+            tunnel,
+            destinations: Arc::new(redirects),
+            names: agent.clone(),
+        }),
+        gossip: config.gossip.clone(),
+    };
+    let mut listening = serve.start(&sockets, &announcement).await?;
+    let mut members = listening.members();
+    agent.lock().gossip_stats = listening.gossip.as_ref().map(|g| Arc::clone(g.stats()));
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let _watcher = watch::watch_file(&options.config, changes_tx)?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -378,11 +423,29 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut health_poll = tokio::time::interval(health::POLL_INTERVAL);
     health_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(admin_socket = %options.admin_socket.display(), "ready");
+    crate::sd_notify::ready();
 
-    loop {
+    let why = loop {
         tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break drain::Why::Signal,
+            _ = interrupt.recv() => break drain::Why::Signal,
+            Some(successor) = takeovers.recv() => {
+                tracing::info!(successor = ?successor.pid(), "takeover: handing the sockets over");
+                listening.stop().await;
+                let mut fds = sockets.handover();
+                fds.insert(0, (Kind::Lock, lock.fd()));
+                match successor.hand_over(&fds).await {
+                    Ok(()) => break drain::Why::TakenOver,
+                    Err(error) => {
+                        tracing::error!(%error, "takeover failed; serving again");
+                        lock.record_owner(&options.admin_socket);
+                        let announcement = agent.lock().resume();
+                        listening = serve.start(&sockets, &announcement).await?;
+                        members = listening.members();
+                        agent.lock().gossip_stats = listening.gossip.as_ref().map(|g| Arc::clone(g.stats()));
+                    }
+                }
+            }
             Some(()) = changes.recv() => {
                 // A deploy may swap several links at once; let the burst settle.
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -399,7 +462,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = health_poll.tick() => agent.lock().poll_health(),
             Some(()) = announce.recv() => {
                 while announce.try_recv().is_ok() {}
-                if let Some(gossip) = &gossip {
+                if let Some(gossip) = &listening.gossip {
                     let announcement = agent.lock().sources.announcement();
                     gossip.announce(&announcement).await;
                 }
@@ -407,13 +470,32 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             // chitchat publishes member changes once per gossip round: already batched.
             latest = gossip::next_members(&mut members) => agent.lock().set_members(latest),
         }
-    }
+    };
 
-    drop(gossip);
+    // Nothing reads a socket or writes a map from here on; the open flows are relayed on.
+    listening.stop().await;
     tasks.abort_all();
-    let _ = std::fs::remove_file(&options.admin_socket);
+    agent.lock().checker.sync(std::iter::empty());
+    drop(sockets);
+    // A draining agent touches no map, link or pin (unless it uninstalls at the end): the node
+    // is free for the next agent.
+    let _lock = (options.cleanup_on_exit && why == drain::Why::Signal).then_some(lock);
+    if why == drain::Why::Signal {
+        // Closed above: new strict connects are refused, and the CLI finds no agent.
+        let _ = std::fs::remove_file(&options.admin_socket);
+    }
+    drain::drain(
+        tunnel.as_deref(),
+        why,
+        options.drain_timeout,
+        &mut terminate,
+        &mut interrupt,
+    )
+    .await;
     let agent = agent.lock();
-    if options.cleanup_on_exit {
+    if why == drain::Why::TakenOver {
+        tracing::info!("exiting; the successor serves the node");
+    } else if options.cleanup_on_exit {
         agent.dataplane.uninstall()?;
         tracing::info!("data plane detached and unpinned");
     } else {
@@ -599,6 +681,19 @@ impl Agent {
             return Err(format!("{error}; the change is undone"));
         }
         Ok(true)
+    }
+
+    /// Serves again after a failed takeover. The successor may have written the maps, so the
+    /// kernel's state is read afresh and the catalog applied again; returns what to announce.
+    fn resume(&mut self) -> crate::catalog::Announcement {
+        match self.dataplane.maps.read_state() {
+            Ok(kernel) => self.kernel = kernel,
+            Err(error) => tracing::error!("cannot read the kernel's state again: {error:#}"),
+        }
+        if let Err(error) = self.recompute() {
+            tracing::error!("cannot apply the catalog again: {error:#}");
+        }
+        self.sources.announcement()
     }
 
     /// Takes the gossip members' latest state and applies the catalog it makes.

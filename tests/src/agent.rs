@@ -14,7 +14,9 @@
 //! the hooks then see the agent's sockets too (it marks them, so they are skipped), which the
 //! loopback sockmap needs for the agent's end of the loopback hop. Its stdout and stderr are appended to
 //! `<tmpdir>/<node>.agent.log`, printed to stderr if the test panics. Start and restart wait
-//! (at most [`READY_TIMEOUT`]) until `mesh-agent status` answers.
+//! (at most [`READY_TIMEOUT`]) until `mesh-agent status` answers. [`Agent::takeover`] starts a
+//! successor with `--takeover` beside the running agent and hands back the predecessor, still
+//! running (it drains), so a test can watch it exit.
 //!
 //! This module knows the agent's command line and the shape of `status --output json`; it does
 //! not know how the agent works.
@@ -48,6 +50,8 @@ pub struct Agent {
     log_path: PathBuf,
     /// The cgroup the agent runs in; `None`: the test runner's.
     cgroup: Option<Cgroup>,
+    /// More `run` arguments (e.g. `--drain-timeout 3s`), kept for restarts and takeovers.
+    extra_args: Vec<OsString>,
     proc: Option<Proc>,
 }
 
@@ -60,14 +64,19 @@ impl Agent {
 
     /// [`Agent::start`] with an explicit binary (the harness self-test uses a stand-in).
     pub fn start_with(node: &Node, bin: PathBuf, config_toml: &str) -> Result<Self> {
-        Self::launch_new(node, bin, None, config_toml)
+        Self::launch_new(node, bin, None, config_toml, &[])
+    }
+
+    /// [`Agent::start`] with more `run` arguments (kept for restarts and takeovers).
+    pub fn start_with_args(node: &Node, config_toml: &str, args: &[&str]) -> Result<Self> {
+        Self::launch_new(node, host::agent_bin()?, None, config_toml, args)
     }
 
     /// [`Agent::start_with`], with the agent (and its restarts) in the node's workload cgroup
     /// `workload`, where the node's hooks see its sockets.
     pub fn start_in(node: &Node, bin: PathBuf, workload: &str, config_toml: &str) -> Result<Self> {
         let cgroup = node.workload_cgroup(workload)?;
-        Self::launch_new(node, bin, Some(cgroup), config_toml)
+        Self::launch_new(node, bin, Some(cgroup), config_toml, &[])
     }
 
     fn launch_new(
@@ -75,6 +84,7 @@ impl Agent {
         bin: PathBuf,
         cgroup: Option<Cgroup>,
         config_toml: &str,
+        extra_args: &[&str],
     ) -> Result<Self> {
         let dir = node.tmpdir();
         let mut agent = Self {
@@ -84,6 +94,7 @@ impl Agent {
             socket: dir.join(format!("{}.sock", node.name())),
             log_path: dir.join(format!("{}.agent.log", node.name())),
             cgroup,
+            extra_args: extra_args.iter().map(OsString::from).collect(),
             proc: None,
         };
         agent.write_config(config_toml)?;
@@ -107,11 +118,20 @@ impl Agent {
             "--state-dir".into(),
             self.state_dir().into(),
         ]
+        .into_iter()
+        .chain(self.extra_args.iter().cloned())
+        .collect()
     }
 
     fn launch(&mut self) -> Result<()> {
+        self.proc = Some(self.spawn_agent(&[])?);
+        self.wait_ready(READY_TIMEOUT)
+    }
+
+    /// Starts `mesh-agent run` with the agent's arguments and `more`, not waiting.
+    fn spawn_agent(&self, more: &[&str]) -> Result<Proc> {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(self.run_args());
+        cmd.args(self.run_args()).args(more);
         // Keep the logs readable and complete; the agent may honour either.
         cmd.env("RUST_BACKTRACE", "1");
         if std::env::var_os("RUST_LOG").is_none() {
@@ -122,14 +142,50 @@ impl Agent {
             &format!("=== mesh-tests: starting {cmd:?} ===\n"),
         )?;
         let label = format!("mesh-agent on {}", self.node.name());
-        let p = self.node.spawn_with(
+        self.node.spawn_with(
             &label,
             cmd,
             self.cgroup.as_ref(),
             Capture::File(self.log_path.clone()),
-        )?;
-        self.proc = Some(p);
-        self.wait_ready(READY_TIMEOUT)
+        )
+    }
+
+    /// Upgrades the agent the way an operator does: starts `mesh-agent run --takeover` with the
+    /// same arguments beside the running agent and waits (at most [`READY_TIMEOUT`]) until
+    /// the successor serves: it is the node's recorded owner and the admin socket answers.
+    /// From then on this `Agent` drives the successor; the predecessor is returned, still
+    /// running while it drains (SIGKILLed when dropped).
+    pub fn takeover(&mut self) -> Result<Proc> {
+        let Some(old) = self.proc.take() else {
+            bail!("agent on {} is not running", self.node.name())
+        };
+        let new = self.spawn_agent(&["--takeover"])?;
+        let pid = new.pid();
+        self.proc = Some(new);
+        let owner = self
+            .state_dir()
+            .join(self.node.full_name())
+            .join("agent.json");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let recorded = std::fs::read(&owner)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| v["pid"].as_i64());
+            if recorded == Some(i64::from(pid)) {
+                break;
+            }
+            if Instant::now() >= deadline || !self.is_running() {
+                bail!(
+                    "the successor on {} did not take over within {READY_TIMEOUT:?} (owner record: {recorded:?}, successor pid {pid})\n--- agent log ---\n{}",
+                    self.node.name(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.wait_ready(deadline.saturating_duration_since(Instant::now()))?;
+        Ok(old)
     }
 
     fn wait_ready(&self, timeout: Duration) -> Result<()> {
@@ -252,6 +308,45 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Runs `mesh-agent run --takeover` with this agent's arguments but the config
+    /// `config_toml` (written beside the agent's) and waits (bounded) for it to end: a
+    /// successor that fails. The running agent stays this `Agent`'s.
+    pub fn run_takeover_with(&self, config_toml: &str) -> Result<Finished> {
+        let config = self.config_path.with_extension("next.toml");
+        std::fs::write(&config, config_toml)
+            .with_context(|| format!("writing {}", config.display()))?;
+        let mut args = self.run_args();
+        if let Some(i) = args.iter().position(|a| a == "--config") {
+            args[i + 1] = config.into();
+        }
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--takeover");
+        self.node
+            .spawn_with(
+                "failing successor",
+                cmd,
+                self.cgroup.as_ref(),
+                Capture::Lines,
+            )?
+            .finish(READY_TIMEOUT * 2)
+    }
+
+    /// Sends `sig` and returns at once (a drain takes its time).
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        match &self.proc {
+            Some(p) => p.signal(sig),
+            None => bail!("agent on {} is not running", self.node.name()),
+        }
+    }
+
+    /// Waits up to `timeout` for the agent to exit; `None` if it still runs.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        match &self.proc {
+            Some(p) => p.wait_timeout(timeout),
+            None => bail!("agent on {} was not started", self.node.name()),
+        }
     }
 
     /// Runs a second `mesh-agent run` with this agent's arguments (same node, pins, state and

@@ -13,6 +13,7 @@
 //! | `GET /v1/policies` | `[PolicyStatus]`: the authorization rules in force (`[]` without mTLS) |
 //! | `GET /v1/certs` | `[CertStatus]`: certificates loaded: identity, serial, expiry (`[]` without mTLS) |
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
+//! | `POST /v1/takeover` with `Upgrade: mesh-takeover/1` | root only: `101`, then the connection carries the [`crate::takeover`] protocol |
 
 pub mod client;
 
@@ -29,13 +30,14 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
     catalog::Endpoint,
     flows::{FlowFilter, FlowLog},
     status::{EndpointStatus, NodeStatus, StatusReport},
+    takeover::{self, Successor},
 };
 
 /// Why the admin API could not be served or reached.
@@ -65,6 +67,9 @@ pub trait AgentView: Send + Sync + 'static {
     fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String>;
     fn policies(&self) -> Vec<crate::mtls::policy::PolicyStatus>;
     fn certs(&self) -> Vec<crate::mtls::certs::CertStatus>;
+    /// Hands the agent's sockets to `successor` (the agent then drains); an error when a
+    /// takeover is already under way.
+    fn take_over(&self, successor: Successor) -> Result<(), String>;
 }
 
 /// Query of the `register` and `deregister` routes.
@@ -97,8 +102,8 @@ pub struct FlowQuery {
 
 type Body = BoxBody<Bytes, Infallible>;
 
-/// Binds the admin socket; `serve` then answers on it.
-pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+/// Binds the admin socket (non-blocking); `serve` then answers on it.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, AdminError> {
     let err = |cause| AdminError::Listen {
         path: path.display().to_string(),
         cause,
@@ -111,7 +116,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    UnixListener::bind(path).map_err(err)
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(listener)
 }
 
 /// Answers admin requests until the task is dropped.
@@ -124,14 +131,23 @@ pub async fn serve(listener: UnixListener, agent: Arc<dyn AgentView>) {
                 continue;
             }
         };
+        // Who is calling (the socket file is root's; a takeover checks it again).
+        let caller = stream.peer_cred().ok();
         let agent = Arc::clone(&agent);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let agent = Arc::clone(&agent);
-                async move { Ok::<_, Infallible>(route(&request, agent)) }
+                async move {
+                    Ok::<_, Infallible>(if request.uri().path() == takeover::PATH {
+                        take_over(request, caller, agent)
+                    } else {
+                        route(&request, agent)
+                    })
+                }
             });
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(%error, "admin connection ended with an error");
@@ -163,6 +179,66 @@ fn route(request: &Request<Incoming>, agent: Arc<dyn AgentView>) -> Response<Bod
         }
         _ => text(StatusCode::NOT_FOUND, "no such route\n"),
     }
+}
+
+/// `POST /v1/takeover`: checks the caller and the upgrade, answers `101` and gives the
+/// upgraded connection to the agent.
+fn take_over(
+    mut request: Request<Incoming>,
+    caller: Option<tokio::net::unix::UCred>,
+    agent: Arc<dyn AgentView>,
+) -> Response<Body> {
+    if request.method() != hyper::Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only POST is served\n");
+    }
+    let Some(caller) = caller.filter(|c| c.uid() == 0) else {
+        tracing::warn!(?caller, "refused a takeover: the caller is not root");
+        return text(StatusCode::FORBIDDEN, "only root may take over the agent\n");
+    };
+    let upgrade = request.headers().get(header::UPGRADE);
+    if upgrade.is_none_or(|u| u.as_bytes() != takeover::PROTOCOL.as_bytes()) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("a takeover needs Upgrade: {}\n", takeover::PROTOCOL),
+        );
+    }
+    let pid = caller.pid().and_then(|p| u32::try_from(p).ok());
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let (stream, early) = match upgrade.await.map(|u| u.downcast::<TokioIo<UnixStream>>()) {
+            Ok(Ok(parts)) => (parts.io.into_inner(), parts.read_buf),
+            Ok(Err(_)) => {
+                tracing::warn!("takeover: the connection did not upgrade as expected");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "takeover: the connection did not upgrade");
+                return;
+            }
+        };
+        let successor = match Successor::asking(stream, early, pid).await {
+            Ok(successor) => successor,
+            Err(error) => {
+                tracing::warn!(?pid, %error, "takeover: the successor did not ask");
+                return;
+            }
+        };
+        if let Err(error) = agent.take_over(successor) {
+            tracing::warn!(?pid, error, "refused a takeover");
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static(takeover::PROTOCOL),
+    );
+    response
 }
 
 /// The `POST` routes: registering endpoints.

@@ -318,18 +318,26 @@ impl Stats {
     }
 }
 
-/// chitchat's UDP transport with every datagram authenticated under the mesh key.
+/// chitchat's UDP transport with every datagram authenticated under the mesh key, on a socket
+/// bound beforehand (by this agent, or by the predecessor that handed it over).
 pub struct AuthTransport {
     pub key: MeshKey,
     pub stats: Arc<Stats>,
+    /// The gossip socket (non-blocking), taken by the one `open`.
+    pub wire: std::sync::Mutex<Option<std::net::UdpSocket>>,
 }
 
 #[async_trait]
 impl Transport for AuthTransport {
     async fn open(&self, listen: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let wire = UdpSocket::bind(listen)
-            .await
-            .with_context(|| format!("cannot bind the gossip socket {listen}/udp"))?;
+        let wire = self
+            .wire
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .with_context(|| format!("the gossip socket {listen}/udp is already in use"))?;
+        let wire = UdpSocket::from_std(wire)
+            .with_context(|| format!("cannot use the gossip socket {listen}/udp"))?;
         let loopback = SocketAddr::new(
             match listen.ip() {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),

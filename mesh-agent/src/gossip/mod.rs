@@ -14,6 +14,10 @@
 //! threshold, 1-2 s). A restarted agent joins with a new generation; the old one dies and is
 //! hidden behind it.
 //!
+//! The gossip socket is bound by [`bind`] (or handed over by a predecessor agent) before
+//! [`start`]; [`Gossip::stop`] ends chitchat and waits until nothing reads the socket any more,
+//! so that a successor can take it.
+//!
 //! This module does not merge announcements (that is [`crate::catalog`]) or touch the kernel.
 
 pub mod auth;
@@ -45,6 +49,11 @@ const FORGET_AFTER: Duration = Duration::from_secs(600);
 pub enum GossipError {
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("cannot bind the gossip socket {listen}/udp: {cause}")]
+    Bind {
+        listen: SocketAddr,
+        cause: std::io::Error,
+    },
     #[error("cannot start gossip on {listen}: {cause:#}")]
     Start {
         listen: SocketAddr,
@@ -69,9 +78,10 @@ pub struct Member {
     pub complete: bool,
 }
 
-/// A running gossip instance; stops when dropped.
+/// A running gossip instance; stops when dropped (or, waiting for it, by [`Gossip::stop`]).
 pub struct Gossip {
-    handle: ChitchatHandle,
+    /// `None` once stopped.
+    handle: Option<ChitchatHandle>,
     stats: Arc<Stats>,
     members: watch::Receiver<Arc<Vec<Member>>>,
     follow: tokio::task::JoinHandle<()>,
@@ -80,15 +90,26 @@ pub struct Gossip {
 impl Drop for Gossip {
     fn drop(&mut self) {
         self.follow.abort();
-        self.handle.abort();
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
     }
 }
 
-/// Joins the mesh as `node`, announcing `announcement`.
+/// Binds the gossip socket (non-blocking, as [`start`] takes it).
+pub fn bind(listen: SocketAddr) -> Result<std::net::UdpSocket, GossipError> {
+    std::net::UdpSocket::bind(listen)
+        .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+        .map_err(|cause| GossipError::Bind { listen, cause })
+}
+
+/// Joins the mesh as `node` on `socket` (bound to `config.listen`), announcing
+/// `announcement`.
 pub async fn start(
     node: &str,
     config: &GossipConfig,
     announcement: &Announcement,
+    socket: std::net::UdpSocket,
 ) -> Result<Gossip, GossipError> {
     let key = MeshKey::load(&config.key_file)?;
     let started = SystemTime::now()
@@ -127,6 +148,7 @@ pub async fn start(
     let transport = auth::AuthTransport {
         key,
         stats: Arc::clone(&stats),
+        wire: std::sync::Mutex::new(Some(socket)),
     };
     let records = record::in_write_order(record::encode(&node_record, announcement));
     let handle = spawn_chitchat(chitchat_config, records, &transport)
@@ -144,7 +166,7 @@ pub async fn start(
         "gossip started"
     );
     Ok(Gossip {
-        handle,
+        handle: Some(handle),
         stats,
         members,
         follow,
@@ -152,10 +174,27 @@ pub async fn start(
 }
 
 impl Gossip {
+    /// Stops gossiping and returns once chitchat's task (and with it its socket) is gone.
+    pub async fn stop(mut self) {
+        self.follow.abort();
+        if let Some(handle) = self.handle.take() {
+            // Cancelled, then joined: no waiting on a round in progress, and once the join
+            // returns nothing of chitchat reads the socket.
+            handle.abort();
+            if let Err(error) = handle.shutdown().await {
+                tracing::debug!(%error, "gossip task ended");
+            }
+        }
+        tracing::info!("gossip stopped");
+    }
+
     /// Publishes `announcement` as this node's records: changed records are set, records no
     /// longer announced are deleted, unchanged ones are left alone (and not gossiped again).
     pub async fn announce(&self, announcement: &Announcement) {
-        let chitchat = self.handle.chitchat();
+        let Some(handle) = &self.handle else {
+            return;
+        };
+        let chitchat = handle.chitchat();
         let mut chitchat = chitchat.lock().await;
         let state = chitchat.self_node_state();
         let node = state

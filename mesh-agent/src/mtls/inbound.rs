@@ -2,6 +2,10 @@
 //! accepts their HTTP/2 `CONNECT` streams, checks each against the catalog and the policy, and
 //! connects the allowed ones to their backend from a marked socket. A peer's health probe of a
 //! backend is run here, where the backend's kernel admits the agent's marked sockets.
+//!
+//! A draining agent tells each connection to go away (HTTP/2 graceful shutdown: GOAWAY, then
+//! the streams already open finish), so peers' pools dial again and reach the successor
+//! through the same listening socket; each connection and stream counts as open until done.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -40,8 +44,18 @@ pub async fn serve(tunnel: Arc<Tunnel>, listener: TcpListener) {
             }
         };
         let tunnel = Arc::clone(&tunnel);
-        tokio::spawn(async move { connection(tunnel, tcp, peer).await });
+        let tracked = tunnel.drain.track();
+        tokio::spawn(async move {
+            let _tracked = tracked;
+            connection(tunnel, tcp, peer).await;
+        });
     }
+}
+
+/// What happened on a tunnel connection.
+enum Event<T> {
+    Accepted(Option<Result<T, h2::Error>>),
+    GoAway,
 }
 
 async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
@@ -80,14 +94,31 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    while let Some(accepted) = h2.accept().await {
-        match accepted {
-            Ok((request, respond)) => {
+    let going_away = tunnel.drain.going_away();
+    tokio::pin!(going_away);
+    let mut told = false;
+    loop {
+        let event = tokio::select! {
+            accepted = h2.accept() => Event::Accepted(accepted),
+            () = &mut going_away, if !told => Event::GoAway,
+        };
+        match event {
+            Event::GoAway => {
+                tracing::debug!(%peer, %caller, "draining: tunnel connection told to go away");
+                h2.graceful_shutdown();
+                told = true;
+            }
+            Event::Accepted(None) => return,
+            Event::Accepted(Some(Ok((request, respond)))) => {
                 let tunnel = Arc::clone(&tunnel);
                 let caller = caller.clone();
-                tokio::spawn(async move { stream(&tunnel, &caller, request, respond).await });
+                let tracked = tunnel.drain.track();
+                tokio::spawn(async move {
+                    let _tracked = tracked;
+                    stream(&tunnel, &caller, request, respond).await;
+                });
             }
-            Err(error) => {
+            Event::Accepted(Some(Err(error))) => {
                 tracing::debug!(%peer, %caller, %error, "tunnel connection ended");
                 return;
             }

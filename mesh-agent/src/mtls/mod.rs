@@ -9,12 +9,15 @@
 //! [`ca`], and are reloaded on change.
 //!
 //! [`Tunnel`] is the state both listeners share; the composition root builds it from the
-//! config and spawns [`Tunnel::spawn`].
+//! config, binds (or takes over) the [`Listeners`] and starts [`Tunnel::spawn`] and
+//! [`Tunnel::serve`]. A draining agent stops serving, tells peers to go away and waits for
+//! its flows to end ([`drain`]).
 
 pub mod authz;
 pub mod ca;
 pub mod certs;
 pub mod connect;
+pub mod drain;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
@@ -69,9 +72,9 @@ pub enum TunnelError {
 
 /// A listener on `[::]:port` that also accepts IPv4 (`IPV6_V6ONLY` off), so peers reach the
 /// inbound tunnel over either family.
-fn bind_dual_stack(port: u16) -> Result<TcpListener, TunnelError> {
+fn bind_dual_stack(port: u16) -> Result<std::net::TcpListener, TunnelError> {
     let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
-    let listen = || -> io::Result<TcpListener> {
+    let listen = || -> io::Result<std::net::TcpListener> {
         let socket = socket2::Socket::new(
             socket2::Domain::IPV6,
             socket2::Type::STREAM,
@@ -82,9 +85,62 @@ fn bind_dual_stack(port: u16) -> Result<TcpListener, TunnelError> {
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
-        TcpListener::from_std(socket.into())
+        Ok(socket.into())
     };
     listen().map_err(|cause| TunnelError::Listen { addr, cause })
+}
+
+fn bind_nonblocking(addr: SocketAddr) -> Result<std::net::TcpListener, TunnelError> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|cause| TunnelError::Listen { addr, cause })
+}
+
+/// The tunnel's listening sockets (plain std sockets, non-blocking, so that they can be handed
+/// to a successor agent as they are).
+#[derive(Debug)]
+pub struct Listeners {
+    /// 127.0.0.1 and, if it binds, ::1.
+    pub outbound: Vec<std::net::TcpListener>,
+    pub inbound: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// The inbound listener on `port`: dual-stack, else IPv4 only.
+    pub fn bind_inbound(port: u16) -> Result<std::net::TcpListener, TunnelError> {
+        match bind_dual_stack(port) {
+            Ok(listener) => Ok(listener),
+            Err(error) => {
+                tracing::info!(%error, "no IPv6 inbound listener; IPv4 only");
+                bind_nonblocking(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))
+            }
+        }
+    }
+
+    /// The outbound listeners on `port`: 127.0.0.1 and, if it binds, ::1.
+    pub fn bind_outbound(port: u16) -> Result<Vec<std::net::TcpListener>, TunnelError> {
+        let mut outbound = vec![bind_nonblocking(SocketAddr::new(
+            Ipv4Addr::LOCALHOST.into(),
+            port,
+        ))?];
+        match bind_nonblocking(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)) {
+            Ok(v6) => outbound.push(v6),
+            Err(error) => tracing::info!(%error, "no IPv6 outbound listener"),
+        }
+        Ok(outbound)
+    }
+
+    /// Copies of the descriptors (the same sockets), for one set of accept loops.
+    pub fn try_clone(&self) -> io::Result<Listeners> {
+        Ok(Listeners {
+            outbound: self
+                .outbound
+                .iter()
+                .map(std::net::TcpListener::try_clone)
+                .collect::<io::Result<_>>()?,
+            inbound: self.inbound.try_clone()?,
+        })
+    }
 }
 
 /// The state the listeners share.
@@ -95,6 +151,7 @@ pub struct Tunnel {
     identities: Identities,
     pool: Arc<Pool>,
     inbound_port: u16,
+    drain: drain::Drain,
 }
 
 impl Tunnel {
@@ -113,6 +170,7 @@ impl Tunnel {
             authz: RwLock::new(Arc::default()),
             identities: Identities::new(cgroup_root, config.identities.clone()),
             inbound_port: config.inbound_port,
+            drain: drain::Drain::default(),
         }))
     }
 
@@ -170,65 +228,65 @@ impl Tunnel {
         sample
     }
 
-    /// Binds the listeners (outbound on 127.0.0.1 and, if it binds, ::1; inbound on all
-    /// addresses of both families, or all IPv4 ones on a host without IPv6) and spawns them with the credential watcher and the pool's idle expiry.
-    pub async fn spawn(
+    /// Spawns the credential watcher and the pool's idle expiry.
+    pub fn spawn(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
+        tasks.spawn(Arc::clone(&self.pool).expire_idle());
+        tasks.spawn(Arc::clone(self).follow_credentials());
+    }
+
+    /// Spawns the accept loops on `listeners` into `accepting`.
+    pub fn serve(
         self: &Arc<Self>,
-        config: &TunnelConfig,
-        destinations: Arc<dyn OriginalDestinations>,
-        names: Arc<dyn crate::flows::Names + Send + Sync>,
-        tasks: &mut JoinSet<()>,
+        listeners: Listeners,
+        destinations: &Arc<dyn OriginalDestinations>,
+        names: &Arc<dyn crate::flows::Names + Send + Sync>,
+        accepting: &mut JoinSet<()>,
     ) -> Result<(), TunnelError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|cause| TunnelError::Listen { addr, cause })
+        let tokio_listener = |listener: std::net::TcpListener| {
+            let addr = listener
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+            TcpListener::from_std(listener).map_err(|cause| TunnelError::Listen { addr, cause })
         };
-        let inbound = match bind_dual_stack(config.inbound_port) {
-            Ok(listener) => listener,
-            Err(error) => {
-                tracing::info!(%error, "no IPv6 inbound listener; IPv4 only");
-                bind(SocketAddr::new(
-                    Ipv4Addr::UNSPECIFIED.into(),
-                    config.inbound_port,
-                ))
-                .await?
-            }
-        };
-        let mut outbound = vec![
-            bind(SocketAddr::new(
-                Ipv4Addr::LOCALHOST.into(),
-                config.outbound_port,
-            ))
-            .await?,
-        ];
-        match bind(SocketAddr::new(
-            Ipv6Addr::LOCALHOST.into(),
-            config.outbound_port,
-        ))
-        .await
-        {
-            Ok(v6) => outbound.push(v6),
-            Err(error) => tracing::info!(%error, "no IPv6 outbound listener"),
-        }
+        let inbound = tokio_listener(listeners.inbound)?;
+        let outbound = listeners
+            .outbound
+            .into_iter()
+            .map(tokio_listener)
+            .collect::<Result<Vec<_>, _>>()?;
         tracing::info!(
-            inbound_port = config.inbound_port,
-            outbound_port = config.outbound_port,
+            inbound = ?inbound.local_addr().ok(),
+            outbound = ?outbound.iter().filter_map(|l| l.local_addr().ok()).collect::<Vec<_>>(),
             node = %self.credentials.current().node,
             "mTLS tunnel listening"
         );
-        tasks.spawn(inbound::serve(Arc::clone(self), inbound));
+        accepting.spawn(inbound::serve(Arc::clone(self), inbound));
         for listener in outbound {
-            tasks.spawn(outbound::serve(
+            accepting.spawn(outbound::serve(
                 Arc::clone(self),
                 listener,
-                Arc::clone(&destinations),
-                Arc::clone(&names),
+                Arc::clone(destinations),
+                Arc::clone(names),
             ));
         }
-        tasks.spawn(Arc::clone(&self.pool).expire_idle());
-        tasks.spawn(Arc::clone(self).follow_credentials());
         Ok(())
+    }
+
+    /// Starts draining: inbound tunnel connections are told to go away (GOAWAY; their open
+    /// streams go on). Returns the flows open now.
+    pub fn drain(&self) -> usize {
+        self.drain.go_away();
+        self.drain.open()
+    }
+
+    /// Flows (and inbound tunnel connections) still open.
+    pub fn open_flows(&self) -> usize {
+        self.drain.open()
+    }
+
+    /// Resolves once no flow is open.
+    pub async fn drained(&self) {
+        self.drain.idle().await;
     }
 
     /// Reloads the credentials when a file changes and warns daily about expiring ones.

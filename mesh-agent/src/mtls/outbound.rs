@@ -48,7 +48,10 @@ pub async fn serve(
         let tunnel = Arc::clone(&tunnel);
         let destinations = Arc::clone(&destinations);
         let names = Arc::clone(&names);
+        // Counted from accept, so a draining agent waits for flows still being opened too.
+        let tracked = tunnel.drain.track();
         tokio::spawn(async move {
+            let _tracked = tracked;
             flow(&tunnel, client, addr, &*destinations, &*names).await;
         });
     }

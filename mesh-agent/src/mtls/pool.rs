@@ -4,6 +4,12 @@
 //! (HTTP/2 GOAWAY once its last handle is dropped); a broken one is replaced on next use. A
 //! credential rotation retires every connection: new flows handshake with the new
 //! certificates while the old connections drain.
+//!
+//! A peer agent that drains (upgraded by a takeover, or stopping) sends GOAWAY: h2 then
+//! refuses new streams on that connection, so the pool dials a fresh one (which reaches the
+//! peer's successor through the same listening socket). A stream refused by GOAWAY or
+//! `REFUSED_STREAM` never carried a byte of the flow (the flow's bytes follow the peer's
+//! answer), so it is retried once on a fresh connection and the client sees nothing of it.
 
 use std::{
     collections::HashMap,
@@ -17,7 +23,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{client::SendRequest, RecvStream, SendStream};
+use h2::{client::SendRequest, Reason, RecvStream, SendStream};
 use http::StatusCode;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -54,6 +60,19 @@ pub enum OpenError {
 }
 
 type Key = (SpiffeId, SocketAddr);
+
+/// How one attempt to open a stream failed.
+enum Attempt {
+    /// Before the peer took the stream (the connection is going away or gone): nothing of the
+    /// flow was sent, another connection may carry it.
+    Retry(h2::Error),
+    Failed(OpenError),
+}
+
+/// Whether the peer refused the stream without processing it.
+fn refused(error: &h2::Error) -> bool {
+    error.is_go_away() || error.reason() == Some(Reason::REFUSED_STREAM)
+}
 
 /// One pooled connection.
 #[derive(Clone)]
@@ -124,7 +143,7 @@ impl Pool {
         backend: SocketAddr,
         service: Option<&str>,
     ) -> Result<Flow, OpenError> {
-        self.send(source, peer, backend, connect::request(backend, service))
+        self.send(source, peer, backend, || connect::request(backend, service))
             .await
     }
 
@@ -137,45 +156,70 @@ impl Pool {
         backend: SocketAddr,
         service: &str,
     ) -> Result<(), OpenError> {
-        self.send(
-            source,
-            peer,
-            backend,
-            connect::probe_request(backend, service),
-        )
+        self.send(source, peer, backend, || {
+            connect::probe_request(backend, service)
+        })
         .await
         .map(drop)
     }
 
-    /// Sends `request` (a `CONNECT` to `backend`) on the connection to `peer`.
+    /// Sends the request `make` builds (a `CONNECT` to `backend`) on the connection to
+    /// `peer`; once more on a fresh connection if that one was going away.
     async fn send(
         &self,
         source: &SpiffeId,
         peer: SocketAddr,
         backend: SocketAddr,
-        request: http::Request<()>,
+        make: impl Fn() -> http::Request<()>,
     ) -> Result<Flow, OpenError> {
         let key = (source.clone(), peer);
-        let pooled = self.connection(&key).await?;
-        let pooled = match pooled.send.clone().ready().await {
-            Ok(_) => pooled,
-            Err(_) => {
-                // The connection died (peer restarted, idle close raced us): one fresh try.
-                pooled.closed.store(true, Ordering::Relaxed);
-                self.connection(&key).await?
+        let mut retried = false;
+        loop {
+            let pooled = self.connection(&key).await?;
+            match self.attempt(&pooled, peer, backend, make()).await {
+                Ok(flow) => return Ok(flow),
+                Err(Attempt::Failed(error)) => return Err(error),
+                Err(Attempt::Retry(cause)) => {
+                    // Going away (GOAWAY), or gone (peer restarted, idle close raced us): no
+                    // new flow goes there again.
+                    pooled.closed.store(true, Ordering::Relaxed);
+                    if retried {
+                        return Err(OpenError::H2 { peer, cause });
+                    }
+                    tracing::debug!(%peer, %backend, error = %cause, "tunnel connection going away; the flow goes on a fresh one");
+                    retried = true;
+                }
             }
-        };
+        }
+    }
+
+    /// One try of `request` on `pooled`.
+    async fn attempt(
+        &self,
+        pooled: &Pooled,
+        peer: SocketAddr,
+        backend: SocketAddr,
+        request: http::Request<()>,
+    ) -> Result<Flow, Attempt> {
+        let mut send_request = pooled.send.clone().ready().await.map_err(Attempt::Retry)?;
         pooled.active.fetch_add(1, Ordering::Relaxed);
         let active = ActiveFlow {
             active: Arc::clone(&pooled.active),
             last_used: Arc::clone(&pooled.last_used),
         };
-        let h2 = |cause| OpenError::H2 { peer, cause };
-        let mut send_request = pooled.send.ready().await.map_err(h2)?;
-        let (response, send) = send_request.send_request(request, false).map_err(h2)?;
-        let response = response.await.map_err(h2)?;
+        // An error here is the connection's (it went away since `ready`): nothing was sent.
+        let (response, send) = send_request
+            .send_request(request, false)
+            .map_err(Attempt::Retry)?;
+        let response = response.await.map_err(|cause| {
+            if refused(&cause) {
+                Attempt::Retry(cause)
+            } else {
+                Attempt::Failed(OpenError::H2 { peer, cause })
+            }
+        })?;
         if response.status() != StatusCode::OK {
-            return Err(OpenError::Refused {
+            return Err(Attempt::Failed(OpenError::Refused {
                 peer,
                 backend,
                 status: response.status(),
@@ -184,7 +228,7 @@ impl Pool {
                     .get(connect::PROBE_ERROR_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned),
-            });
+            }));
         }
         Ok(Flow {
             send,

@@ -462,3 +462,62 @@ async fn rotated_certificates_serve_new_connections_and_keep_old_ones() {
     let sample = a.tunnel.sample();
     assert_eq!((sample.cert_reloads_ok, sample.cert_reloads_failed), (1, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_peer_finishes_its_streams_while_new_flows_reach_its_successor() {
+    let fixture = Fixture::new("tunnel-drain", TD, NODE, &[FRONTEND]);
+    let cgroups = Cgroups::new("drain");
+    let backend = echo_backend().await;
+    // The peer's inbound listening socket, which its successor takes over.
+    let shared = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    shared.set_nonblocking(true).unwrap();
+    let accept_on = |tunnel: &Arc<Tunnel>| {
+        let listener = TcpListener::from_std(shared.try_clone().unwrap()).unwrap();
+        tokio::spawn(inbound::serve(Arc::clone(tunnel), listener))
+    };
+    let client = agent(
+        &fixture,
+        &cgroups,
+        shared.local_addr().unwrap().port(),
+        backend,
+    )
+    .await;
+    let old = agent(&fixture, &cgroups, 0, backend).await;
+    let old_accepting = accept_on(&old.tunnel);
+    let frontend = cgroups.id("frontend");
+    let mut long = client.connect(backend, SERVICE_ID, frontend).await;
+    long.write_all(b"before ").await.unwrap();
+    eventually("the old peer relays the long flow", || {
+        old.count(INBOUND, "opened") == 1
+    })
+    .await;
+
+    // The takeover: the old peer stops accepting and drains, the successor accepts.
+    old_accepting.abort();
+    let _ = old_accepting.await;
+    // The tunnel connection and its one stream.
+    assert_eq!(old.tunnel.drain(), 2);
+    let new = agent(&fixture, &cgroups, 0, backend).await;
+    let _new_accepting = accept_on(&new.tunnel);
+    for i in 0..20 {
+        let fresh = client.connect(backend, SERVICE_ID, frontend).await;
+        let payload = format!("fresh {i}");
+        assert_eq!(
+            exchange(fresh, payload.as_bytes()).await.unwrap(),
+            payload.as_bytes(),
+            "flow {i} after the GOAWAY"
+        );
+    }
+    // Streams opened before the GOAWAY reached the client may still land on the old peer.
+    let (on_old, on_new) = (old.count(INBOUND, "opened"), new.count(INBOUND, "opened"));
+    assert!(
+        on_new >= 1 && on_old + on_new == 21,
+        "old {on_old}, new {on_new}"
+    );
+    assert_eq!(client.count(OUTBOUND, "refused"), 0);
+    // The flow the old peer had goes on to its end, then the old peer is idle.
+    assert_eq!(exchange(long, b"after").await.unwrap(), b"before after");
+    tokio::time::timeout(Duration::from_secs(5), old.tunnel.drained())
+        .await
+        .expect("the old peer is idle once its flows ended");
+}
