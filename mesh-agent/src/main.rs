@@ -16,6 +16,7 @@ mod flows;
 mod gossip;
 mod health;
 mod kernel_addr;
+mod log_limit;
 mod maglev;
 mod metrics;
 mod mtls;

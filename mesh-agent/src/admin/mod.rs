@@ -102,21 +102,38 @@ pub struct FlowQuery {
 
 type Body = BoxBody<Bytes, Infallible>;
 
-/// Binds the admin socket (non-blocking); `serve` then answers on it.
+/// Admin changes refused because the caller was not root (named in each refusal's log line).
+static REFUSED_CHANGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Binds the admin socket (non-blocking), mode 0600 whatever the umask, in a directory
+/// created 0700 if missing; `serve` then answers on it.
 pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, AdminError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let err = |cause| AdminError::Listen {
         path: path.display().to_string(),
         cause,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+    // The socket is created with the umask's mode: make that 0600 for the bind (other
+    // threads' files meanwhile only come out stricter), and set it explicitly after.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(previous) };
+    let listener = bound.map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     Ok(listener)
 }
@@ -141,7 +158,7 @@ pub async fn serve(listener: UnixListener, agent: Arc<dyn AgentView>) {
                     Ok::<_, Infallible>(if request.uri().path() == takeover::PATH {
                         take_over(request, caller, agent)
                     } else {
-                        route(&request, agent)
+                        route(&request, caller, agent)
                     })
                 }
             });
@@ -156,8 +173,18 @@ pub async fn serve(listener: UnixListener, agent: Arc<dyn AgentView>) {
     }
 }
 
-fn route(request: &Request<Incoming>, agent: Arc<dyn AgentView>) -> Response<Body> {
+fn route(
+    request: &Request<Incoming>,
+    caller: Option<tokio::net::unix::UCred>,
+    agent: Arc<dyn AgentView>,
+) -> Response<Body> {
     if request.method() == hyper::Method::POST {
+        // Changes are root's, whoever could open the socket.
+        if !caller.is_some_and(|c| c.uid() == 0) {
+            let refused = REFUSED_CHANGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            tracing::warn!(?caller, refused, path = request.uri().path(), "refused an admin change: the caller is not root");
+            return text(StatusCode::FORBIDDEN, "only root may change the agent\n");
+        }
         return post(request, agent.as_ref());
     }
     if request.method() != hyper::Method::GET {

@@ -49,6 +49,8 @@ use hmac::{Hmac, KeyInit as _, Mac as _};
 use sha2::Sha256;
 use tokio::net::UdpSocket;
 
+use crate::log_limit::LogLimit;
+
 const MAGIC: &[u8; 4] = b"MGS2";
 /// The magic of format 1 frames, refused.
 const MAGIC_V1: &[u8; 4] = b"MGS1";
@@ -73,8 +75,6 @@ pub const MIN_KEY_LEN: usize = 16;
 /// How long a verified message may take to come back from chitchat's decoder (it is already
 /// there when it decodes; only a message chitchat rejects waits this long).
 const DECODE_TIMEOUT: Duration = Duration::from_millis(50);
-/// At most one log line per this period about rejected datagrams.
-const LOG_PERIOD: Duration = Duration::from_secs(10);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -361,7 +361,7 @@ impl Transport for AuthTransport {
             feeder,
             pending: None,
             buf: vec![0; MAX_DATAGRAM].into_boxed_slice(),
-            log: RateLimit::default(),
+            log: LogLimit::new(crate::log_limit::PERIOD),
             seen: ReplayGuard::starting_at(now_ms()),
             nonce: random_u64(),
         }))
@@ -393,7 +393,7 @@ struct AuthSocket {
     /// cancel-safe: chitchat selects on it).
     pending: Option<(SocketAddr, usize)>,
     buf: Box<[u8]>,
-    log: RateLimit,
+    log: LogLimit,
     /// The frames accepted within the window.
     seen: ReplayGuard,
     /// The next frame's nonce (random start, then counting).
@@ -504,25 +504,6 @@ impl Socket for AuthSocket {
                 }
             }
         }
-    }
-}
-
-/// Logs at most once per [`LOG_PERIOD`], saying how many were suppressed since.
-#[derive(Default)]
-struct RateLimit {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn warn(&mut self, log: impl FnOnce(u64)) {
-        if self.last.is_some_and(|t| t.elapsed() < LOG_PERIOD) {
-            self.suppressed += 1;
-            return;
-        }
-        log(self.suppressed);
-        self.last = Some(Instant::now());
-        self.suppressed = 0;
     }
 }
 

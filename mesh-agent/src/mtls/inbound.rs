@@ -15,6 +15,8 @@ use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::log_limit::LogLimit;
+
 use super::{
     authz::Verdict,
     certs::{handshake_failure_reason, session_peer},
@@ -26,7 +28,11 @@ use super::{
     tuning, Tunnel,
 };
 
-/// How long a peer may take to finish the TLS handshake.
+/// Warnings about refused peers and flows: one line per period (the counters count each).
+static REFUSED_PEER: LogLimit = LogLimit::new(crate::log_limit::PERIOD);
+static REFUSED_FLOW: LogLimit = LogLimit::new(crate::log_limit::PERIOD);
+
+/// How long a peer may take to finish the TLS handshake, and then to send the HTTP/2 preface.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bound of a peer's probe of a backend whose service has no active check here.
@@ -65,12 +71,16 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             let reason = handshake_failure_reason(&error);
-            tracing::warn!(%peer, reason, %error, "refused a peer: TLS handshake failed");
+            REFUSED_PEER.warn(|suppressed| {
+                tracing::warn!(%peer, reason, %error, suppressed, "refused a peer: TLS handshake failed");
+            });
             tunnel.stats.handshake(INBOUND, reason);
             return;
         }
         Err(_) => {
-            tracing::warn!(%peer, "refused a peer: TLS handshake timed out");
+            REFUSED_PEER.warn(|suppressed| {
+                tracing::warn!(%peer, suppressed, "refused a peer: TLS handshake timed out");
+            });
             tunnel.stats.handshake(INBOUND, "timeout");
             return;
         }
@@ -87,10 +97,23 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
     tracing::info!(%peer, identity = %status.identity, serial = %status.serial,
         not_after = %status.not_after, "tunnel connection accepted");
     let caller = peer_cert.identity;
-    let mut h2 = match tuning::server().handshake(tls).await {
-        Ok(h2) => h2,
-        Err(error) => {
-            tracing::warn!(%peer, %caller, %error, "HTTP/2 handshake failed");
+    // An authenticated peer must send the HTTP/2 preface promptly too: a connection that
+    // never does is closed, not held.
+    let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tuning::server().handshake(tls)).await
+    {
+        Ok(Ok(h2)) => h2,
+        Ok(Err(error)) => {
+            tunnel.stats.handshake(INBOUND, "h2_failed");
+            REFUSED_PEER.warn(|suppressed| {
+                tracing::warn!(%peer, %caller, %error, suppressed, "HTTP/2 handshake failed");
+            });
+            return;
+        }
+        Err(_) => {
+            tunnel.stats.handshake(INBOUND, "preface_timeout");
+            REFUSED_PEER.warn(|suppressed| {
+                tracing::warn!(%peer, %caller, suppressed, "closed a tunnel connection: no HTTP/2 preface in time");
+            });
             return;
         }
     };
@@ -135,8 +158,10 @@ async fn probe(
     mut respond: SendResponse<Bytes>,
 ) {
     let Some(check) = tunnel.authz().probe_check(target, PROBE_TIMEOUT) else {
-        tracing::warn!(%caller, backend = %target.backend, service = ?target.service,
-            "refused a probe: the target is no backend of an mTLS service here");
+        REFUSED_FLOW.warn(|suppressed| {
+            tracing::warn!(%caller, backend = %target.backend, service = ?target.service, suppressed,
+                "refused a probe: the target is no backend of an mTLS service here");
+        });
         tunnel.stats.flow(INBOUND, "unknown_target");
         return refuse(&mut respond, StatusCode::NOT_FOUND);
     };
@@ -175,7 +200,9 @@ async fn stream(
     let target = match connect::parse(&request) {
         Ok(target) => target,
         Err(error) => {
-            tracing::warn!(%caller, %error, "refused a malformed flow request");
+            REFUSED_FLOW.warn(|suppressed| {
+                tracing::warn!(%caller, %error, suppressed, "refused a malformed flow request");
+            });
             stats.flow(INBOUND, "malformed");
             return refuse(&mut respond, error.status());
         }
@@ -186,13 +213,17 @@ async fn stream(
     let verdict = tunnel.authz().check(&target, caller);
     match &verdict {
         Verdict::UnknownTarget => {
-            tracing::warn!(%caller, backend = %target.backend, service = ?target.service,
-                "refused a flow: the target is no backend of an mTLS service here");
+            REFUSED_FLOW.warn(|suppressed| {
+                tracing::warn!(%caller, backend = %target.backend, service = ?target.service, suppressed,
+                    "refused a flow: the target is no backend of an mTLS service here (this node does not announce it)");
+            });
             stats.flow(INBOUND, "unknown_target");
             return refuse(&mut respond, StatusCode::NOT_FOUND);
         }
         Verdict::Deny(service, decision) => {
-            tracing::warn!(%caller, service, backend = %target.backend, %decision, "authorization: denied");
+            REFUSED_FLOW.warn(|suppressed| {
+                tracing::warn!(%caller, service, backend = %target.backend, %decision, suppressed, "authorization: denied");
+            });
             stats.authz(service, decision.label(), &caller.to_string());
             stats.flow(INBOUND, "denied");
             return refuse(&mut respond, StatusCode::FORBIDDEN);
@@ -207,7 +238,9 @@ async fn stream(
     let backend = match dial_marked(target.backend).await {
         Ok(backend) => backend,
         Err(error) => {
-            tracing::warn!(%caller, backend = %target.backend, %error, "backend unreachable");
+            REFUSED_FLOW.warn(|suppressed| {
+                tracing::warn!(%caller, backend = %target.backend, %error, suppressed, "backend unreachable");
+            });
             stats.flow(INBOUND, "backend_unreachable");
             return refuse(&mut respond, StatusCode::BAD_GATEWAY);
         }

@@ -13,9 +13,13 @@ use super::{
     Tunnel,
 };
 use crate::{
+    log_limit::LogLimit,
     dataplane::{Redirect, Redirects},
     flows::Names,
 };
+
+/// Warnings about refused connections: one line per period (the counters count each).
+static REFUSED: LogLimit = LogLimit::new(crate::log_limit::PERIOD);
 
 /// Where redirected connections were going (the kernel's records; a fake in tests).
 pub trait OriginalDestinations: Send + Sync + 'static {
@@ -69,13 +73,17 @@ async fn flow(
     let redirect = match destinations.take(addr) {
         Ok(Some(redirect)) => redirect,
         Ok(None) => {
-            tracing::warn!(client = %addr, "no original destination for this connection; refused");
+            REFUSED.warn(|suppressed| {
+                tracing::warn!(client = %addr, suppressed, "no original destination for this connection; refused");
+            });
             stats.flow(OUTBOUND, "no_destination");
             reset_on_close(&client);
             return;
         }
         Err(error) => {
-            tracing::error!(client = %addr, %error, "cannot read the original destination; refused");
+            REFUSED.warn(|suppressed| {
+                tracing::error!(client = %addr, %error, suppressed, "cannot read the original destination; refused");
+            });
             stats.flow(OUTBOUND, "no_destination");
             reset_on_close(&client);
             return;
@@ -94,7 +102,9 @@ async fn flow(
     let stream = match opened {
         Ok(stream) => stream,
         Err(error) => {
-            tracing::warn!(client = %addr, backend = %redirect.backend, %source, %error, "flow not opened");
+            REFUSED.warn(|suppressed| {
+                tracing::warn!(client = %addr, backend = %redirect.backend, %source, %error, suppressed, "flow not opened");
+            });
             stats.flow(OUTBOUND, "refused");
             reset_on_close(&client);
             return;
