@@ -52,6 +52,8 @@ pub struct Agent {
     cgroup: Option<Cgroup>,
     /// More `run` arguments (e.g. `--drain-timeout 3s`), kept for restarts and takeovers.
     extra_args: Vec<OsString>,
+    /// The file-creation mask the agent starts with (`None`: the test runner's).
+    umask: Option<libc::mode_t>,
     proc: Option<Proc>,
 }
 
@@ -95,6 +97,7 @@ impl Agent {
             log_path: dir.join(format!("{}.agent.log", node.name())),
             cgroup,
             extra_args: extra_args.iter().map(OsString::from).collect(),
+            umask: None,
             proc: None,
         };
         agent.write_config(config_toml)?;
@@ -132,6 +135,16 @@ impl Agent {
     fn spawn_agent(&self, more: &[&str]) -> Result<Proc> {
         let mut cmd = Command::new(&self.bin);
         cmd.args(self.run_args()).args(more);
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: umask is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         // Keep the logs readable and complete; the agent may honour either.
         cmd.env("RUST_BACKTRACE", "1");
         if std::env::var_os("RUST_LOG").is_none() {
@@ -362,6 +375,11 @@ impl Agent {
                 Capture::Lines,
             )?
             .finish(READY_TIMEOUT)
+    }
+
+    /// Makes the agent's next starts (restarts, takeovers) run under file-creation mask `mask`.
+    pub fn set_umask(&mut self, mask: libc::mode_t) {
+        self.umask = Some(mask);
     }
 
     /// Whether the agent process is alive.

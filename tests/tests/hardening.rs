@@ -8,6 +8,11 @@
 //!   backend host as an endpoint (a private server there, which the backend host does not
 //!   announce) is refused by the backend host's inbound tunnel although the catalog holds it:
 //!   no client byte reaches the private server, and the refusals are counted.
+//! - 3,000 junk connections to the inbound tunnel and 3,000 unredirected connects to the
+//!   outbound listener are each counted, and logged a few times; an authenticated tunnel
+//!   connection that never sends the HTTP/2 preface is closed after the timeout.
+//! - The admin socket is root's whatever the umask, changes through it are root's even if it is
+//!   opened up, and the state files are 0600.
 //! - Gossip frames captured on the wire and replayed (to the running agent, and to the same
 //!   agent restarted after the sender died) are dropped and counted, draw no reply, and bring
 //!   no member back.
@@ -352,4 +357,244 @@ fn replayed_gossip_is_dropped_counted_draws_no_reply_and_resurrects_nobody() {
         .flatten()
         .any(|n| n["name"] == c.full_name().as_str() && n["state"] == "alive");
     assert!(!c_alive, "c resurrected: {nodes:#}");
+}
+
+/// Node `b` serving the strict service `pay` (its own backend) behind its inbound tunnel, and
+/// a workload certificate of the trust domain for a client elsewhere.
+struct Tunneled {
+    // Fields drop in order: processes before the node.
+    agent: Agent,
+    _server: mesh_tests::Proc,
+    b: Node,
+    ca: Ca,
+    client: mtls::Issued,
+}
+
+fn tunneled(bed: &TestBed) -> Tunneled {
+    let b = bed.add_node("b").or_fail();
+    let backend = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
+    let server = b.tcp_server("server", backend, "pay").or_fail();
+    let ca = Ca::init(bed, "ca").or_fail();
+    let node_b = ca
+        .issue(bed, "spiffe://mesh.test/ns/mesh/sa/b", "node-b")
+        .or_fail();
+    let client = ca
+        .issue(bed, "spiffe://mesh.test/ns/shop/sa/x", "x")
+        .or_fail();
+    let table = MtlsTable {
+        ca_bundle: &ca.cert,
+        node_cert: &node_b,
+        workloads: &[],
+        options: "",
+    };
+    let pay = Service::tcp("pay", sa(VIP), &[backend]).with("mtls = \"strict\"");
+    let agent = b
+        .start_agent(&mtls::config(&b, &[pay], &table, "").or_fail())
+        .or_fail();
+    Tunneled {
+        agent,
+        _server: server,
+        b,
+        ca,
+        client,
+    }
+}
+
+/// The sum of the samples of `family` on `node` whose labels contain every one of `labels`
+/// and none of `except`.
+fn sum(node: &Node, family: &str, labels: &[&str], except: &[&str]) -> f64 {
+    let text = metrics::scrape(node).or_fail();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter(|l| labels.iter().all(|w| l.contains(w)) && !except.iter().any(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Opens `count` connections to `target` from `node`'s namespace, each sending `junk` and
+/// waiting (at most 2 s) for the other side to close.
+fn junk_connections(node: &Node, target: SocketAddr, count: usize, junk: &'static [u8]) {
+    node.netns()
+        .run_in(move || -> anyhow::Result<()> {
+            use std::io::{Read as _, Write as _};
+            for _ in 0..count {
+                let mut s =
+                    match std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                        Ok(s) => s,
+                        // Accepted and reset at once, before the connect call returned.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let _ = s.write_all(junk);
+                let _ = s.read(&mut [0; 256]);
+            }
+            Ok(())
+        })
+        .or_fail()
+        .or_fail();
+}
+
+/// Waits (up to 30 s) until `value()` reaches `want`.
+fn wait_for(what: &str, want: f64, value: impl Fn() -> f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = value();
+        if now >= want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {now}, want {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn junk_connections_are_each_counted_and_logged_a_few_times() {
+    const JUNK: usize = 3_000;
+    let bed = TestBed::new("hardening_junk").or_fail();
+    let t = tunneled(&bed);
+    let attacker = bed.add_node("x").or_fail();
+    let failed_handshakes = || {
+        sum(
+            &t.b,
+            "mesh_mtls_handshakes_total",
+            &["side=\"inbound\""],
+            &["result=\"ok\""],
+        )
+    };
+    let no_destination = || {
+        sum(
+            &t.b,
+            "mesh_mtls_flows_total",
+            &["side=\"outbound\"", "no_destination"],
+            &[],
+        )
+    };
+    let (handshakes, unrecorded) = (failed_handshakes(), no_destination());
+    // Strangers' junk at the inbound tunnel, and local connects to the outbound listener that
+    // the kernel never redirected (no original destination).
+    let inbound = SocketAddr::new(t.b.ipv4().into(), 15008);
+    junk_connections(&attacker, inbound, JUNK, b"GET / HTTP/1.0\r\n\r\n");
+    junk_connections(&t.b, sa("127.0.0.1:15001"), JUNK, b"hello");
+    wait_for(
+        "failed inbound handshakes",
+        handshakes + JUNK as f64,
+        failed_handshakes,
+    );
+    wait_for(
+        "outbound connects without a destination",
+        unrecorded + JUNK as f64,
+        no_destination,
+    );
+    let log = t.agent.log();
+    let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    for needle in ["refused a peer", "no original destination"] {
+        assert!(
+            (1..=3).contains(&lines(needle)),
+            "{} lines {needle:?} for {JUNK} refusals",
+            lines(needle)
+        );
+    }
+    assert!(log.contains("suppressed"), "{log}");
+}
+
+#[test]
+fn an_authenticated_connection_without_a_preface_is_closed_after_the_timeout() {
+    let bed = TestBed::new("hardening_preface").or_fail();
+    let t = tunneled(&bed);
+    let a = bed.add_node("a").or_fail();
+    let series = |result: &str| {
+        sum(
+            &t.b,
+            "mesh_mtls_handshakes_total",
+            &["side=\"inbound\"", &format!("result=\"{result}\"")],
+            &[],
+        )
+    };
+    let ok = series("ok");
+    // A client holding a valid certificate completes TLS, then sends nothing at all.
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-quiet", "-ign_eof", "-connect"])
+        .arg(SocketAddr::new(t.b.ipv4().into(), 15008).to_string())
+        .arg("-cert")
+        .arg(&t.client.cert)
+        .arg("-key")
+        .arg(&t.client.key)
+        .arg("-CAfile")
+        .arg(&t.ca.cert);
+    let started = std::time::Instant::now();
+    let silent = a.spawn("silent", cmd).or_fail();
+    let exited = silent.wait_timeout(Duration::from_secs(40)).or_fail();
+    let held = started.elapsed();
+    assert!(
+        exited.is_some(),
+        "the silent connection is still open after {held:?}"
+    );
+    assert!(
+        held >= Duration::from_secs(9),
+        "closed after {held:?}, before the timeout"
+    );
+    assert_eq!(series("ok") - ok, 1.0, "the client was authenticated");
+    assert_eq!(series("preface_timeout"), 1.0);
+}
+
+#[test]
+fn the_admin_socket_and_state_are_root_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bed = TestBed::new("hardening_admin").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let backend = SocketAddr::new(a.ipv4().into(), BACKEND_PORT);
+    let _server = a.tcp_server("server", backend, "a").or_fail();
+    let mut agent = a
+        .start_agent(&render("a", &[Service::tcp("web", sa(VIP), &[backend])]))
+        .or_fail();
+    agent.set_umask(0);
+    agent.restart().or_fail();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).or_fail().permissions().mode() & 0o777;
+    assert_eq!(mode(agent.socket_path()), 0o600, "the admin socket");
+    let extra = SocketAddr::new(a.ipv4().into(), BACKEND_PORT + 1).to_string();
+    let register = |as_nobody: bool| {
+        let bin = mesh_tests::host::agent_bin().or_fail();
+        let mut cmd = if as_nobody {
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(bin);
+            cmd
+        } else {
+            Command::new(bin)
+        };
+        cmd.args([
+            "register",
+            "--service",
+            "web",
+            "--address",
+            &extra,
+            "--admin-socket",
+        ])
+        .arg(agent.socket_path());
+        process::spawn("register", cmd, None, None, Capture::Lines)
+            .or_fail()
+            .finish(Duration::from_secs(10))
+            .or_fail()
+    };
+    // nobody cannot open the socket.
+    let out = register(true);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("Permission denied"), "{out:?}");
+    // Even through a socket opened to everyone, a change by nobody is refused.
+    std::fs::set_permissions(agent.socket_path(), std::fs::Permissions::from_mode(0o666)).or_fail();
+    let out = register(true);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("only root may change"), "{out:?}");
+    assert!(!agent.status_json().or_fail().to_string().contains(&extra));
+    // Root registers; the state files are root's alone.
+    register(false).ok("register as root").or_fail();
+    let state = agent.state_dir().join(a.full_name());
+    assert_eq!(mode(&state), 0o700, "the node's state directory");
+    for file in ["registrations.json", "agent.json"] {
+        assert_eq!(mode(&state.join(file)), 0o600, "{file}");
+    }
 }

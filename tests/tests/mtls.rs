@@ -651,8 +651,11 @@ fn a_thousand_concurrent_flows_share_one_tunnel_connection_and_leak_no_descripto
         metric(&text_b, "mesh_mtls_streams_active{side=\"all\"}") >= f64::from(FLOWS),
         "b carried the flows at once:\n{text_b}"
     );
+    // A socket per open flow; a few descriptors of other work (an admin query's connection,
+    // a probe) may come and go between the two counts.
+    let held = |open: usize, base: usize| open + 8 >= base + FLOWS as usize;
     assert!(
-        fds_open.0 >= baseline.0 + FLOWS as usize && fds_open.1 >= baseline.1 + FLOWS as usize,
+        held(fds_open.0, baseline.0) && held(fds_open.1, baseline.1),
         "each agent held a socket per open flow ({fds_open:?}, baseline {baseline:?})"
     );
 

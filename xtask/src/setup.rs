@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nginx-light",
     "tcpdump",
     "procps",
+    "openssl",
+    "util-linux",
 ];
 
 /// The LLVM that `bpf-linker` is built against (must match the nightly's LLVM major).

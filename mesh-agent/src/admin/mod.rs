@@ -182,7 +182,12 @@ fn route(
         // Changes are root's, whoever could open the socket.
         if !caller.is_some_and(|c| c.uid() == 0) {
             let refused = REFUSED_CHANGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            tracing::warn!(?caller, refused, path = request.uri().path(), "refused an admin change: the caller is not root");
+            tracing::warn!(
+                ?caller,
+                refused,
+                path = request.uri().path(),
+                "refused an admin change: the caller is not root"
+            );
             return text(StatusCode::FORBIDDEN, "only root may change the agent\n");
         }
         return post(request, agent.as_ref());

@@ -49,10 +49,21 @@ pub async fn serve(tunnel: Arc<Tunnel>, listener: TcpListener) {
                 continue;
             }
         };
+        let admitted = match tunnel.limits.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(over) => {
+                tunnel.stats.handshake(INBOUND, over.label());
+                REFUSED_PEER.warn(|suppressed| {
+                    tracing::warn!(%peer, reason = over.label(), suppressed, "refused a peer: too many tunnel connections");
+                });
+                continue;
+            }
+        };
         let tunnel = Arc::clone(&tunnel);
         let tracked = tunnel.drain.track();
         tokio::spawn(async move {
             let _tracked = tracked;
+            let _admitted = admitted;
             connection(tunnel, tcp, peer).await;
         });
     }
@@ -99,7 +110,8 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
     let caller = peer_cert.identity;
     // An authenticated peer must send the HTTP/2 preface promptly too: a connection that
     // never does is closed, not held.
-    let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tuning::server().handshake(tls)).await
+    let mut h2 = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tuning::server().handshake(tls))
+        .await
     {
         Ok(Ok(h2)) => h2,
         Ok(Err(error)) => {

@@ -20,6 +20,7 @@ pub mod connect;
 pub mod drain;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
@@ -152,6 +153,8 @@ pub struct Tunnel {
     pool: Arc<Pool>,
     inbound_port: u16,
     drain: drain::Drain,
+    /// Bounds on the inbound connections.
+    limits: Arc<limits::ConnectionLimits>,
 }
 
 impl Tunnel {
@@ -171,6 +174,7 @@ impl Tunnel {
             identities: Identities::new(cgroup_root, config.identities.clone()),
             inbound_port: config.inbound_port,
             drain: drain::Drain::default(),
+            limits: limits::ConnectionLimits::new(limits::MAX_CONNECTIONS, limits::MAX_PER_PEER),
         }))
     }
 

@@ -13,9 +13,9 @@ use super::{
     Tunnel,
 };
 use crate::{
-    log_limit::LogLimit,
     dataplane::{Redirect, Redirects},
     flows::Names,
+    log_limit::LogLimit,
 };
 
 /// Warnings about refused connections: one line per period (the counters count each).

@@ -443,6 +443,15 @@ async fn rotated_certificates_serve_new_connections_and_keep_old_ones() {
     let a = agent(&fixture, &cgroups, 0, backend).await;
     let mut long = a.connect(backend, SERVICE_ID, cgroups.id("frontend")).await;
     long.write_all(b"before ").await.unwrap();
+    // The agent opens the flow's tunnel connection on its own time: rotate only once it has
+    // (else the long flow itself would dial with the new credentials).
+    for _ in 0..500 {
+        if a.handshakes(OUTBOUND, "ok") == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.handshakes(OUTBOUND, "ok"), 1);
     let before = a.tunnel.certs()[0].serial.clone();
     fixture.issue(NODE, "node");
     a.tunnel.reload_credentials();
