@@ -5,46 +5,11 @@
 //! agent over its admin socket, `register` and `deregister` announce endpoints through it, `uninstall` removes a node's data plane. See the README's CLI
 //! reference.
 
-mod admin;
-mod catalog;
-mod cgroup;
-mod config;
-mod dataplane;
-mod desired;
-mod fdlimit;
-mod flows;
-mod gossip;
-mod health;
-mod kernel_addr;
-mod log_limit;
-mod maglev;
-mod metrics;
-mod mtls;
-mod node_lock;
-mod peers;
-mod reconcile;
-mod registry;
-mod run;
-mod sd_notify;
-mod sockets;
-mod state_file;
-mod status;
-mod takeover;
-mod uninstall;
-mod watch;
-
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mesh_agent::{admin, config, dataplane, flows, mtls, run, status, uninstall, VERSION};
 use serde::Serialize;
-
-/// The version and the commit it was built from, e.g. `0.1.0 (3f2c1ab)`.
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (",
-    env!("MESH_BUILD_COMMIT"),
-    ")"
-);
 
 #[derive(Parser)]
 #[command(name = "mesh-agent", version = VERSION, about = "Sidecarless service mesh agent")]

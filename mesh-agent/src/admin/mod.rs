@@ -180,7 +180,7 @@ fn route(
 ) -> Response<Body> {
     if request.method() == hyper::Method::POST {
         // Changes are root's, whoever could open the socket.
-        if !caller.is_some_and(|c| c.uid() == 0) {
+        if caller.is_none_or(|c| c.uid() != 0) {
             let refused = REFUSED_CHANGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             tracing::warn!(
                 ?caller,

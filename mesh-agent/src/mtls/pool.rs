@@ -360,7 +360,7 @@ impl Pool {
 
     /// Connections held now.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn connections(&self) -> usize {
         self.slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

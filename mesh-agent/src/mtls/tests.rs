@@ -284,7 +284,7 @@ async fn bytes_echo_and_half_close_travels_both_ways() {
     assert_eq!(a.count(OUTBOUND, "opened"), 2);
     // Both flows shared one connection and one handshake.
     assert_eq!(a.handshakes(OUTBOUND, "ok"), 1);
-    assert_eq!(a.tunnel.pool.len(), 1);
+    assert_eq!(a.tunnel.pool.connections(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
