@@ -84,7 +84,13 @@ impl Registry {
                 })
             }
         };
-        let file: File = serde_json::from_slice(&text).map_err(|cause| RegistryError::Parse {
+        Registry::parse(path, &text)
+    }
+
+    /// Reads registrations from `text`, the contents of the file at `path` (named in errors).
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Registrations, RegistryError> {
+        let path = &path.to_path_buf();
+        let file: File = serde_json::from_slice(text).map_err(|cause| RegistryError::Parse {
             path: path.clone(),
             cause,
         })?;

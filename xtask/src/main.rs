@@ -11,9 +11,11 @@
 //! | `test [-- ARGS]` | setup, build, then `cargo test --release` over the workspace (e2e included) |
 //! | `lint` | rustfmt check, clippy for the host crates and for the eBPF crate |
 //! | `bench SUITE [OPTIONS]` | setup, build, then run a benchmark suite (`bench lb --duration-secs 3`) |
+//! | `fuzz TARGET\|all --seconds N` | setup, then run fuzz targets of the agent's decoders for N seconds each |
 
 mod artifacts;
 mod bench;
+mod fuzz;
 mod lint;
 mod run;
 mod setup;
@@ -61,6 +63,14 @@ enum Command {
     },
     /// Check formatting and run clippy on the host crates and the eBPF crate.
     Lint,
+    /// Set up, then fuzz the agent's decoders of untrusted input (cargo-fuzz, nightly).
+    Fuzz {
+        /// A target (gossip_frame, gossip_records, connect_request, config, registrations) or all.
+        target: String,
+        /// How long to run each target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+    },
     /// Set up, build, then run a benchmark suite.
     Bench {
         /// The benchmark suite to run.
@@ -98,5 +108,6 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Test { args } => test::run(&root, &args),
         Command::Lint => lint::run(&root),
         Command::Bench { suite } => bench::run(&root, suite),
+        Command::Fuzz { target, seconds } => fuzz::run(&root, &target, seconds),
     }
 }

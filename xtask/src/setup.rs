@@ -50,6 +50,7 @@ pub fn run() -> Result<()> {
     // The active (stable) toolchain lints the host crates.
     components(None, "active toolchain", &["clippy", "rustfmt"])?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     cgroup2()?;
     Ok(())
@@ -174,6 +175,21 @@ fn bpf_linker() -> Result<()> {
     ensure!(
         succeeds(cmd("bpf-linker").arg("--version")),
         "bpf-linker was installed but `bpf-linker --version` still fails"
+    );
+    Ok(())
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets (`cargo xtask fuzz`).
+fn cargo_fuzz() -> Result<()> {
+    if let Some(version) = output(cmd("cargo").args(["fuzz", "--version"])) {
+        println!("ok: cargo-fuzz ({})", version.trim());
+        return Ok(());
+    }
+    println!("installing: cargo-fuzz (cargo install, about two minutes)");
+    run_checked(cmd("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    ensure!(
+        succeeds(cmd("cargo").args(["fuzz", "--version"])),
+        "cargo-fuzz was installed but `cargo fuzz --version` still fails"
     );
     Ok(())
 }

@@ -185,10 +185,10 @@ pub fn decode<'a>(records: impl IntoIterator<Item = (&'a str, &'a str)>) -> Deco
         }
     }
     // Announcement order is address order for peers; the catalog sorts them anyway.
-    decoded
-        .announcement
-        .endpoints
-        .sort_by(|a, b| (&a.service, a.address).cmp(&(&b.service, b.address)));
+    let endpoints = &mut decoded.announcement.endpoints;
+    endpoints.sort_by(|a, b| (&a.service, a.address).cmp(&(&b.service, b.address)));
+    // One endpoint spelled twice (`[::1]` and `[0::1]`) is one endpoint; the first key wins.
+    endpoints.dedup_by(|b, a| a.service == b.service && a.address == b.address);
     decoded
 }
 
@@ -314,6 +314,15 @@ mod tests {
             ("svc:web", V1_SERVICE),
         ]);
         assert!(old.complete());
+    }
+
+    #[test]
+    fn one_endpoint_spelled_twice_is_one_endpoint() {
+        let decoded = decode([
+            ("ep:web:[fd00::2]:8080", V1_ENDPOINT),
+            ("ep:web:[fd00:0::2]:8080", V1_ENDPOINT),
+        ]);
+        assert_eq!(decoded.announcement.endpoints.len(), 1);
     }
 
     #[test]
