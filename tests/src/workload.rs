@@ -216,6 +216,17 @@ fn ms(d: Duration) -> String {
     d.as_millis().to_string()
 }
 
+impl crate::TestBed {
+    /// Adds node `name` with a TCP server named after it on `<its address>:port` (workload
+    /// `server`), as most single-node tests begin; the server's address is returned with it.
+    pub fn add_node_with_server(&self, name: &str, port: u16) -> Result<(Node, SocketAddr, Proc)> {
+        let node = self.add_node(name)?;
+        let backend = SocketAddr::new(node.ipv4().into(), port);
+        let server = node.tcp_server("server", backend, name)?;
+        Ok((node, backend, server))
+    }
+}
+
 impl Node {
     /// Starts a TCP server named `name` on `listen` in workload cgroup `workload`; returns
     /// once it listens.

@@ -39,9 +39,7 @@ fn sa(s: &str) -> SocketAddr {
 #[test]
 fn register_refuses_what_the_mesh_must_not_reach_naming_the_rule() {
     let bed = TestBed::new("hardening_register").or_fail();
-    let a = bed.add_node("a").or_fail();
-    let backend = SocketAddr::new(a.ipv4().into(), BACKEND_PORT);
-    let _server = a.tcp_server("server", backend, "a").or_fail();
+    let (a, backend, _server) = bed.add_node_with_server("a", BACKEND_PORT).or_fail();
     let services = [
         Service::tcp("web", sa(VIP), &[backend]),
         Service::tcp("dns", sa("10.96.0.53:53"), &[backend]),
@@ -545,9 +543,7 @@ fn an_authenticated_connection_without_a_preface_is_closed_after_the_timeout() {
 fn the_admin_socket_and_state_are_root_only_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt as _;
     let bed = TestBed::new("hardening_admin").or_fail();
-    let a = bed.add_node("a").or_fail();
-    let backend = SocketAddr::new(a.ipv4().into(), BACKEND_PORT);
-    let _server = a.tcp_server("server", backend, "a").or_fail();
+    let (a, backend, _server) = bed.add_node_with_server("a", BACKEND_PORT).or_fail();
     let mut agent = a
         .start_agent(&render("a", &[Service::tcp("web", sa(VIP), &[backend])]))
         .or_fail();

@@ -170,9 +170,7 @@ fn a_restarted_agent_never_refuses_while_gossip_catches_up_or_is_cut_off() {
 #[test]
 fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_balancing() {
     let bed = TestBed::new("restart_second_agent").or_fail();
-    let a = bed.add_node("a").or_fail();
-    let backend = SocketAddr::new(a.ipv4().into(), BACKEND_PORT);
-    let _server = a.tcp_server("server", backend, "a").or_fail();
+    let (a, backend, _server) = bed.add_node_with_server("a", BACKEND_PORT).or_fail();
     let agent = a
         .start_agent(&render("a", &[Service::tcp("web", sa(VIP), &[backend])]))
         .or_fail();
@@ -252,9 +250,7 @@ fn many_services(n: u32, backend: SocketAddr) -> String {
 #[test]
 fn a_config_caught_mid_write_is_never_applied_half() {
     let bed = TestBed::new("restart_half_config").or_fail();
-    let a = bed.add_node("a").or_fail();
-    let backend = SocketAddr::new(a.ipv4().into(), BACKEND_PORT);
-    let _server = a.tcp_server("server", backend, "a").or_fail();
+    let (a, backend, _server) = bed.add_node_with_server("a", BACKEND_PORT).or_fail();
     let config = many_services(40, backend);
     let agent = a.start_agent(&config).or_fail();
     let last = sa("10.96.1.40:80");
@@ -306,9 +302,7 @@ fn relink(target: &str, link: &Path) {
 #[test]
 fn a_configmap_symlink_swap_is_applied_and_sighup_reloads() {
     let bed = TestBed::new("restart_configmap").or_fail();
-    let a = bed.add_node("a").or_fail();
-    let backend = SocketAddr::new(a.ipv4().into(), BACKEND_PORT);
-    let _server = a.tcp_server("server", backend, "a").or_fail();
+    let (a, backend, _server) = bed.add_node_with_server("a", BACKEND_PORT).or_fail();
     let mut agent = a.start_agent(&many_services(1, backend)).or_fail();
 
     // The Kubernetes layout: <config> -> cm/..data/mesh.toml, cm/..data -> ..v1.
@@ -375,9 +369,7 @@ fn cgroup_programs(node: &Node) -> String {
 #[test]
 fn uninstall_refuses_under_a_running_agent_and_removes_everything_without_one() {
     let bed = TestBed::new("restart_uninstall").or_fail();
-    let a = bed.add_node("a").or_fail();
-    let backend = SocketAddr::new(a.ipv4().into(), BACKEND_PORT);
-    let _server = a.tcp_server("server", backend, "a").or_fail();
+    let (a, backend, _server) = bed.add_node_with_server("a", BACKEND_PORT).or_fail();
     let mut agent = a
         .start_agent(&render("a", &[Service::tcp("web", sa(VIP), &[backend])]))
         .or_fail();
