@@ -21,7 +21,7 @@
 //!
 //! This module knows nothing of gossip or of the kernel.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -205,6 +205,19 @@ impl Announcement {
             }
         }
         announcement
+    }
+}
+
+impl Announcement {
+    /// The (service, endpoint) pairs of this announcement that peers may reach through this
+    /// node's inbound tunnel: never its loopback and the like ([`Endpoint::check`]), even where
+    /// its own config lists such a backend.
+    pub fn reachable_by_peers(&self) -> HashSet<(String, SocketAddr)> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.check().is_ok())
+            .map(|e| (e.service.clone(), e.address))
+            .collect()
     }
 }
 
@@ -560,6 +573,53 @@ protocol = "udp"
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_inbound_tunnel_reaches_only_what_this_node_announces_and_never_its_loopback() {
+        use crate::mtls::{
+            authz::{Authz, Verdict},
+            connect::Target,
+            spiffe::SpiffeId,
+        };
+        let config = Config::parse(
+            r#"
+[[services]]
+name = "pay"
+vip = "10.96.0.30"
+port = 80
+backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let mut services = config.services.clone();
+        services[0].mtls = true;
+        // A peer announces another port of this host for pay: in the catalog, not hosted here.
+        let mut merged = services.clone();
+        merged[0].backends.push(crate::config::BackendConfig {
+            address: "10.0.0.5:22".parse().unwrap(),
+            weight: 1,
+        });
+        let local = Announcement::local(&services, &Registrations::default()).reachable_by_peers();
+        let hosted = |s: &str, b: SocketAddr| local.contains(&(s.to_owned(), b));
+        let authz = Authz::new(
+            &config::mtls_services(&merged, &services, &hosted),
+            crate::mtls::policy::Policies::default(),
+        );
+        let peer: SpiffeId = "spiffe://td/ns/mesh/sa/peer".parse().unwrap();
+        let verdict = |backend: &str| {
+            authz.check(
+                &Target {
+                    backend: backend.parse().unwrap(),
+                    service: Some("pay".into()),
+                },
+                &peer,
+            )
+        };
+        assert_eq!(verdict("127.0.0.1:15020"), Verdict::UnknownTarget);
+        assert_eq!(verdict("10.0.0.5:22"), Verdict::UnknownTarget);
+        assert!(matches!(verdict("10.0.0.5:8080"), Verdict::Allow(_)));
     }
 
     #[test]

@@ -638,16 +638,9 @@ impl Agent {
             }
         }
         if let Some(tunnel) = &self.tunnel {
-            // What this node hosts, as peers may reach it: never its loopback and the like,
-            // even where its own config lists such a backend.
-            let local = self.sources.announcement();
-            let local: HashSet<(&str, SocketAddr)> = local
-                .endpoints
-                .iter()
-                .filter(|e| e.check().is_ok())
-                .map(|e| (e.service.as_str(), e.address))
-                .collect();
-            let hosted = |service: &str, backend: SocketAddr| local.contains(&(service, backend));
+            let local = self.sources.announcement().reachable_by_peers();
+            let hosted =
+                |service: &str, backend: SocketAddr| local.contains(&(service.to_owned(), backend));
             tunnel.update(
                 &crate::config::mtls_services(&merged.services, &self.config.services, &hosted),
                 self.config.policies.clone(),

@@ -253,6 +253,81 @@ fn replay(attacker: &Node, to: &Node, frames: &[Vec<u8>]) -> usize {
         .or_fail()
 }
 
+/// Sends each of `frames` to `to`'s gossip port from `attacker`'s namespace through a raw
+/// socket, as a UDP datagram claiming to come from `spoofed:15010`.
+fn send_spoofed(attacker: &Node, spoofed: std::net::Ipv4Addr, to: &Node, frames: &[Vec<u8>]) {
+    let (dst, frames) = (to.ipv4(), frames.to_vec());
+    attacker
+        .netns()
+        .run_in(move || -> anyhow::Result<()> {
+            // SAFETY: a raw IPv4 socket (IPPROTO_RAW: this process writes the IP header).
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let to = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(dst).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            for frame in &frames {
+                let udp_len = 8 + frame.len();
+                let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+                packet[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+                packet.extend_from_slice(&spoofed.octets());
+                packet.extend_from_slice(&dst.octets());
+                packet.extend_from_slice(&GOSSIP_PORT.to_be_bytes());
+                packet.extend_from_slice(&GOSSIP_PORT.to_be_bytes());
+                packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
+                packet.extend_from_slice(&[0, 0]); // no UDP checksum (allowed over IPv4)
+                packet.extend_from_slice(frame);
+                // SAFETY: the buffer and the address outlive the call; the kernel fills the IP
+                // checksum.
+                let sent = unsafe {
+                    libc::sendto(
+                        fd,
+                        packet.as_ptr().cast(),
+                        packet.len(),
+                        0,
+                        std::ptr::addr_of!(to).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                };
+                anyhow::ensure!(sent >= 0, "sendto: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: closing the socket opened above.
+            unsafe { libc::close(fd) };
+            Ok(())
+        })
+        .or_fail()
+        .or_fail();
+}
+
+/// What the bridge carried toward `addr` (IP packets to it, ARP requests for it) during
+/// `during`, as tcpdump's text lines.
+fn traffic_toward(bed: &TestBed, addr: std::net::Ipv4Addr, during: impl FnOnce()) -> Vec<String> {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["4", "tcpdump", "-i", "br0", "-n", "-l"])
+        .arg(format!(
+            "dst host {addr} or (arp and arp[24:4] = 0x{:08x})",
+            u32::from(addr)
+        ));
+    let capture =
+        process::spawn("tcpdump", cmd, Some(bed.switch()), None, Capture::Lines).or_fail();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !capture.stderr_text().contains("listening on") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tcpdump did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    during();
+    let _ = capture.wait_timeout(Duration::from_secs(10)).or_fail();
+    capture.stdout_text().lines().map(str::to_owned).collect()
+}
+
 /// Gossip datagrams `node` dropped as replayed or stale
 /// (`mesh_gossip_auth_failures_total{kind}`).
 fn replays_dropped(node: &Node) -> f64 {
@@ -326,6 +401,23 @@ fn replayed_gossip_is_dropped_counted_draws_no_reply_and_resurrects_nobody() {
     let back = replay(&attacker, a, &frames);
     assert_eq!(back, 0, "a replay drew {back} bytes of reply");
     wait_replays_dropped(a, before, frames.len());
+    // The same frames claiming another source (an address nobody has): nothing is sent there,
+    // not even an ARP request for it.
+    let spoofed = std::net::Ipv4Addr::new(10, 1, 0, 250);
+    let before = replays_dropped(a);
+    let toward = traffic_toward(&bed, spoofed, || {
+        send_spoofed(&attacker, spoofed, a, &frames)
+    });
+    wait_replays_dropped(a, before, frames.len());
+    let replies: Vec<&String> = toward
+        .iter()
+        .filter(|l| !l.contains(&format!("{} >", spoofed)))
+        .filter(|l| !l.contains(&format!("{spoofed}.{GOSSIP_PORT} >")))
+        .collect();
+    assert!(
+        replies.is_empty(),
+        "traffic toward the spoofed source: {replies:#?}"
+    );
 
     // c dies and its link is cut; a withdraws it, restarts (remembering no frame), and is fed
     // c's frames again: nothing comes back to life.
