@@ -25,7 +25,7 @@
 //! restarted peer's records are still arriving) keeps the announcement it had.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -170,65 +170,68 @@ impl Peers {
         if self.heard.is_none() && members.iter().any(|m| m.alive) {
             self.heard = Some(now);
         }
-        let before = self.announcements();
+        let mut changed = false;
         for member in members {
-            let kept = self.peers.get(&member.name).cloned();
             if member.alive {
                 self.dying.remove(&member.name);
             }
-            match (member.alive, kept) {
+            let live = Origin::Live {
+                generation: member.generation,
+            };
+            let mut gone = false;
+            match (member.alive, self.peers.get_mut(&member.name)) {
                 (true, Some(kept)) if !member.complete => {
                     tracing::debug!(
                         member = member.name,
                         "records still arriving; keeping its previous announcement"
                     );
-                    self.peers.insert(
-                        member.name.clone(),
-                        Peer {
-                            origin: Origin::Live {
-                                generation: member.generation,
-                            },
-                            ..kept
-                        },
-                    );
+                    kept.origin = live;
                 }
-                (true, _) => {
+                (true, Some(kept)) => {
+                    kept.origin = live;
+                    if kept.announcement != member.announcement {
+                        kept.announcement = member.announcement.clone();
+                        changed = true;
+                    }
+                }
+                (true, None) => {
                     self.peers.insert(
                         member.name.clone(),
                         Peer {
                             announcement: member.announcement.clone(),
-                            origin: Origin::Live {
-                                generation: member.generation,
-                            },
+                            origin: live,
                         },
                     );
+                    changed = true;
                 }
                 // Declared dead after this agent saw that very generation alive: gone once
                 // the mesh is heard after the report.
-                (false, Some(kept))
-                    if kept.origin
-                        == (Origin::Live {
-                            generation: member.generation,
-                        }) =>
-                {
+                (false, Some(kept)) if kept.origin == live => {
                     let reported = *self.dying.entry(member.name.clone()).or_insert(now);
-                    if last_heard.is_some_and(|heard| heard > reported) {
-                        self.dying.remove(&member.name);
-                        self.peers.remove(&member.name);
-                    }
+                    gone = last_heard.is_some_and(|heard| heard > reported);
                 }
                 // Never seen alive by this agent (a restored peer, or a new generation not
                 // yet heard beating): not taken to be gone.
                 (false, _) => {}
             }
+            if gone {
+                self.dying.remove(&member.name);
+                self.peers.remove(&member.name);
+                changed = true;
+            }
         }
         // Live peers chitchat no longer lists were forgotten after their death.
-        self.peers.retain(|name, peer| {
-            peer.origin == Origin::Restored || members.iter().any(|m| &m.name == name)
-        });
+        let listed: BTreeSet<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        let before = self.peers.len();
+        self.peers
+            .retain(|name, peer| peer.origin == Origin::Restored || listed.contains(name.as_str()));
+        changed |= self.peers.len() != before;
         let peers = &self.peers;
         self.dying.retain(|name, _| peers.contains_key(name));
-        self.settle(before)
+        if changed {
+            self.save();
+        }
+        changed
     }
 
     /// Drops the restored peers the mesh has not shown alive within the grace; whether the
@@ -240,7 +243,6 @@ impl Peers {
         if now.saturating_duration_since(heard) < self.grace.0 || self.restored().next().is_none() {
             return false;
         }
-        let before = self.announcements();
         self.peers.retain(|name, peer| {
             let keep = peer.origin != Origin::Restored;
             if !keep {
@@ -249,14 +251,6 @@ impl Peers {
             }
             keep
         });
-        self.settle(before)
-    }
-
-    /// Saves the announcements when they differ from `before`; whether they did.
-    fn settle(&self, before: Vec<(String, Announcement)>) -> bool {
-        if self.announcements() == before {
-            return false;
-        }
         self.save();
         true
     }
