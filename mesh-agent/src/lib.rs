@@ -1,35 +1,26 @@
-//! The mesh agent as a library: every room of the daemon (loader, catalog sources,
-//! reconciler, gossip, health, mTLS tunnel, admin API, metrics, takeover), so that the
-//! binary (`main.rs`: the command line), in-process tests and the fuzz targets
-//! (`mesh-agent/fuzz/`) all drive the same code.
+//! The mesh agent as a library, so that the binary (`main.rs`: the command line), the
+//! in-process tests (`mesh-agent/tests/`), the microbenchmarks and the fuzz targets
+//! (`mesh-agent/fuzz/`) all drive the same code. ARCHITECTURE.md maps the rooms and the
+//! import rules between them.
+//!
+//! The pure core: [`config`], [`catalog`], [`balance`], [`health`] (its state),
+//! [`reconcile`]. The runtime: [`dataplane`], [`gossip`], [`tunnel`], [`admin`],
+//! [`telemetry`], [`sys`]. [`app`] composes them into the daemon; [`cli`] is every other
+//! command.
 
 pub mod admin;
+pub mod app;
+pub mod balance;
 pub mod catalog;
-pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
-pub mod desired;
-pub mod fdlimit;
-pub mod flows;
 pub mod gossip;
 pub mod health;
-pub mod kernel_addr;
-pub mod log_limit;
-pub mod maglev;
-pub mod metrics;
-pub mod mtls;
-pub mod node_lock;
-pub mod peers;
 pub mod reconcile;
-pub mod registry;
-pub mod run;
-pub mod sd_notify;
-pub mod sockets;
-pub mod state_file;
-pub mod status;
-pub mod takeover;
-pub mod uninstall;
-pub mod watch;
+pub mod sys;
+pub mod telemetry;
+pub mod tunnel;
 
 /// The version and the commit it was built from, e.g. `0.1.0 (3f2c1ab)`.
 pub const VERSION: &str = concat!(

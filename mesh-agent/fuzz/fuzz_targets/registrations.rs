@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::registry::Registry;
+use mesh_agent::catalog::registry::Registry;
 
 fuzz_target!(|data: &[u8]| {
     match Registry::parse(Path::new("registrations.json"), data) {

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use super::{AdminError, FlowQuery};
-use crate::flows::Flow;
+use crate::telemetry::flows::Flow;
 
 /// Sends `GET path` to the agent and returns the response once its status is a success.
 async fn get(socket: &Path, path: &str) -> Result<Response<Incoming>, AdminError> {

@@ -13,9 +13,10 @@
 //! | `GET /v1/policies` | `[PolicyStatus]`: the authorization rules in force (`[]` without mTLS) |
 //! | `GET /v1/certs` | `[CertStatus]`: certificates loaded: identity, serial, expiry (`[]` without mTLS) |
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
-//! | `POST /v1/takeover` with `Upgrade: mesh-takeover/1` | root only: `101`, then the connection carries the [`crate::takeover`] protocol |
+//! | `POST /v1/takeover` with `Upgrade: mesh-takeover/1` | root only: `101`, then the connection carries the [`crate::app::takeover`] protocol |
 
 pub mod client;
+pub mod types;
 
 use std::{convert::Infallible, io, net::SocketAddr, path::Path, sync::Arc};
 
@@ -34,10 +35,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
+    admin::types::{EndpointStatus, NodeStatus, StatusReport},
+    app::takeover::{self, Successor},
     catalog::Endpoint,
-    flows::{FlowFilter, FlowLog},
-    status::{EndpointStatus, NodeStatus, StatusReport},
-    takeover::{self, Successor},
+    telemetry::flows::{FlowFilter, FlowLog},
 };
 
 /// Why the admin API could not be served or reached.
@@ -65,8 +66,8 @@ pub trait AgentView: Send + Sync + 'static {
     fn register(&self, endpoint: Endpoint) -> Result<bool, String>;
     /// Withdraws a registered endpoint; whether it was registered.
     fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String>;
-    fn policies(&self) -> Vec<crate::mtls::policy::PolicyStatus>;
-    fn certs(&self) -> Vec<crate::mtls::certs::CertStatus>;
+    fn policies(&self) -> Vec<crate::tunnel::authz::policy::PolicyStatus>;
+    fn certs(&self) -> Vec<crate::tunnel::identity::certs::CertStatus>;
     /// Hands the agent's sockets to `successor` (the agent then drains); an error when a
     /// takeover is already under way.
     fn take_over(&self, successor: Successor) -> Result<(), String>;
@@ -304,7 +305,7 @@ fn flows(agent: &Arc<dyn AgentView>, query: FlowQuery) -> Response<Body> {
     // Subscribe before reading the history so nothing falls between the two.
     let live = agent.flows().subscribe();
     let recent = agent.flows().recent(&query.filter, limit);
-    let line = |flow: &crate::flows::Flow| {
+    let line = |flow: &crate::telemetry::flows::Flow| {
         let mut line = serde_json::to_vec(flow).unwrap_or_default();
         line.push(b'\n');
         Ok::<_, Infallible>(Frame::data(Bytes::from(line)))

@@ -10,11 +10,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Protocol, ServiceConfig, Source};
-use crate::mtls::{
+use crate::tunnel::{
+    authz::policy::{Action, Policies, Principal, Rule},
     authz::MtlsService,
-    certs::{IdentityFiles, Sources},
-    policy::{Action, Policies, Principal, Rule},
-    spiffe::{check_trust_domain, SpiffeId},
+    identity::certs::{IdentityFiles, Sources},
+    identity::spiffe::{check_trust_domain, SpiffeId},
     TunnelConfig,
 };
 use mesh_common::redirect::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};

@@ -18,7 +18,6 @@ use mesh_common::{
 };
 
 use super::{take_map as take, DataPlaneError};
-use crate::kernel_addr;
 use crate::reconcile::{KernelState, MapOp, MapWriteError, MapWriter};
 
 /// The maps the agent writes and reads.
@@ -103,7 +102,7 @@ impl KernelMaps {
             .map_err(err)?;
         let wanted: BTreeMap<SockKey, u32> = backends
             .iter()
-            .map(|(&addr, &service)| (kernel_addr::sock_key(addr), service))
+            .map(|(&addr, &service)| (crate::reconcile::addr::sock_key(addr), service))
             .collect();
         for (key, service) in &wanted {
             self.strict_inbound.insert(key, service, 0).map_err(err)?;
@@ -121,7 +120,7 @@ impl KernelMaps {
         let mut all = Vec::new();
         for entry in self.connect_outcomes.iter() {
             let (key, per_cpu) = entry.map_err(|cause| DataPlaneError::Map { name, cause })?;
-            let Ok(addr) = kernel_addr::decode_sock_key(&key) else {
+            let Ok(addr) = crate::reconcile::addr::decode_sock_key(&key) else {
                 continue;
             };
             let total =

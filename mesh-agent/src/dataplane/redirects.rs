@@ -13,7 +13,6 @@ use aya::maps::{HashMap, MapData, MapError};
 use mesh_common::{maps, redirect::OriginalDest};
 
 use super::DataPlaneError;
-use crate::kernel_addr;
 
 /// Where a redirected connection was going, and who opened it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +45,7 @@ impl Redirects {
     /// record for it (the connection did not come through a redirect).
     pub fn take(&self, client: SocketAddr) -> Result<Option<Redirect>, DataPlaneError> {
         let name = maps::REDIRECT_BY_PEER;
-        let key = kernel_addr::sock_key(client);
+        let key = crate::reconcile::addr::sock_key(client);
         let mut map = self
             .by_peer
             .lock()
@@ -58,8 +57,13 @@ impl Redirects {
         };
         // Already gone means another taker raced us; the value we read is still right.
         let _ = map.remove(&key);
-        let backend = kernel_addr::decode_ip(original.backend, original.family)
-            .map(|ip| SocketAddr::new(ip, kernel_addr::decode_port(original.backend_port)))
+        let backend = crate::reconcile::addr::decode_ip(original.backend, original.family)
+            .map(|ip| {
+                SocketAddr::new(
+                    ip,
+                    crate::reconcile::addr::decode_port(original.backend_port),
+                )
+            })
             .map_err(|e| DataPlaneError::Corrupt {
                 name,
                 reason: e.to_string(),

@@ -49,7 +49,7 @@ use hmac::{Hmac, KeyInit as _, Mac as _};
 use sha2::Sha256;
 use tokio::net::UdpSocket;
 
-use crate::log_limit::LogLimit;
+use crate::telemetry::log_limit::LogLimit;
 
 const MAGIC: &[u8; 4] = b"MGS2";
 /// The magic of format 1 frames, refused.
@@ -361,7 +361,7 @@ impl Transport for AuthTransport {
             feeder,
             pending: None,
             buf: vec![0; MAX_DATAGRAM].into_boxed_slice(),
-            log: LogLimit::new(crate::log_limit::PERIOD),
+            log: LogLimit::new(crate::telemetry::log_limit::PERIOD),
             seen: ReplayGuard::starting_at(now_ms()),
             nonce: random_u64(),
         }))

@@ -330,12 +330,12 @@ pub fn endpoint_names(announcement: &Announcement) -> Vec<String> {
 }
 
 /// A member as `mesh-agent nodes` shows it.
-pub fn node_status(member: &Member) -> crate::status::NodeStatus {
+pub fn node_status(member: &Member) -> crate::admin::types::NodeStatus {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    crate::status::NodeStatus {
+    crate::admin::types::NodeStatus {
         name: member.name.clone(),
         role: "peer".to_owned(),
         cgroup: String::new(),

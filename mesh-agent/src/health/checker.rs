@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use super::probe::{self, ProbeError};
-use crate::{config::health::ActiveCheck, mtls::Tunnel};
+use crate::{config::health::ActiveCheck, tunnel::Tunnel};
 
 /// Probes in flight at once, whatever the number of backends.
 pub const MAX_IN_FLIGHT: usize = 256;

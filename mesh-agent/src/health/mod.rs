@@ -35,11 +35,11 @@ use std::{
 use mesh_common::health::ConnectOutcomes;
 
 use crate::{
+    balance::{Desired, DesiredBackend},
     config::{
         health::{HealthSettings, Locality},
         Config,
     },
-    desired::{self, Desired, DesiredBackend},
 };
 use active::ActiveState;
 use checker::Target;
@@ -318,7 +318,7 @@ impl Health {
                     ..*b
                 })
                 .collect();
-            service.table = desired::build_table(service.policy, &masked);
+            service.table = crate::balance::build_table(service.policy, &masked);
         }
     }
 

@@ -16,7 +16,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{
     config::health::{ActiveCheck, HttpCheck},
-    mtls::{pool::OpenError, Tunnel},
+    tunnel::{proxy::pool::OpenError, Tunnel},
 };
 
 /// Why a probe failed.

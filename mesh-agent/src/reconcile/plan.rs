@@ -9,8 +9,8 @@ use std::fmt;
 use mesh_common::service::{Service, ServiceKey, SlotKey, SERVICE_FLAG_VIP_MARKER};
 
 use super::{KernelState, MapOp};
-use crate::desired::{Desired, DesiredService};
-use crate::kernel_addr::{self, DisplayKey};
+use crate::balance::{Desired, DesiredService};
+use crate::reconcile::addr::{self, DisplayKey};
 
 /// The ops of one reconcile, grouped so each group can be applied all-or-nothing. No groups:
 /// the maps already hold the desired state.
@@ -133,7 +133,7 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
     // Garbage: markers of VIPs without services, slots and backends of no service.
     let mut ops = Vec::new();
     for key in current.services.keys() {
-        if kernel_addr::is_vip_marker_key(key) && !markers_done.contains(&(key.addr, key.family)) {
+        if addr::is_vip_marker_key(key) && !markers_done.contains(&(key.addr, key.family)) {
             ops.push(MapOp::DeleteService(*key));
         }
     }
@@ -234,7 +234,7 @@ impl<'a> Planner<'a> {
         let services: BTreeMap<ServiceKey, (Service, bool)> = current
             .services
             .iter()
-            .filter(|(k, _)| !kernel_addr::is_vip_marker_key(k))
+            .filter(|(k, _)| !addr::is_vip_marker_key(k))
             .map(|(k, v)| {
                 let owns = v.id != 0 && owners.insert(v.id, *k).is_none();
                 (*k, (*v, owns))
@@ -316,7 +316,7 @@ impl<'a> Planner<'a> {
             let id = match ids[index] {
                 Some(id) => id,
                 None => {
-                    let entry = kernel_addr::backend(backend.addr, sid);
+                    let entry = addr::backend(backend.addr, sid);
                     let addr = (entry.addr, entry.port, entry.family);
                     let at = existing.partition_point(|&(_, a, _)| a < addr);
                     let id = match existing.get(at) {

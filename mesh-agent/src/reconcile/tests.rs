@@ -11,9 +11,9 @@ use mesh_common::service::{
 use super::apply::ApplyReport;
 use super::plan::{GroupKind, Plan};
 use super::*;
+use crate::balance::{Desired, DesiredService};
 use crate::config::{Affinity, BackendConfig, LbPolicy, Protocol, ServiceConfig};
-use crate::desired::{Desired, DesiredService};
-use crate::kernel_addr;
+use crate::reconcile::addr;
 
 // ---------------------------------------------------------------------------------------------
 // The model kernel.
@@ -41,7 +41,7 @@ fn resolve(state: &KernelState, key: &ServiceKey) -> Option<Result<Vec<SocketAdd
                 be.service_id
             )));
         }
-        out.push(kernel_addr::decode_backend(be).unwrap());
+        out.push(addr::decode_backend(be).unwrap());
     }
     Some(Ok(out))
 }
@@ -98,7 +98,7 @@ impl FakeKernel {
             if !ok {
                 self.violations.push(format!(
                     "after {after}: {} resolves to {seen:?}; old {:?}, new {:?}",
-                    kernel_addr::DisplayKey(&w.key),
+                    addr::DisplayKey(&w.key),
                     w.old,
                     w.new
                 ));
@@ -158,11 +158,11 @@ fn assert_converged(state: &KernelState, desired: &Desired) {
         markers.insert(ServiceKey::vip_marker(key.addr, key.family), ());
     }
     for (key, svc) in &state.services {
-        if kernel_addr::is_vip_marker_key(key) {
+        if addr::is_vip_marker_key(key) {
             assert!(
                 markers.contains_key(key),
                 "stray marker {}",
-                kernel_addr::DisplayKey(key)
+                addr::DisplayKey(key)
             );
             assert_eq!(svc.flags, SERVICE_FLAG_VIP_MARKER);
         } else {
@@ -194,7 +194,7 @@ fn assert_converged(state: &KernelState, desired: &Desired) {
 // Building desired states.
 
 fn marker_key(vip: IpAddr) -> ServiceKey {
-    let (addr, family) = kernel_addr::encode_ip(vip);
+    let (addr, family) = addr::encode_ip(vip);
     ServiceKey::vip_marker(addr, family)
 }
 
@@ -343,7 +343,7 @@ fn new_service_writes_backends_slots_header_then_marker() {
     assert_eq!(p.groups.len(), 2);
     assert_eq!(p.groups[0].kind, GroupKind::AddService);
     assert_eq!(p.groups[0].commit, Some(4));
-    let b = |a: &str| kernel_addr::backend(be(a), 1);
+    let b = |a: &str| addr::backend(be(a), 1);
     let slot = |slot| SlotKey {
         service_id: 1,
         generation: 0,
@@ -407,7 +407,7 @@ fn changed_service_flips_generation_then_deletes_old() {
         p.groups[0].ops,
         vec![
             // 10.200.0.3 keeps id 2; 10.200.0.4 gets 3 (1 is still in use until the end).
-            MapOp::PutBackend(3, kernel_addr::backend(be("10.200.0.4:8080"), 1)),
+            MapOp::PutBackend(3, addr::backend(be("10.200.0.4:8080"), 1)),
             MapOp::PutSlot(slot(1, 0), 2),
             MapOp::PutSlot(slot(1, 1), 3),
             MapOp::PutService(
@@ -575,7 +575,7 @@ fn ids_are_stable_and_smallest_free() {
         state
             .backends
             .iter()
-            .filter(|(_, b)| kernel_addr::decode_backend(b).unwrap() == be(addr))
+            .filter(|(_, b)| addr::decode_backend(b).unwrap() == be(addr))
             .map(|(id, _)| *id)
             .collect()
     };
@@ -642,7 +642,7 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
     // service, plus entries of a service id nothing owns and a marker of no service.
     let mut state = kernel.state.clone();
     let extra = [
-        MapOp::PutBackend(40, kernel_addr::backend(be("10.200.0.7:8080"), 1)),
+        MapOp::PutBackend(40, addr::backend(be("10.200.0.7:8080"), 1)),
         MapOp::PutSlot(
             SlotKey {
                 service_id: 1,
@@ -659,7 +659,7 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
             },
             40,
         ),
-        MapOp::PutBackend(41, kernel_addr::backend(be("10.200.0.8:8080"), 7)),
+        MapOp::PutBackend(41, addr::backend(be("10.200.0.8:8080"), 7)),
         MapOp::PutSlot(
             SlotKey {
                 service_id: 7,
@@ -691,7 +691,7 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
     let new_ids: Vec<u32> = p
         .ops()
         .filter_map(|op| match op {
-            MapOp::PutService(k, s) if !kernel_addr::is_vip_marker_key(k) => Some(s.id),
+            MapOp::PutService(k, s) if !addr::is_vip_marker_key(k) => Some(s.id),
             _ => None,
         })
         .collect();
@@ -873,7 +873,7 @@ fn a_failed_write_leaves_the_service_as_it_was() {
                             .services
                             .get(&key)
                             .map(|s| Ok(s.table_addrs().collect::<Vec<_>>()));
-                        if !kernel_addr::is_vip_marker_key(&key) {
+                        if !addr::is_vip_marker_key(&key) {
                             assert_eq!(resolve(&kernel.state, &key), old, "{e}");
                         }
                     }
@@ -1001,7 +1001,7 @@ fn earlier_services_stay_applied_when_a_later_one_fails() {
 fn backend_value_reuse_requires_same_service() {
     // Sanity of the test model: a backend of another service is a violation.
     let mut state = KernelState::default();
-    let key = kernel_addr::service_key(ip("10.96.0.1"), 80, 6);
+    let key = addr::service_key(ip("10.96.0.1"), 80, 6);
     state.services.insert(
         key,
         Service {
@@ -1025,7 +1025,7 @@ fn backend_value_reuse_requires_same_service() {
         5,
         Backend {
             service_id: 2,
-            ..kernel_addr::backend(be("10.0.0.1:80"), 2)
+            ..addr::backend(be("10.0.0.1:80"), 2)
         },
     );
     assert!(matches!(resolve(&state, &key), Some(Err(_))));

@@ -1,0 +1,300 @@
+//! The agent's controller: the pipeline state (config, catalog sources, health, what the
+//! kernel holds) and one method per event (config change, registration, members, probe
+//! result, health tick), each bringing the kernel to the result or keeping the last good
+//! state.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    app::takeover::Successor,
+    balance::Desired,
+    catalog::peers::Peers,
+    catalog::registry::Registry,
+    catalog::{Conflict, Sources},
+    config::{gossip::GossipConfig, Config},
+    dataplane::DataPlane,
+    gossip::{self, Member},
+    health::{
+        checker::{Checker, ProbeReport},
+        Health,
+    },
+    reconcile::{self, KernelState},
+    telemetry::flows::FlowLog,
+    tunnel::Tunnel,
+};
+
+/// The agent's state, shared by the reload loop, the admin API and the metrics.
+pub(super) struct Agent {
+    pub(super) node: String,
+    pub(super) config_path: PathBuf,
+    pub(super) cgroup: PathBuf,
+    pub(super) started: Instant,
+    pub(super) dataplane: DataPlane,
+    /// The config in force.
+    pub(super) config: Config,
+    /// The services as the config (and later the catalog) gives them, before health.
+    pub(super) catalog: Desired,
+    /// What the kernel was last brought to: the catalog with health applied.
+    pub(super) desired: Desired,
+    pub(super) health: Health,
+    pub(super) checker: Checker,
+    pub(super) kernel: KernelState,
+    /// Kernel service id → name, for flows and metrics.
+    pub(super) service_names: HashMap<u32, String>,
+    pub(super) config_error: Option<String>,
+    pub(super) reloads_applied: u64,
+    pub(super) reloads_rejected: u64,
+    /// What the catalog is made of: config, registrations, live peers.
+    pub(super) sources: Sources,
+    /// Where `sources.registered` is kept across restarts.
+    pub(super) registry: Registry,
+    /// The conflicts of the catalog in force.
+    pub(super) conflicts: Vec<Conflict>,
+    /// The `[gossip]` table the agent started with (a change needs a restart).
+    pub(super) gossip_config: Option<GossipConfig>,
+    /// Every other gossip member, alive or dead.
+    pub(super) members: Arc<Vec<Member>>,
+    /// The peers' announcements in force (kept across restarts).
+    pub(super) peers: Peers,
+    pub(super) gossip_stats: Option<Arc<gossip::Stats>>,
+    /// The mTLS tunnel, when the config has an `[mtls]` section; it follows the catalog's
+    /// strict services and the config's policies.
+    pub(super) tunnel: Option<Arc<Tunnel>>,
+}
+
+pub(super) struct SharedAgent {
+    pub(super) state: Mutex<Agent>,
+    pub(super) flows: Arc<FlowLog>,
+    /// Asks the main loop to announce this node's endpoints again.
+    pub(super) announce: mpsc::UnboundedSender<()>,
+    /// Asks the main loop to hand the sockets over (one takeover at a time).
+    pub(super) takeovers: mpsc::Sender<Successor>,
+}
+
+impl SharedAgent {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Agent> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Agent {
+    /// Brings the kernel to `desired`; on success it becomes the state in force.
+    pub(super) fn apply(&mut self, desired: Desired) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let plan = reconcile::plan(&self.kernel, &desired);
+        let result = reconcile::apply(&plan, &mut self.dataplane.maps, &mut self.kernel);
+        // Whatever was applied is in the kernel now; name it for flows either way.
+        self.service_names = self
+            .kernel
+            .services
+            .iter()
+            .filter_map(|(key, service)| {
+                desired
+                    .services
+                    .get(key)
+                    .or_else(|| self.desired.services.get(key))
+                    .map(|d| (service.id, d.name.clone()))
+            })
+            .collect();
+        let report = result?;
+        let strict = desired
+            .strict_backends()
+            .filter_map(|(addr, key)| Some((addr, self.kernel.services.get(&key)?.id)))
+            .collect();
+        self.dataplane.maps.sync_strict(&strict)?;
+        self.desired = desired;
+        // Logged after the maps were written; `services` and `backends` count what the kernel
+        // holds now (how the gossip bench tells which apply brought a change).
+        tracing::info!(
+            %report,
+            elapsed_us = started.elapsed().as_micros(),
+            services = self.kernel.services.len(),
+            backends = self.kernel.backends.len(),
+            "config applied to the kernel"
+        );
+        Ok(())
+    }
+
+    /// Re-applies the catalog after a health change.
+    pub(super) fn refresh(&mut self) {
+        let mut desired = self.catalog.clone();
+        self.health.apply(&mut desired);
+        if let Err(error) = self.apply(desired) {
+            tracing::error!("cannot apply a health change to the kernel: {error:#}");
+        }
+    }
+
+    pub(super) fn on_probe(&mut self, report: ProbeReport) {
+        let result = report.result.map_err(|e| e.to_string());
+        if self
+            .health
+            .record_probe(&report.service, report.backend, result)
+        {
+            self.refresh();
+        }
+    }
+
+    /// Feeds the kernel's connect outcomes to the outlier detection and ends the ejections
+    /// that are over.
+    pub(super) fn poll_health(&mut self) {
+        let now = Instant::now();
+        let mut changed = match self.dataplane.maps.connect_outcomes() {
+            Ok(outcomes) => self.health.observe_outcomes(&outcomes, now),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the connect outcomes; no passive health this round");
+                false
+            }
+        };
+        changed |= self.health.expire(now);
+        if changed {
+            self.refresh();
+        }
+        // Settles the deaths reported while the mesh was not heard, and the restored peers'
+        // grace.
+        self.follow_peers(now);
+    }
+
+    /// Merges the catalog's sources again, applies health and brings the kernel to the
+    /// result. On error the previous catalog stays in force, health included.
+    pub(super) fn recompute(&mut self) -> anyhow::Result<()> {
+        let merged = self.sources.catalog();
+        let catalog = merged.desired();
+        self.health.sync(&catalog, &self.config);
+        let mut desired = catalog.clone();
+        self.health.apply(&mut desired);
+        if let Err(error) = self.apply(desired) {
+            self.health.sync(&self.catalog, &self.config);
+            return Err(error);
+        }
+        for conflict in &merged.conflicts {
+            if !self.conflicts.contains(conflict) {
+                tracing::warn!(%conflict, "catalog conflict");
+            }
+        }
+        if let Some(tunnel) = &self.tunnel {
+            let local = self.sources.announcement().reachable_by_peers();
+            let hosted =
+                |service: &str, backend: SocketAddr| local.contains(&(service.to_owned(), backend));
+            tunnel.update(
+                &crate::config::mtls_services(&merged.services, &self.config.services, &hosted),
+                self.config.policies.clone(),
+            );
+        }
+        self.conflicts = merged.conflicts;
+        self.checker.sync(self.health.targets());
+        self.catalog = catalog;
+        Ok(())
+    }
+
+    /// Changes the registered endpoints, applies the result and keeps it on disk; a change
+    /// the kernel refuses, or that cannot be kept, is undone.
+    pub(super) fn change_registrations(
+        &mut self,
+        change: impl FnOnce(&mut crate::catalog::Registrations) -> Result<bool, String>,
+    ) -> Result<bool, String> {
+        let previous = self.sources.registered.clone();
+        if !change(&mut self.sources.registered)? {
+            return Ok(false);
+        }
+        if let Err(error) = self.recompute() {
+            self.sources.registered = previous;
+            return Err(format!("{error:#}"));
+        }
+        if let Err(error) = self.registry.save(&self.sources.registered) {
+            self.sources.registered = previous;
+            if let Err(undo) = self.recompute() {
+                tracing::error!("cannot restore the previous registrations: {undo:#}");
+            }
+            return Err(format!("{error}; the change is undone"));
+        }
+        Ok(true)
+    }
+
+    /// Serves again after a failed takeover. The successor may have written the maps, so the
+    /// kernel's state is read afresh and the catalog applied again; returns what to announce.
+    pub(super) fn resume(&mut self) -> crate::catalog::Announcement {
+        match self.dataplane.maps.read_state() {
+            Ok(kernel) => self.kernel = kernel,
+            Err(error) => tracing::error!("cannot read the kernel's state again: {error:#}"),
+        }
+        if let Err(error) = self.recompute() {
+            tracing::error!("cannot apply the catalog again: {error:#}");
+        }
+        self.sources.announcement()
+    }
+
+    /// Takes the gossip members' latest state and applies the catalog it makes.
+    pub(super) fn set_members(&mut self, members: Arc<Vec<Member>>) {
+        gossip::log_changes(&self.members, &members);
+        self.members = members;
+        self.follow_peers(Instant::now());
+    }
+
+    /// Brings the peers' announcements in force up to date with the members (and the restored
+    /// peers' grace) and applies the catalog when they changed.
+    pub(super) fn follow_peers(&mut self, now: Instant) {
+        let last_heard = self.gossip_stats.as_ref().and_then(|s| s.last_authentic());
+        let members = Arc::clone(&self.members);
+        let changed = self.peers.update(&members, now, last_heard) | self.peers.expire(now);
+        if !changed {
+            return;
+        }
+        self.sources.peers = self.peers.announcements();
+        if let Err(error) = self.recompute() {
+            tracing::error!("cannot apply the mesh catalog, the previous state stays: {error:#}");
+        }
+    }
+
+    /// Re-reads the config file; a bad file is rejected and the state in force stays.
+    /// Returns the config now in force when it changed.
+    pub(super) fn reload(&mut self) {
+        let before = self.desired.service_count();
+        let result = Config::load(&self.config_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| {
+                if config.gossip != self.gossip_config {
+                    tracing::warn!("the [gossip] table changed; restart the agent to apply it");
+                }
+                let previous_services =
+                    std::mem::replace(&mut self.sources.config, config.services.clone());
+                let previous = std::mem::replace(&mut self.config, config);
+                self.recompute().inspect_err(|_| {
+                    self.sources.config = previous_services;
+                    self.config = previous;
+                })
+            });
+        match result {
+            Ok(()) => {
+                self.reloads_applied += 1;
+                self.config_error = None;
+                let after = self.desired.service_count();
+                if after < before {
+                    tracing::warn!(
+                        before,
+                        after,
+                        removed = before - after,
+                        "the config change leaves the kernel with fewer services"
+                    );
+                }
+            }
+            Err(error) => {
+                self.reloads_rejected += 1;
+                tracing::error!(
+                    "rejected config change, the previous config stays in force: {error:#}"
+                );
+                self.config_error = Some(format!("{error:#}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! What the agent shows: the admin API's reports, the metrics' snapshot and the names flows
+//! are given, assembled from the controller's state.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Instant,
+};
+
+use crate::{
+    admin::types::{EndpointStatus, NodeStatus, StatusReport},
+    admin::AgentView,
+    app::takeover::Successor,
+    balance::Desired,
+    catalog::Endpoint,
+    gossip::{self},
+    reconcile::KernelState,
+    telemetry::flows::{FlowLog, Names},
+    telemetry::metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
+};
+
+use super::controller::{Agent, SharedAgent};
+use crate::admin::types::{BackendStatus, ServiceStatus};
+use mesh_common::service::{SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS};
+
+impl AgentView for SharedAgent {
+    fn status(&self) -> Result<StatusReport, String> {
+        self.lock().status().map_err(|e| format!("{e:#}"))
+    }
+
+    fn endpoints(&self) -> Result<Vec<EndpointStatus>, String> {
+        Ok(self.lock().endpoints())
+    }
+
+    fn nodes(&self) -> Vec<NodeStatus> {
+        let agent = self.lock();
+        let this = NodeStatus {
+            name: agent.node.clone(),
+            role: "self".to_owned(),
+            cgroup: agent.cgroup.display().to_string(),
+            version: crate::VERSION.to_owned(),
+            uptime_s: agent.started.elapsed().as_secs(),
+            address: agent
+                .gossip_config
+                .as_ref()
+                .map(|g| g.advertise.to_string())
+                .unwrap_or_default(),
+            state: "alive".to_owned(),
+            endpoints: gossip::endpoint_names(&agent.sources.announcement()),
+            rejected: Vec::new(),
+        };
+        // Peers kept from the state file that gossip has not delivered yet.
+        let restored = agent
+            .peers
+            .restored()
+            .filter(|name| !agent.members.iter().any(|m| m.name == *name))
+            .map(|name| NodeStatus {
+                name: name.to_owned(),
+                role: "peer".to_owned(),
+                state: "restored".to_owned(),
+                ..NodeStatus::default()
+            });
+        std::iter::once(this)
+            .chain(agent.members.iter().map(gossip::node_status))
+            .chain(restored)
+            .collect()
+    }
+
+    fn flows(&self) -> &FlowLog {
+        &self.flows
+    }
+
+    fn register(&self, endpoint: Endpoint) -> Result<bool, String> {
+        let mut agent = self.lock();
+        let catalog = agent.sources.catalog();
+        crate::catalog::check_registration(&catalog, &endpoint)?;
+        let changed = agent.change_registrations(|r| r.register(endpoint))?;
+        drop(agent);
+        if changed {
+            let _ = self.announce.send(());
+        }
+        Ok(changed)
+    }
+
+    fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String> {
+        let changed = self
+            .lock()
+            .change_registrations(|r| Ok(r.deregister(service, address)))?;
+        if changed {
+            let _ = self.announce.send(());
+        }
+        Ok(changed)
+    }
+
+    fn policies(&self) -> Vec<crate::tunnel::authz::policy::PolicyStatus> {
+        self.lock()
+            .tunnel
+            .as_ref()
+            .map(|t| t.policies())
+            .unwrap_or_default()
+    }
+
+    fn certs(&self) -> Vec<crate::tunnel::identity::certs::CertStatus> {
+        self.lock()
+            .tunnel
+            .as_ref()
+            .map(|t| t.certs())
+            .unwrap_or_default()
+    }
+
+    fn take_over(&self, successor: Successor) -> Result<(), String> {
+        self.takeovers
+            .try_send(successor)
+            .map_err(|_| "a takeover is already under way".to_owned())
+    }
+}
+
+impl Names for SharedAgent {
+    fn service_name(&self, id: u32) -> Option<String> {
+        self.lock().service_names.get(&id).cloned()
+    }
+}
+
+impl SnapshotSource for SharedAgent {
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.lock().snapshot();
+        snapshot.flows_recorded = self.flows.recorded();
+        snapshot
+    }
+}
+
+impl Agent {
+    fn status(&self) -> anyhow::Result<StatusReport> {
+        let counters = self
+            .dataplane
+            .maps
+            .counters()?
+            .into_iter()
+            .map(|(counter, value)| (counter.name().to_owned(), value))
+            .collect();
+        Ok(StatusReport {
+            node: self.node.clone(),
+            config: self.config_path.display().to_string(),
+            cgroup: self.cgroup.display().to_string(),
+            adopted: self.dataplane.adopted,
+            config_error: self.config_error.clone(),
+            services: services(&self.desired, &self.kernel)
+                .into_iter()
+                .map(|s| ServiceStatus {
+                    panic: self.health.panic(&s.name),
+                    ..s
+                })
+                .collect(),
+            counters,
+            conflicts: self.conflicts.clone(),
+        })
+    }
+
+    /// The kernel backend id of each (service name, backend address) installed now.
+    pub(super) fn installed_backends(&self) -> impl Iterator<Item = (u32, &str, SocketAddr)> + '_ {
+        self.kernel.backends.iter().filter_map(|(&id, backend)| {
+            let name = self.service_names.get(&backend.service_id)?;
+            let addr = crate::reconcile::addr::decode_backend(backend).ok()?;
+            Some((id, name.as_str(), addr))
+        })
+    }
+
+    pub(super) fn endpoints(&self) -> Vec<EndpointStatus> {
+        let installed: HashMap<(&str, SocketAddr), u32> = self
+            .installed_backends()
+            .map(|(id, name, addr)| ((name, addr), id))
+            .collect();
+        let mut announcers: HashMap<(&str, SocketAddr), Vec<String>> = HashMap::new();
+        let local = self.sources.announcement();
+        let members = std::iter::once((self.node.as_str(), &local))
+            .chain(self.sources.peers.iter().map(|(n, a)| (n.as_str(), a)));
+        for (node, announcement) in members {
+            for e in &announcement.endpoints {
+                announcers
+                    .entry((e.service.as_str(), e.address))
+                    .or_default()
+                    .push(node.to_owned());
+            }
+        }
+        let now = Instant::now();
+        let installed = &installed;
+        let announcers = &announcers;
+        self.desired
+            .services
+            .values()
+            .flat_map(|service| {
+                let used: HashSet<u32> = service.table.iter().copied().collect();
+                service
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, backend)| {
+                        let id = installed.get(&(service.name.as_str(), backend.addr));
+                        let in_table = used.contains(&(i as u32));
+                        let state = match (backend.weight, id, in_table) {
+                            (0, _, _) => "drained",
+                            (_, Some(_), _) => "active",
+                            (_, None, true) => "pending",
+                            (_, None, false) => "excluded",
+                        };
+                        let view = self.health.view(&service.name, backend.addr, now);
+                        EndpointStatus {
+                            service: service.name.clone(),
+                            address: backend.addr.to_string(),
+                            weight: backend.weight,
+                            state: state.to_owned(),
+                            connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
+                            announced_by: announcers
+                                .get(&(service.name.as_str(), backend.addr))
+                                .cloned()
+                                .unwrap_or_default(),
+                            health: view.as_ref().map(|v| v.state.to_owned()),
+                            health_reason: view.as_ref().and_then(|v| v.reason.clone()),
+                            ejected_until: view
+                                .and_then(|v| v.until)
+                                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        }
+                    })
+            })
+            .collect()
+    }
+
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Snapshot {
+            counters: self.dataplane.maps.counters().unwrap_or_default(),
+            backends: self
+                .installed_backends()
+                .map(|(id, service, addr)| BackendSample {
+                    service: service.to_owned(),
+                    backend: addr.to_string(),
+                    connections: self.dataplane.maps.backend_count(id),
+                })
+                .collect(),
+            maps: vec![
+                MapUsage {
+                    name: mesh_common::maps::SERVICES,
+                    entries: count(self.kernel.services.len()),
+                    capacity: u64::from(mesh_common::maps::SERVICES_MAX),
+                },
+                MapUsage {
+                    name: mesh_common::maps::SLOTS,
+                    entries: count(self.kernel.slots.len()),
+                    capacity: u64::from(mesh_common::maps::SLOTS_MAX),
+                },
+                MapUsage {
+                    name: mesh_common::maps::BACKENDS,
+                    entries: count(self.kernel.backends.len()),
+                    capacity: u64::from(mesh_common::maps::BACKENDS_MAX),
+                },
+            ],
+            health: self.health.samples(),
+            reloads_applied: self.reloads_applied,
+            reloads_rejected: self.reloads_rejected,
+            flows_recorded: 0,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            tunnel: self.tunnel.as_ref().map(|t| t.sample()),
+            gossip: self.gossip_sample(),
+            conflicts: crate::catalog::ConflictKind::ALL
+                .iter()
+                .map(|&kind| {
+                    let n = self.conflicts.iter().filter(|c| c.kind == kind).count();
+                    (kind.name(), count(n))
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) fn gossip_sample(&self) -> metrics::GossipSample {
+        let Some(stats) = &self.gossip_stats else {
+            return metrics::GossipSample::default();
+        };
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let alive = self.members.iter().filter(|m| m.alive).count() as u64;
+        metrics::GossipSample {
+            alive: alive + 1,
+            dead: self.members.len() as u64 - alive,
+            bytes_sent: load(&stats.bytes_sent),
+            bytes_received: load(&stats.bytes_received),
+            datagrams_sent: load(&stats.datagrams_sent),
+            datagrams_received: load(&stats.datagrams_received),
+            rejected: stats.rejected(),
+        }
+    }
+}
+
+/// Each desired service with the slot count the kernel actually holds for it.
+pub fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
+    desired
+        .services
+        .iter()
+        .map(|(key, service)| ServiceStatus {
+            name: service.name.clone(),
+            vip: service.vip.to_string(),
+            port: service.port,
+            protocol: service.protocol.to_string(),
+            lb: service.policy.to_string(),
+            affinity: affinity_name(service.flags).to_owned(),
+            backends: service
+                .backends
+                .iter()
+                .map(|b| BackendStatus {
+                    address: b.addr.to_string(),
+                    weight: b.weight,
+                })
+                .collect(),
+            slots: kernel.services.get(key).map_or(0, |s| s.count),
+            panic: false,
+        })
+        .collect()
+}
+
+fn affinity_name(flags: u32) -> &'static str {
+    if flags & SERVICE_FLAG_AFFINITY_NETNS != 0 {
+        "netns"
+    } else if flags & SERVICE_FLAG_AFFINITY_CGROUP != 0 {
+        "cgroup"
+    } else {
+        "none"
+    }
+}

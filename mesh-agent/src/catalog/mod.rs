@@ -1,0 +1,774 @@
+//! The mesh catalog: what every node announces, and the one list of services they make.
+//!
+//! Each node announces an [`Announcement`]: the service definitions of its config and the
+//! endpoints it hosts (its config's backends, then endpoints registered at run time with
+//! `mesh-agent register`). [`merge`] turns the announcements of every live member (this node
+//! included) into a [`Catalog`]: validated [`ServiceConfig`]s, in name order, that
+//! [`Catalog::desired`] turns into the kernel's [`Desired`] state. A transform between the two
+//! (health checks dropping unhealthy backends) works on `Catalog::services`.
+//!
+//! Disagreements are resolved the same way on every node, so all nodes build the same catalog
+//! from the same announcements, and each is reported as a [`Conflict`]:
+//!
+//! * the same service name defined differently by two nodes: the definition of the node whose
+//!   name sorts first wins;
+//! * the same (VIP, port, protocol) claimed by two service names: the name that sorts first
+//!   wins, the other service is left out;
+//! * an endpoint whose family differs from its service's VIP, or beyond what the service's
+//!   `lb` can hold, is left out; an endpoint of a service nobody defines is ignored;
+//! * the same endpoint announced by two nodes: one backend, with the weight announced by the
+//!   node whose name sorts first.
+//!
+//! This module knows nothing of gossip or of the kernel.
+
+pub mod peers;
+pub mod registry;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::balance::maglev;
+use crate::balance::{Desired, DesiredService, WEIGHTED_MAX_SLOTS};
+use crate::config::{
+    self, Affinity, BackendConfig, LbPolicy, Protocol, ServiceConfig, MAX_AFFINITY_TIMEOUT_S,
+    MAX_WEIGHT,
+};
+
+/// A service as defined, without its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceDef {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub lb: LbPolicy,
+    pub affinity: Affinity,
+    pub affinity_timeout_s: u32,
+    /// Strict mTLS: clients' connections go through the agents' tunnel.
+    pub mtls: bool,
+}
+
+impl ServiceDef {
+    /// The definition part of a config service.
+    pub fn of(service: &ServiceConfig) -> ServiceDef {
+        ServiceDef {
+            vip: service.vip,
+            port: service.port,
+            protocol: service.protocol,
+            lb: service.lb,
+            affinity: service.affinity,
+            affinity_timeout_s: service.affinity_timeout_s,
+            mtls: service.mtls,
+        }
+    }
+
+    /// Why this definition (from a peer) is unusable, or `Ok`; the checks of the config file.
+    pub fn check(&self) -> Result<(), String> {
+        let bad_vip = match self.vip {
+            IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
+            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+        };
+        if bad_vip {
+            return Err(format!("{} cannot be a VIP", self.vip));
+        }
+        if self.port == 0 {
+            return Err("port 0 is not a service port".into());
+        }
+        if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&self.affinity_timeout_s) {
+            return Err(format!(
+                "affinity timeout {} s is out of range 1..={MAX_AFFINITY_TIMEOUT_S}",
+                self.affinity_timeout_s
+            ));
+        }
+        Ok(())
+    }
+
+    fn frontend(&self) -> String {
+        format!("{}/{}", SocketAddr::new(self.vip, self.port), self.protocol)
+    }
+}
+
+/// One endpoint a node hosts for a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub service: String,
+    pub address: SocketAddr,
+    /// 0..=[`MAX_WEIGHT`]; 0: drained.
+    pub weight: u32,
+}
+
+impl Endpoint {
+    /// Why this endpoint cannot be announced to the mesh, or `Ok`: a valid service name, a
+    /// port, an address other hosts can reach (not loopback, unspecified, broadcast, multicast
+    /// or link-local: another host would dial its own), a weight in range.
+    pub fn check(&self) -> Result<(), String> {
+        config::check_service_name(&self.service).map_err(|e| format!("service: {e}"))?;
+        let addr = self.address;
+        if addr.port() == 0 {
+            return Err(format!("{addr}: port 0 is not an endpoint"));
+        }
+        if let Some(kind) = unannounceable(addr.ip()) {
+            return Err(format!(
+                "{addr}: {kind} address cannot be announced (another host would reach its own)"
+            ));
+        }
+        if self.weight > MAX_WEIGHT {
+            return Err(format!(
+                "weight {} is out of range 0..={MAX_WEIGHT}",
+                self.weight
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The kind of address that names no particular host of the mesh, if `ip` is one.
+fn unannounceable(ip: IpAddr) -> Option<&'static str> {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    [
+        (ip.is_loopback(), "a loopback"),
+        (ip.is_unspecified(), "an unspecified"),
+        (broadcast, "a broadcast"),
+        (ip.is_multicast(), "a multicast"),
+        (link_local, "a link-local"),
+    ]
+    .into_iter()
+    .find_map(|(is, kind)| is.then_some(kind))
+}
+
+/// Why `endpoint` cannot be registered on this node against `catalog`, or `Ok`: it must be
+/// announceable ([`Endpoint::check`]), of a service the catalog has, of that service's address
+/// family, and not a VIP of any service (a registration must never point the mesh at a
+/// frontend).
+pub fn check_registration(catalog: &Catalog, endpoint: &Endpoint) -> Result<(), String> {
+    endpoint.check()?;
+    let addr = endpoint.address;
+    let service = catalog
+        .services
+        .iter()
+        .find(|s| s.name == endpoint.service)
+        .ok_or_else(|| {
+            format!(
+                "service {}: not in the catalog (define it in a config first)",
+                endpoint.service
+            )
+        })?;
+    if service.vip.is_ipv4() != addr.is_ipv4() {
+        return Err(format!(
+            "{addr}: service {} has VIP {}, an endpoint must be of the same address family",
+            service.name, service.vip
+        ));
+    }
+    if let Some(other) = catalog.services.iter().find(|s| s.vip == addr.ip()) {
+        return Err(format!(
+            "{addr}: {} is the VIP of service {}, not an endpoint",
+            addr.ip(),
+            other.name
+        ));
+    }
+    Ok(())
+}
+
+/// What one node announces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Announcement {
+    /// Service definitions by name.
+    pub services: BTreeMap<String, ServiceDef>,
+    /// Hosted endpoints, each (service, address) once, in announcement order.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Announcement {
+    /// This node's announcement: its config's services and backends, then `registered`.
+    pub fn local(services: &[ServiceConfig], registered: &Registrations) -> Announcement {
+        let mut announcement = Announcement {
+            services: services
+                .iter()
+                .map(|s| (s.name.clone(), ServiceDef::of(s)))
+                .collect(),
+            endpoints: Vec::new(),
+        };
+        let configured = services.iter().flat_map(|s| {
+            s.backends.iter().map(|b| Endpoint {
+                service: s.name.clone(),
+                address: b.address,
+                weight: b.weight,
+            })
+        });
+        let mut seen = BTreeSet::new();
+        for endpoint in configured.chain(registered.endpoints.iter().cloned()) {
+            if seen.insert((endpoint.service.clone(), endpoint.address)) {
+                announcement.endpoints.push(endpoint);
+            }
+        }
+        announcement
+    }
+}
+
+impl Announcement {
+    /// The (service, endpoint) pairs of this announcement that peers may reach through this
+    /// node's inbound tunnel: never its loopback and the like ([`Endpoint::check`]), even where
+    /// its own config lists such a backend.
+    pub fn reachable_by_peers(&self) -> HashSet<(String, SocketAddr)> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.check().is_ok())
+            .map(|e| (e.service.clone(), e.address))
+            .collect()
+    }
+}
+
+/// Everything this node's catalog is made of.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// This node's name.
+    pub node: String,
+    /// The services of the config in force.
+    pub config: Vec<ServiceConfig>,
+    /// Endpoints registered at run time.
+    pub registered: Registrations,
+    /// The announcements of the live peers, by node name.
+    pub peers: Vec<(String, Announcement)>,
+}
+
+impl Sources {
+    /// What this node announces.
+    pub fn announcement(&self) -> Announcement {
+        Announcement::local(&self.config, &self.registered)
+    }
+
+    /// The catalog of this node and its live peers.
+    pub fn catalog(&self) -> Catalog {
+        let local = self.announcement();
+        let mut members: Vec<(&str, &Announcement)> = vec![(&self.node, &local)];
+        members.extend(self.peers.iter().map(|(n, a)| (n.as_str(), a)));
+        merge(&self.node, &members)
+    }
+}
+
+/// Endpoints registered at run time, in registration order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registrations {
+    endpoints: Vec<Endpoint>,
+}
+
+impl Registrations {
+    /// Adds `endpoint` (or changes its weight). Returns whether anything changed.
+    pub fn register(&mut self, endpoint: Endpoint) -> Result<bool, String> {
+        endpoint.check()?;
+        match self
+            .endpoints
+            .iter_mut()
+            .find(|e| e.service == endpoint.service && e.address == endpoint.address)
+        {
+            Some(e) if e.weight == endpoint.weight => Ok(false),
+            Some(e) => {
+                e.weight = endpoint.weight;
+                Ok(true)
+            }
+            None => {
+                self.endpoints.push(endpoint);
+                Ok(true)
+            }
+        }
+    }
+
+    /// The registered endpoints, in registration order.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Removes the endpoint; returns whether it was registered.
+    pub fn deregister(&mut self, service: &str, address: SocketAddr) -> bool {
+        let before = self.endpoints.len();
+        self.endpoints
+            .retain(|e| !(e.service == service && e.address == address));
+        self.endpoints.len() != before
+    }
+}
+
+/// Which kind of disagreement a [`Conflict`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictKind {
+    /// One name, different definitions.
+    Definition,
+    /// One (VIP, port, protocol), different names.
+    Frontend,
+    /// An endpoint left out (wrong family, over the service's capacity).
+    Endpoint,
+    /// Endpoints of a service no node defines.
+    Undefined,
+}
+
+impl ConflictKind {
+    pub const ALL: [ConflictKind; 4] = [
+        ConflictKind::Definition,
+        ConflictKind::Frontend,
+        ConflictKind::Endpoint,
+        ConflictKind::Undefined,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConflictKind::Definition => "definition",
+            ConflictKind::Frontend => "frontend",
+            ConflictKind::Endpoint => "endpoint",
+            ConflictKind::Undefined => "undefined",
+        }
+    }
+}
+
+/// A disagreement between announcements and how it was resolved.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Conflict {
+    pub service: String,
+    pub kind: ConflictKind,
+    /// What was found and what was kept, for people.
+    pub detail: String,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service {} ({}): {}",
+            self.service,
+            self.kind.name(),
+            self.detail
+        )
+    }
+}
+
+/// The merged catalog.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    /// Every service with its backends, by name.
+    pub services: Vec<ServiceConfig>,
+    /// Every disagreement found, sorted.
+    pub conflicts: Vec<Conflict>,
+}
+
+impl Catalog {
+    /// The kernel state of this catalog.
+    pub fn desired(&self) -> Desired {
+        let mut desired = Desired::default();
+        for service in &self.services {
+            desired.insert(DesiredService::from_config(service));
+        }
+        desired
+    }
+}
+
+/// Where a backend goes in its service's list: (0, position) for this node's endpoints,
+/// (1, 0) for the others (then in address order).
+type Order = (u8, usize);
+
+/// The catalog of `members`' announcements ((node name, announcement), this node's included).
+/// `local` names this node: its endpoints come first in each service's backend list, in the
+/// order it announces them (so a single node keeps its config's order); the others follow in
+/// address order.
+pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
+    let mut members: Vec<(&str, &Announcement)> = members.to_vec();
+    members.sort_by(|a, b| a.0.cmp(b.0));
+    let mut conflicts = Vec::new();
+
+    // Definitions: the lowest node's wins.
+    let mut definitions: BTreeMap<&str, Vec<(&str, &ServiceDef)>> = BTreeMap::new();
+    for (node, announcement) in &members {
+        for (name, def) in &announcement.services {
+            definitions.entry(name).or_default().push((node, def));
+        }
+    }
+    let mut winners: BTreeMap<&str, ServiceDef> = BTreeMap::new();
+    for (name, defs) in &definitions {
+        let (first, def) = defs[0];
+        let differing: Vec<&str> = defs
+            .iter()
+            .filter(|(_, d)| *d != def)
+            .map(|(n, _)| *n)
+            .collect();
+        if !differing.is_empty() {
+            conflicts.push(Conflict {
+                service: (*name).to_owned(),
+                kind: ConflictKind::Definition,
+                detail: format!(
+                    "node(s) {} define it differently from {first}, whose definition ({}) wins",
+                    differing.join(", "),
+                    def.frontend()
+                ),
+            });
+        }
+        winners.insert(name, *def);
+    }
+
+    // Frontends: the lowest name wins.
+    let mut frontends: HashMap<(IpAddr, u16, Protocol), &str> = HashMap::new();
+    winners.retain(
+        |name, def| match frontends.get(&(def.vip, def.port, def.protocol)) {
+            Some(owner) => {
+                conflicts.push(Conflict {
+                    service: (*name).to_owned(),
+                    kind: ConflictKind::Frontend,
+                    detail: format!(
+                        "{} is already served by {owner}; {name} is left out",
+                        def.frontend()
+                    ),
+                });
+                false
+            }
+            None => {
+                frontends.insert((def.vip, def.port, def.protocol), name);
+                true
+            }
+        },
+    );
+
+    // Endpoints: weight from the lowest node; this node's first, in its order.
+    let mut endpoints: BTreeMap<&str, BTreeMap<SocketAddr, (u32, Order)>> = BTreeMap::new();
+    let mut undefined: BTreeMap<&str, usize> = BTreeMap::new();
+    for (node, announcement) in &members {
+        for (i, endpoint) in announcement.endpoints.iter().enumerate() {
+            let Some(def) = winners.get(endpoint.service.as_str()) else {
+                *undefined.entry(&endpoint.service).or_default() += 1;
+                continue;
+            };
+            if endpoint.address.is_ipv4() != def.vip.is_ipv4() {
+                conflicts.push(Conflict {
+                    service: endpoint.service.clone(),
+                    kind: ConflictKind::Endpoint,
+                    detail: format!(
+                        "{} (from {node}) is not of the VIP {}'s family; left out",
+                        endpoint.address, def.vip
+                    ),
+                });
+                continue;
+            }
+            let order = if *node == local { (0, i) } else { (1, 0) };
+            let entry = endpoints
+                .entry(&endpoint.service)
+                .or_default()
+                .entry(endpoint.address)
+                .or_insert((endpoint.weight, order));
+            entry.1 = entry.1.min(order);
+        }
+    }
+    for (service, count) in undefined {
+        conflicts.push(Conflict {
+            service: service.to_owned(),
+            kind: ConflictKind::Undefined,
+            detail: format!("{count} endpoint(s) announced, but no node defines the service"),
+        });
+    }
+
+    let services = winners
+        .into_iter()
+        .map(|(name, def)| {
+            let mut backends: Vec<(SocketAddr, u32, Order)> = endpoints
+                .remove(name)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(addr, (weight, order))| (addr, weight, order))
+                .collect();
+            backends.sort_by_key(|&(addr, _, order)| (order, addr));
+            let limit = match def.lb {
+                LbPolicy::Random => usize::MAX,
+                LbPolicy::Weighted => WEIGHTED_MAX_SLOTS,
+                LbPolicy::Maglev => maglev::MAX_BACKENDS,
+            };
+            let mut active = 0;
+            let before = backends.len();
+            backends.retain(|&(_, weight, _)| {
+                active += usize::from(weight > 0);
+                weight == 0 || active <= limit
+            });
+            if backends.len() != before {
+                conflicts.push(Conflict {
+                    service: name.to_owned(),
+                    kind: ConflictKind::Endpoint,
+                    detail: format!(
+                        "{} endpoints with weight exceed the {limit} that lb = \"{}\" holds; {} left out",
+                        active,
+                        def.lb,
+                        before - backends.len()
+                    ),
+                });
+            }
+            ServiceConfig {
+                name: name.to_owned(),
+                vip: def.vip,
+                port: def.port,
+                protocol: def.protocol,
+                lb: def.lb,
+                affinity: def.affinity,
+                affinity_timeout_s: def.affinity_timeout_s,
+                backends: backends
+                    .into_iter()
+                    .map(|(address, weight, _)| BackendConfig { address, weight })
+                    .collect(),
+                // Health settings are each agent's own (by service name, from its config);
+                // they are not gossiped.
+                health: Default::default(),
+                mtls: def.mtls,
+            }
+        })
+        .collect();
+    conflicts.sort();
+    Catalog {
+        services,
+        conflicts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const CONFIG: &str = r#"
+[[services]]
+name = "web"
+vip = "10.96.0.10"
+port = 80
+lb = "maglev"
+backends = [{ address = "10.0.0.9:80", weight = 2 }, { address = "10.0.0.3:80" }]
+[[services]]
+name = "dns"
+vip = "10.96.0.53"
+port = 53
+protocol = "udp"
+"#;
+
+    fn config() -> Config {
+        Config::parse(CONFIG, "t.toml").unwrap()
+    }
+
+    fn ep(service: &str, address: &str, weight: u32) -> Endpoint {
+        Endpoint {
+            service: service.into(),
+            address: address.parse().unwrap(),
+            weight,
+        }
+    }
+
+    fn only(endpoints: Vec<Endpoint>) -> Announcement {
+        Announcement {
+            services: BTreeMap::new(),
+            endpoints,
+        }
+    }
+
+    fn backends(catalog: &Catalog, service: &str) -> Vec<(String, u32)> {
+        catalog
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .map(|s| {
+                s.backends
+                    .iter()
+                    .map(|b| (b.address.to_string(), b.weight))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_inbound_tunnel_reaches_only_what_this_node_announces_and_never_its_loopback() {
+        use crate::tunnel::{
+            authz::{Authz, Verdict},
+            identity::spiffe::SpiffeId,
+            proxy::connect::Target,
+        };
+        let config = Config::parse(
+            r#"
+[[services]]
+name = "pay"
+vip = "10.96.0.30"
+port = 80
+backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let mut services = config.services.clone();
+        services[0].mtls = true;
+        // A peer announces another port of this host for pay: in the catalog, not hosted here.
+        let mut merged = services.clone();
+        merged[0].backends.push(crate::config::BackendConfig {
+            address: "10.0.0.5:22".parse().unwrap(),
+            weight: 1,
+        });
+        let local = Announcement::local(&services, &Registrations::default()).reachable_by_peers();
+        let hosted = |s: &str, b: SocketAddr| local.contains(&(s.to_owned(), b));
+        let authz = Authz::new(
+            &config::mtls_services(&merged, &services, &hosted),
+            crate::tunnel::authz::policy::Policies::default(),
+        );
+        let peer: SpiffeId = "spiffe://td/ns/mesh/sa/peer".parse().unwrap();
+        let verdict = |backend: &str| {
+            authz.check(
+                &Target {
+                    backend: backend.parse().unwrap(),
+                    service: Some("pay".into()),
+                },
+                &peer,
+            )
+        };
+        assert_eq!(verdict("127.0.0.1:15020"), Verdict::UnknownTarget);
+        assert_eq!(verdict("10.0.0.5:22"), Verdict::UnknownTarget);
+        assert!(matches!(verdict("10.0.0.5:8080"), Verdict::Allow(_)));
+    }
+
+    #[test]
+    fn a_registration_names_the_rule_it_breaks() {
+        let sources = Sources {
+            node: "a".into(),
+            config: config().services,
+            ..Sources::default()
+        };
+        let catalog = sources.catalog();
+        let refused = |service: &str, address: &str| {
+            check_registration(&catalog, &ep(service, address, 1)).unwrap_err()
+        };
+        for (service, address, rule) in [
+            ("nosuch", "10.0.0.4:80", "not in the catalog"),
+            ("web", "[fd00::4]:80", "same address family"),
+            ("web", "127.0.0.1:15020", "loopback"),
+            ("web", "0.0.0.0:80", "unspecified"),
+            ("web", "255.255.255.255:80", "broadcast"),
+            ("web", "224.0.0.1:80", "multicast"),
+            ("web", "169.254.1.1:80", "link-local"),
+            ("web", "10.96.0.53:53", "the VIP of service dns"),
+            ("web", "10.0.0.4:0", "port 0"),
+        ] {
+            let error = refused(service, address);
+            assert!(error.contains(rule), "{service} {address}: {error}");
+        }
+        check_registration(&catalog, &ep("web", "10.0.0.4:80", 1)).unwrap();
+    }
+
+    #[test]
+    fn a_single_node_is_its_config() {
+        let c = config();
+        let local = Announcement::local(&c.services, &Registrations::default());
+        let catalog = merge("a", &[("a", &local)]);
+        assert!(catalog.conflicts.is_empty());
+        assert_eq!(catalog.desired(), Desired::from_config(&c));
+        let mut by_name = c.services.clone();
+        by_name.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(catalog.services, by_name, "config order of backends kept");
+    }
+
+    #[test]
+    fn peers_add_endpoints_and_registrations_join() {
+        let c = config();
+        let mut registered = Registrations::default();
+        assert!(registered.register(ep("dns", "10.0.0.4:53", 1)).unwrap());
+        assert!(!registered.register(ep("dns", "10.0.0.4:53", 1)).unwrap());
+        assert!(registered.register(ep("web", "10.0.0.9:80", 5)).unwrap());
+        assert!(registered.register(ep("Bad", "10.0.0.9:80", 5)).is_err());
+        assert!(registered.register(ep("web", "0.0.0.0:80", 5)).is_err());
+        let local = Announcement::local(&c.services, &registered);
+        // The config's weight wins over a registration of the same endpoint.
+        assert_eq!(local.endpoints.len(), 3);
+        let b = only(vec![
+            ep("web", "10.0.0.1:80", 1),
+            ep("dns", "10.0.0.2:53", 3),
+        ]);
+        let catalog = merge("a", &[("b", &b), ("a", &local)]);
+        assert!(catalog.conflicts.is_empty(), "{:?}", catalog.conflicts);
+        assert_eq!(
+            backends(&catalog, "web"),
+            [
+                ("10.0.0.9:80".into(), 2),
+                ("10.0.0.3:80".into(), 1),
+                ("10.0.0.1:80".into(), 1)
+            ]
+        );
+        assert_eq!(
+            backends(&catalog, "dns"),
+            [("10.0.0.4:53".into(), 1), ("10.0.0.2:53".into(), 3)]
+        );
+        // Deregistered: gone.
+        assert!(registered.deregister("dns", "10.0.0.4:53".parse().unwrap()));
+        assert!(!registered.deregister("dns", "10.0.0.4:53".parse().unwrap()));
+        let local = Announcement::local(&c.services, &registered);
+        let catalog = merge("a", &[("b", &b), ("a", &local)]);
+        assert_eq!(backends(&catalog, "dns"), [("10.0.0.2:53".into(), 3)]);
+    }
+
+    #[test]
+    fn conflicts_resolve_the_same_everywhere() {
+        let c = config();
+        let a = Announcement::local(&c.services, &Registrations::default());
+        let mut b = a.clone();
+        // b defines web with another lb, and "www" on web's frontend.
+        b.services.get_mut("web").unwrap().lb = LbPolicy::Random;
+        let www = *b.services.get("web").unwrap();
+        b.services.insert("www".into(), www);
+        b.endpoints = vec![
+            ep("web", "[fd00::1]:80", 1),
+            ep("web", "10.0.0.3:80", 7),
+            ep("api", "10.0.0.5:80", 1),
+        ];
+        let on_a = merge("a", &[("a", &a), ("b", &b)]);
+        let on_b = merge("b", &[("b", &b), ("a", &a)]);
+        let kinds: Vec<ConflictKind> = on_a.conflicts.iter().map(|c| c.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ConflictKind::Undefined,
+                ConflictKind::Definition,
+                ConflictKind::Endpoint,
+                ConflictKind::Frontend,
+            ],
+            "{:?}",
+            on_a.conflicts
+        );
+        assert_eq!(on_a.conflicts, on_b.conflicts);
+        // Each node lists its own endpoints first; the kernel tables are the same.
+        let tables = |c: &Catalog| -> Vec<Vec<SocketAddr>> {
+            c.desired()
+                .services
+                .values()
+                .map(|s| s.table_addrs().collect())
+                .collect()
+        };
+        assert_eq!(tables(&on_a), tables(&on_b));
+        let web = on_a.services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.lb, LbPolicy::Maglev, "a's definition wins");
+        assert!(on_a.services.iter().all(|s| s.name != "www"));
+        // 10.0.0.3:80 keeps a's weight (a sorts first).
+        assert!(backends(&on_b, "web").contains(&("10.0.0.3:80".into(), 1)));
+        assert!(on_a.conflicts[1]
+            .to_string()
+            .contains("node(s) b define it differently"));
+    }
+
+    #[test]
+    fn capacity_of_weighted_services() {
+        let mut c = config();
+        c.services[0].lb = LbPolicy::Weighted;
+        c.services[0].backends.clear();
+        let a = Announcement::local(&c.services, &Registrations::default());
+        let many = only(
+            (0..WEIGHTED_MAX_SLOTS + 3)
+                .map(|i| ep("web", &format!("10.1.{}.{}:80", i / 250, i % 250 + 1), 1))
+                .collect(),
+        );
+        let catalog = merge("a", &[("a", &a), ("b", &many)]);
+        assert_eq!(backends(&catalog, "web").len(), WEIGHTED_MAX_SLOTS);
+        assert_eq!(catalog.conflicts[0].kind, ConflictKind::Endpoint);
+        let def = ServiceDef {
+            vip: "0.0.0.0".parse().unwrap(),
+            ..ServiceDef::of(&c.services[0])
+        };
+        assert!(def.check().is_err());
+    }
+}

@@ -1,0 +1,6 @@
+//! What the agent tells about itself: Prometheus metrics, flow events in user space and
+//! rate-limited warnings.
+
+pub mod flows;
+pub mod log_limit;
+pub mod metrics;
