@@ -1,13 +1,21 @@
-//! Builds the eBPF programs of `mesh-ebpf` for `bpfel-unknown-none` with the nightly toolchain
-//! and leaves the object in `OUT_DIR`, where `dataplane/mod.rs` embeds it. Also records the
-//! commit the agent is built from for `mesh-agent --version`.
+//! With the `ebpf` feature (the default), builds the eBPF programs of `mesh-ebpf` for
+//! `bpfel-unknown-none` with the nightly toolchain and leaves the object in `OUT_DIR`, where
+//! `dataplane/mod.rs` embeds it. Always records the commit the agent is built from for
+//! `mesh-agent --version`.
 use std::process::Command;
-
-use anyhow::{anyhow, Context as _};
-use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     record_commit();
+    #[cfg(feature = "ebpf")]
+    build_ebpf()?;
+    Ok(())
+}
+
+/// Builds `mesh-ebpf`'s programs into `OUT_DIR`.
+#[cfg(feature = "ebpf")]
+fn build_ebpf() -> anyhow::Result<()> {
+    use anyhow::{anyhow, Context as _};
+    use aya_build::{Package, Toolchain};
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -5,7 +5,7 @@
 
 /// Why a program did what it did. The discriminant is the index in the counters map.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Counter {
     /// A connect or sendmsg to a VIP was sent to a backend.
     Rewritten = 0,

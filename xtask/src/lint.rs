@@ -4,6 +4,8 @@
 //! `bpfel-unknown-none` and `-Z build-std=core`, in its own target directory so it does not
 //! invalidate the host build's cache. Runs [`crate::setup`] first: clippy runs
 //! `mesh-agent/build.rs`, which builds the eBPF object (nightly, rust-src, bpf-linker, LLVM).
+//! `mesh-agent` is also linted without its `ebpf` feature, which proves the library and the
+//! in-process tests build without that toolchain.
 
 use std::path::Path;
 
@@ -25,6 +27,18 @@ pub fn run(root: &Path) -> Result<()> {
         "--workspace",
         "--exclude",
         EBPF_CRATE,
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The library and its in-process tests build without the eBPF toolchain (the `ebpf`
+    // feature off): this keeps it so.
+    run_checked(cmd("cargo").current_dir(root).args([
+        "clippy",
+        "-p",
+        "mesh-agent",
+        "--no-default-features",
         "--all-targets",
         "--",
         "-D",

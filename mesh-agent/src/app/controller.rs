@@ -1,7 +1,13 @@
 //! The agent's controller: the pipeline state (config, catalog sources, health, what the
-//! kernel holds) and one method per event (config change, registration, members, probe
-//! result, health tick), each bringing the kernel to the result or keeping the last good
-//! state.
+//! kernel holds) and one method per event — a config change ([`Controller::reload`]), a
+//! registration ([`Controller::register`], [`Controller::deregister`]), the gossip members
+//! ([`Controller::set_members`]), a probe result ([`Controller::on_probe`]) and the health
+//! tick ([`Controller::tick`]) — each bringing the kernel to the result through the
+//! [`Kernel`] port, or keeping the last good state.
+//!
+//! It knows neither sockets nor tasks: the composition root ([`super`]) feeds it events, and
+//! the in-process tests (`mesh-agent/tests/`) drive it against a
+//! [`MemoryKernel`](crate::reconcile::kernel::MemoryKernel).
 
 use std::{
     collections::HashMap,
@@ -11,41 +17,65 @@ use std::{
     time::Instant,
 };
 
+use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::{
     app::takeover::Successor,
     balance::Desired,
-    catalog::peers::Peers,
-    catalog::registry::Registry,
-    catalog::{Conflict, Sources},
+    catalog::{
+        peers::{Peers, RestoreGrace},
+        registry::Registry,
+        Announcement, Conflict, Endpoint, Registrations, Sources,
+    },
     config::{gossip::GossipConfig, Config},
-    dataplane::DataPlane,
     gossip::{self, Member},
     health::{
         checker::{Checker, ProbeReport},
         Health,
     },
-    reconcile::{self, KernelState},
+    reconcile::{self, kernel::Kernel, KernelState},
     telemetry::flows::FlowLog,
     tunnel::Tunnel,
 };
 
-/// The agent's state, shared by the reload loop, the admin API and the metrics.
-pub(super) struct Agent {
+/// What a controller is built from.
+pub struct Parts {
+    pub node: String,
+    /// The config file it follows, and the config read from it.
+    pub config_path: PathBuf,
+    pub config: Config,
+    /// The cgroup the programs are attached to (shown in the reports).
+    pub cgroup: PathBuf,
+    /// The kernel's maps.
+    pub maps: Box<dyn Kernel>,
+    /// True when the maps were left by an earlier agent.
+    pub adopted: bool,
+    /// Where registrations and the peers' catalog are kept across restarts.
+    pub state_dir: PathBuf,
+    /// Runs the active health checks.
+    pub checker: Checker,
+    /// The mTLS tunnel, when the config has an `[mtls]` section.
+    pub tunnel: Option<Arc<Tunnel>>,
+}
+
+/// The agent's state, shared by the event loop, the admin API and the metrics.
+pub struct Controller {
     pub(super) node: String,
     pub(super) config_path: PathBuf,
     pub(super) cgroup: PathBuf,
     pub(super) started: Instant,
-    pub(super) dataplane: DataPlane,
+    pub(super) maps: Box<dyn Kernel>,
+    pub(super) adopted: bool,
     /// The config in force.
     pub(super) config: Config,
-    /// The services as the config (and later the catalog) gives them, before health.
+    /// The services as the catalog gives them, before health.
     pub(super) catalog: Desired,
     /// What the kernel was last brought to: the catalog with health applied.
     pub(super) desired: Desired,
     pub(super) health: Health,
     pub(super) checker: Checker,
+    /// What the kernel's load-balancing maps hold (exactly what the writes accepted).
     pub(super) kernel: KernelState,
     /// Kernel service id → name, for flows and metrics.
     pub(super) service_names: HashMap<u32, String>,
@@ -65,13 +95,12 @@ pub(super) struct Agent {
     /// The peers' announcements in force (kept across restarts).
     pub(super) peers: Peers,
     pub(super) gossip_stats: Option<Arc<gossip::Stats>>,
-    /// The mTLS tunnel, when the config has an `[mtls]` section; it follows the catalog's
-    /// strict services and the config's policies.
+    /// The mTLS tunnel; it follows the catalog's strict services and the config's policies.
     pub(super) tunnel: Option<Arc<Tunnel>>,
 }
 
 pub(super) struct SharedAgent {
-    pub(super) state: Mutex<Agent>,
+    pub(super) state: Mutex<Controller>,
     pub(super) flows: Arc<FlowLog>,
     /// Asks the main loop to announce this node's endpoints again.
     pub(super) announce: mpsc::UnboundedSender<()>,
@@ -80,7 +109,7 @@ pub(super) struct SharedAgent {
 }
 
 impl SharedAgent {
-    pub(super) fn lock(&self) -> MutexGuard<'_, Agent> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Controller> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
         self.state
             .lock()
@@ -88,12 +117,97 @@ impl SharedAgent {
     }
 }
 
-impl Agent {
+impl Controller {
+    /// Starts from what the kernel holds and the state directory keeps (registrations, the
+    /// peers' catalog), then brings the kernel to the catalog they make with the config.
+    pub fn start(parts: Parts) -> anyhow::Result<Controller> {
+        let kernel = parts
+            .maps
+            .read_state()
+            .context("reading the kernel's maps")?;
+        let registry = Registry::new(&parts.state_dir, &parts.node);
+        let peers = match &parts.config.gossip {
+            Some(gossip) => Peers::restore(
+                &parts.state_dir,
+                &parts.node,
+                RestoreGrace::for_interval(gossip.interval),
+            ),
+            None => Peers::none(),
+        };
+        let mut controller = Controller {
+            sources: Sources {
+                node: parts.node.clone(),
+                config: parts.config.services.clone(),
+                registered: registry.restore(),
+                peers: peers.announcements(),
+            },
+            node: parts.node,
+            config_path: parts.config_path,
+            cgroup: parts.cgroup,
+            started: Instant::now(),
+            maps: parts.maps,
+            adopted: parts.adopted,
+            gossip_config: parts.config.gossip.clone(),
+            config: parts.config,
+            catalog: Desired::default(),
+            desired: Desired::default(),
+            health: Health::default(),
+            checker: parts.checker,
+            kernel,
+            service_names: HashMap::new(),
+            config_error: None,
+            reloads_applied: 0,
+            reloads_rejected: 0,
+            registry,
+            conflicts: Vec::new(),
+            members: Arc::default(),
+            peers,
+            gossip_stats: None,
+            tunnel: parts.tunnel,
+        };
+        controller.recompute()?;
+        Ok(controller)
+    }
+
+    /// What this node announces now: its config's and registrations' endpoints.
+    pub fn announcement(&self) -> Announcement {
+        self.sources.announcement()
+    }
+
+    /// What the kernel's load-balancing maps hold, as the controller last wrote them.
+    pub fn kernel(&self) -> &KernelState {
+        &self.kernel
+    }
+
+    /// The gossip transport's counters, once gossip runs (the peers' deaths are trusted only
+    /// while authentic gossip still arrives).
+    pub fn set_gossip_stats(&mut self, stats: Option<Arc<gossip::Stats>>) {
+        self.gossip_stats = stats;
+    }
+
+    /// Stops every active check (a draining agent probes nothing).
+    pub fn stop_checks(&mut self) {
+        self.checker.sync(std::iter::empty());
+    }
+
+    /// Announces `endpoint` from this node (kept across restarts); `false` when it already
+    /// was, with that weight. A registration the catalog's rules refuse changes nothing.
+    pub fn register(&mut self, endpoint: Endpoint) -> Result<bool, String> {
+        let catalog = self.sources.catalog();
+        crate::catalog::check_registration(&catalog, &endpoint)?;
+        self.change_registrations(|r| r.register(endpoint))
+    }
+
+    /// Withdraws a registered endpoint; `false` when it was not registered.
+    pub fn deregister(&mut self, service: &str, address: SocketAddr) -> Result<bool, String> {
+        self.change_registrations(|r| Ok(r.deregister(service, address)))
+    }
+
     /// Brings the kernel to `desired`; on success it becomes the state in force.
-    pub(super) fn apply(&mut self, desired: Desired) -> anyhow::Result<()> {
+    fn apply(&mut self, desired: Desired) -> anyhow::Result<()> {
         let started = Instant::now();
         let plan = reconcile::plan(&self.kernel, &desired);
-        let result = reconcile::apply(&plan, &mut self.dataplane.maps, &mut self.kernel);
+        let result = reconcile::apply(&plan, &mut *self.maps, &mut self.kernel);
         // Whatever was applied is in the kernel now; name it for flows either way.
         self.service_names = self
             .kernel
@@ -112,7 +226,7 @@ impl Agent {
             .strict_backends()
             .filter_map(|(addr, key)| Some((addr, self.kernel.services.get(&key)?.id)))
             .collect();
-        self.dataplane.maps.sync_strict(&strict)?;
+        self.maps.sync_strict(&strict)?;
         self.desired = desired;
         // Logged after the maps were written; `services` and `backends` count what the kernel
         // holds now (how the gossip bench tells which apply brought a change).
@@ -127,7 +241,7 @@ impl Agent {
     }
 
     /// Re-applies the catalog after a health change.
-    pub(super) fn refresh(&mut self) {
+    fn refresh(&mut self) {
         let mut desired = self.catalog.clone();
         self.health.apply(&mut desired);
         if let Err(error) = self.apply(desired) {
@@ -135,7 +249,7 @@ impl Agent {
         }
     }
 
-    pub(super) fn on_probe(&mut self, report: ProbeReport) {
+    pub fn on_probe(&mut self, report: ProbeReport) {
         let result = report.result.map_err(|e| e.to_string());
         if self
             .health
@@ -147,9 +261,9 @@ impl Agent {
 
     /// Feeds the kernel's connect outcomes to the outlier detection and ends the ejections
     /// that are over.
-    pub(super) fn poll_health(&mut self) {
+    pub fn tick(&mut self) {
         let now = Instant::now();
-        let mut changed = match self.dataplane.maps.connect_outcomes() {
+        let mut changed = match self.maps.connect_outcomes() {
             Ok(outcomes) => self.health.observe_outcomes(&outcomes, now),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the connect outcomes; no passive health this round");
@@ -167,7 +281,7 @@ impl Agent {
 
     /// Merges the catalog's sources again, applies health and brings the kernel to the
     /// result. On error the previous catalog stays in force, health included.
-    pub(super) fn recompute(&mut self) -> anyhow::Result<()> {
+    fn recompute(&mut self) -> anyhow::Result<()> {
         let merged = self.sources.catalog();
         let catalog = merged.desired();
         self.health.sync(&catalog, &self.config);
@@ -199,9 +313,9 @@ impl Agent {
 
     /// Changes the registered endpoints, applies the result and keeps it on disk; a change
     /// the kernel refuses, or that cannot be kept, is undone.
-    pub(super) fn change_registrations(
+    fn change_registrations(
         &mut self,
-        change: impl FnOnce(&mut crate::catalog::Registrations) -> Result<bool, String>,
+        change: impl FnOnce(&mut Registrations) -> Result<bool, String>,
     ) -> Result<bool, String> {
         let previous = self.sources.registered.clone();
         if !change(&mut self.sources.registered)? {
@@ -223,8 +337,8 @@ impl Agent {
 
     /// Serves again after a failed takeover. The successor may have written the maps, so the
     /// kernel's state is read afresh and the catalog applied again; returns what to announce.
-    pub(super) fn resume(&mut self) -> crate::catalog::Announcement {
-        match self.dataplane.maps.read_state() {
+    pub fn resume(&mut self) -> Announcement {
+        match self.maps.read_state() {
             Ok(kernel) => self.kernel = kernel,
             Err(error) => tracing::error!("cannot read the kernel's state again: {error:#}"),
         }
@@ -235,7 +349,7 @@ impl Agent {
     }
 
     /// Takes the gossip members' latest state and applies the catalog it makes.
-    pub(super) fn set_members(&mut self, members: Arc<Vec<Member>>) {
+    pub fn set_members(&mut self, members: Arc<Vec<Member>>) {
         gossip::log_changes(&self.members, &members);
         self.members = members;
         self.follow_peers(Instant::now());
@@ -243,7 +357,7 @@ impl Agent {
 
     /// Brings the peers' announcements in force up to date with the members (and the restored
     /// peers' grace) and applies the catalog when they changed.
-    pub(super) fn follow_peers(&mut self, now: Instant) {
+    fn follow_peers(&mut self, now: Instant) {
         let last_heard = self.gossip_stats.as_ref().and_then(|s| s.last_authentic());
         let members = Arc::clone(&self.members);
         let changed = self.peers.update(&members, now, last_heard) | self.peers.expire(now);
@@ -258,7 +372,7 @@ impl Agent {
 
     /// Re-reads the config file; a bad file is rejected and the state in force stays.
     /// Returns the config now in force when it changed.
-    pub(super) fn reload(&mut self) {
+    pub fn reload(&mut self) {
         let before = self.desired.service_count();
         let result = Config::load(&self.config_path)
             .map_err(anyhow::Error::from)

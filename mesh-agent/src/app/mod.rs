@@ -14,15 +14,15 @@ mod listening;
 pub mod sockets;
 pub mod takeover;
 
-mod controller;
+pub mod controller;
+mod probes;
 mod views;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -34,17 +34,12 @@ use tokio::{
 use crate::{
     app::sockets::{Sockets, Wanted},
     app::takeover::Kind,
-    balance::Desired,
-    catalog::peers::{Peers, RestoreGrace},
-    catalog::registry::Registry,
-    catalog::Sources,
     config::Config,
     dataplane::{DataPlane, PinDir, Settings},
     gossip::{self},
     health::{
         self,
         checker::{Checker, ProbeReport},
-        Health,
     },
     sys::cgroup,
     sys::node_lock::NodeLock,
@@ -53,7 +48,10 @@ use crate::{
     tunnel::Tunnel,
 };
 
-use self::controller::{Agent, SharedAgent};
+use self::{
+    controller::{Controller, Parts, SharedAgent},
+    probes::Probes,
+};
 
 /// Everything `run` needs from the command line.
 #[derive(clap::Args)]
@@ -103,7 +101,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     crate::sys::fdlimit::raise_and_log();
     let config = Config::load(&options.config)?;
     let node = node_name(options.node.as_deref(), Some(&config))?;
-    let node_for_agent = node.clone();
     let cgroup_root = cgroup::unified_root()?;
     let cgroup = options
         .cgroup
@@ -152,55 +149,31 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let (dataplane, telemetry) = DataPlane::install(&cgroup, pins, settings)
         .with_context(|| format!("installing the data plane on cgroup {}", cgroup.display()))?;
-    let kernel = dataplane.maps.read_state()?;
+    let DataPlane {
+        maps,
+        redirects,
+        pins,
+        adopted,
+    } = dataplane;
+    let (probes_tx, mut probes) = mpsc::channel::<ProbeReport>(1024);
+    let agent = Controller::start(Parts {
+        node: node.clone(),
+        config_path: options.config.clone(),
+        config: config.clone(),
+        cgroup: cgroup.clone(),
+        maps: Box::new(maps),
+        adopted,
+        state_dir: options.state_dir.clone(),
+        checker: Checker::new(probes_tx, Arc::new(Probes::new(tunnel.clone()))),
+        tunnel: tunnel.clone(),
+    })?;
     tracing::info!(
         node,
         cgroup = %cgroup.display(),
-        adopted = dataplane.adopted,
-        services = kernel.services.len(),
+        adopted,
+        services = agent.kernel().services.len(),
         "data plane installed"
     );
-    let (probes_tx, mut probes) = mpsc::channel::<ProbeReport>(1024);
-    let registry = Registry::new(&options.state_dir, &node);
-    let peers = match &config.gossip {
-        Some(gossip) => Peers::restore(
-            &options.state_dir,
-            &node,
-            RestoreGrace::for_interval(gossip.interval),
-        ),
-        None => Peers::none(),
-    };
-    let mut agent = Agent {
-        node: node_for_agent,
-        config_path: options.config.clone(),
-        cgroup,
-        started: Instant::now(),
-        dataplane,
-        config: config.clone(),
-        catalog: Desired::default(),
-        desired: Desired::default(),
-        health: Health::default(),
-        checker: Checker::new(probes_tx, tunnel.clone()),
-        kernel,
-        service_names: HashMap::new(),
-        config_error: None,
-        reloads_applied: 0,
-        reloads_rejected: 0,
-        sources: Sources {
-            node: node.clone(),
-            config: config.services.clone(),
-            registered: registry.restore(),
-            peers: peers.announcements(),
-        },
-        registry,
-        conflicts: Vec::new(),
-        gossip_config: config.gossip.clone(),
-        members: Arc::default(),
-        peers,
-        gossip_stats: None,
-        tunnel: tunnel.clone(),
-    };
-    agent.recompute()?;
     let sockets = Sockets::open(
         &Wanted {
             admin: &options.admin_socket,
@@ -218,8 +191,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let flow_log = Arc::new(FlowLog::default());
     let (announce_tx, mut announce) = mpsc::unbounded_channel();
     let (takeovers_tx, mut takeovers) = mpsc::channel(1);
-    let redirects = agent.dataplane.redirects();
-    let announcement = agent.sources.announcement();
+    let announcement = agent.announcement();
     let agent = Arc::new(SharedAgent {
         state: Mutex::new(agent),
         flows: Arc::clone(&flow_log),
@@ -253,7 +225,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let mut listening = serve.start(&sockets, &announcement).await?;
     let mut members = listening.members();
-    agent.lock().gossip_stats = listening.gossip.as_ref().map(|g| Arc::clone(g.stats()));
+    agent
+        .lock()
+        .set_gossip_stats(listening.gossip.as_ref().map(|g| Arc::clone(g.stats())));
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let _watcher = watch::watch_file(&options.config, changes_tx)?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -281,7 +255,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                         let announcement = agent.lock().resume();
                         listening = serve.start(&sockets, &announcement).await?;
                         members = listening.members();
-                        agent.lock().gossip_stats = listening.gossip.as_ref().map(|g| Arc::clone(g.stats()));
+                        agent
+        .lock()
+        .set_gossip_stats(listening.gossip.as_ref().map(|g| Arc::clone(g.stats())));
                     }
                 }
             }
@@ -298,11 +274,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 let _ = announce_tx.send(());
             }
             Some(report) = probes.recv() => agent.lock().on_probe(report),
-            _ = health_poll.tick() => agent.lock().poll_health(),
+            _ = health_poll.tick() => agent.lock().tick(),
             Some(()) = announce.recv() => {
                 while announce.try_recv().is_ok() {}
                 if let Some(gossip) = &listening.gossip {
-                    let announcement = agent.lock().sources.announcement();
+                    let announcement = agent.lock().announcement();
                     gossip.announce(&announcement).await;
                 }
             }
@@ -314,7 +290,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     // Nothing reads a socket or writes a map from here on; the open flows are relayed on.
     listening.stop().await;
     tasks.abort_all();
-    agent.lock().checker.sync(std::iter::empty());
+    agent.lock().stop_checks();
     drop(sockets);
     // A draining agent touches no map, link or pin (unless it uninstalls at the end): the node
     // is free for the next agent.
@@ -331,11 +307,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         &mut interrupt,
     )
     .await;
-    let agent = agent.lock();
     if why == drain::Why::TakenOver {
         tracing::info!("exiting; the successor serves the node");
     } else if options.cleanup_on_exit {
-        agent.dataplane.uninstall()?;
+        crate::dataplane::uninstall(&pins)?;
         tracing::info!("data plane detached and unpinned");
     } else {
         tracing::info!("exiting; the data plane stays pinned and keeps balancing");

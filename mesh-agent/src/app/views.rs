@@ -19,7 +19,7 @@ use crate::{
     telemetry::metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
 };
 
-use super::controller::{Agent, SharedAgent};
+use super::controller::{Controller, SharedAgent};
 use crate::admin::types::{BackendStatus, ServiceStatus};
 use mesh_common::service::{SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS};
 
@@ -33,37 +33,7 @@ impl AgentView for SharedAgent {
     }
 
     fn nodes(&self) -> Vec<NodeStatus> {
-        let agent = self.lock();
-        let this = NodeStatus {
-            name: agent.node.clone(),
-            role: "self".to_owned(),
-            cgroup: agent.cgroup.display().to_string(),
-            version: crate::VERSION.to_owned(),
-            uptime_s: agent.started.elapsed().as_secs(),
-            address: agent
-                .gossip_config
-                .as_ref()
-                .map(|g| g.advertise.to_string())
-                .unwrap_or_default(),
-            state: "alive".to_owned(),
-            endpoints: gossip::endpoint_names(&agent.sources.announcement()),
-            rejected: Vec::new(),
-        };
-        // Peers kept from the state file that gossip has not delivered yet.
-        let restored = agent
-            .peers
-            .restored()
-            .filter(|name| !agent.members.iter().any(|m| m.name == *name))
-            .map(|name| NodeStatus {
-                name: name.to_owned(),
-                role: "peer".to_owned(),
-                state: "restored".to_owned(),
-                ..NodeStatus::default()
-            });
-        std::iter::once(this)
-            .chain(agent.members.iter().map(gossip::node_status))
-            .chain(restored)
-            .collect()
+        self.lock().nodes()
     }
 
     fn flows(&self) -> &FlowLog {
@@ -71,11 +41,7 @@ impl AgentView for SharedAgent {
     }
 
     fn register(&self, endpoint: Endpoint) -> Result<bool, String> {
-        let mut agent = self.lock();
-        let catalog = agent.sources.catalog();
-        crate::catalog::check_registration(&catalog, &endpoint)?;
-        let changed = agent.change_registrations(|r| r.register(endpoint))?;
-        drop(agent);
+        let changed = self.lock().register(endpoint)?;
         if changed {
             let _ = self.announce.send(());
         }
@@ -83,9 +49,7 @@ impl AgentView for SharedAgent {
     }
 
     fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String> {
-        let changed = self
-            .lock()
-            .change_registrations(|r| Ok(r.deregister(service, address)))?;
+        let changed = self.lock().deregister(service, address)?;
         if changed {
             let _ = self.announce.send(());
         }
@@ -129,10 +93,44 @@ impl SnapshotSource for SharedAgent {
     }
 }
 
-impl Agent {
-    fn status(&self) -> anyhow::Result<StatusReport> {
+impl Controller {
+    /// This node, its gossip members and the peers restored from the state file.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        let agent = self;
+        let this = NodeStatus {
+            name: agent.node.clone(),
+            role: "self".to_owned(),
+            cgroup: agent.cgroup.display().to_string(),
+            version: crate::VERSION.to_owned(),
+            uptime_s: agent.started.elapsed().as_secs(),
+            address: agent
+                .gossip_config
+                .as_ref()
+                .map(|g| g.advertise.to_string())
+                .unwrap_or_default(),
+            state: "alive".to_owned(),
+            endpoints: gossip::endpoint_names(&agent.sources.announcement()),
+            rejected: Vec::new(),
+        };
+        // Peers kept from the state file that gossip has not delivered yet.
+        let restored = agent
+            .peers
+            .restored()
+            .filter(|name| !agent.members.iter().any(|m| m.name == *name))
+            .map(|name| NodeStatus {
+                name: name.to_owned(),
+                role: "peer".to_owned(),
+                state: "restored".to_owned(),
+                ..NodeStatus::default()
+            });
+        std::iter::once(this)
+            .chain(agent.members.iter().map(gossip::node_status))
+            .chain(restored)
+            .collect()
+    }
+
+    pub fn status(&self) -> anyhow::Result<StatusReport> {
         let counters = self
-            .dataplane
             .maps
             .counters()?
             .into_iter()
@@ -142,7 +140,7 @@ impl Agent {
             node: self.node.clone(),
             config: self.config_path.display().to_string(),
             cgroup: self.cgroup.display().to_string(),
-            adopted: self.dataplane.adopted,
+            adopted: self.adopted,
             config_error: self.config_error.clone(),
             services: services(&self.desired, &self.kernel)
                 .into_iter()
@@ -157,7 +155,7 @@ impl Agent {
     }
 
     /// The kernel backend id of each (service name, backend address) installed now.
-    pub(super) fn installed_backends(&self) -> impl Iterator<Item = (u32, &str, SocketAddr)> + '_ {
+    fn installed_backends(&self) -> impl Iterator<Item = (u32, &str, SocketAddr)> + '_ {
         self.kernel.backends.iter().filter_map(|(&id, backend)| {
             let name = self.service_names.get(&backend.service_id)?;
             let addr = crate::reconcile::addr::decode_backend(backend).ok()?;
@@ -165,7 +163,7 @@ impl Agent {
         })
     }
 
-    pub(super) fn endpoints(&self) -> Vec<EndpointStatus> {
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
         let installed: HashMap<(&str, SocketAddr), u32> = self
             .installed_backends()
             .map(|(id, name, addr)| ((name, addr), id))
@@ -209,7 +207,7 @@ impl Agent {
                             address: backend.addr.to_string(),
                             weight: backend.weight,
                             state: state.to_owned(),
-                            connections: id.map_or(0, |&id| self.dataplane.maps.backend_count(id)),
+                            connections: id.map_or(0, |&id| self.maps.backend_count(id)),
                             announced_by: announcers
                                 .get(&(service.name.as_str(), backend.addr))
                                 .cloned()
@@ -225,16 +223,16 @@ impl Agent {
             .collect()
     }
 
-    pub(super) fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> Snapshot {
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         Snapshot {
-            counters: self.dataplane.maps.counters().unwrap_or_default(),
+            counters: self.maps.counters().unwrap_or_default(),
             backends: self
                 .installed_backends()
                 .map(|(id, service, addr)| BackendSample {
                     service: service.to_owned(),
                     backend: addr.to_string(),
-                    connections: self.dataplane.maps.backend_count(id),
+                    connections: self.maps.backend_count(id),
                 })
                 .collect(),
             maps: vec![
@@ -271,7 +269,7 @@ impl Agent {
         }
     }
 
-    pub(super) fn gossip_sample(&self) -> metrics::GossipSample {
+    fn gossip_sample(&self) -> metrics::GossipSample {
         let Some(stats) = &self.gossip_stats else {
             return metrics::GossipSample::default();
         };
@@ -290,7 +288,7 @@ impl Agent {
 }
 
 /// Each desired service with the slot count the kernel actually holds for it.
-pub fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
+fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
     desired
         .services
         .iter()

@@ -18,7 +18,10 @@ use mesh_common::{
 };
 
 use super::{take_map as take, DataPlaneError};
-use crate::reconcile::{KernelState, MapOp, MapWriteError, MapWriter};
+use crate::reconcile::{
+    kernel::{Kernel, KernelReadError},
+    KernelState, MapOp, MapWriteError, MapWriter,
+};
 
 /// The maps the agent writes and reads.
 pub struct KernelMaps {
@@ -45,7 +48,7 @@ impl KernelMaps {
     }
 
     /// Everything the load-balancing maps hold now: what a previous agent left, on start.
-    pub fn read_state(&self) -> Result<KernelState, DataPlaneError> {
+    fn read_state_of_maps(&self) -> Result<KernelState, DataPlaneError> {
         fn collect<K: aya::Pod + Ord, V: aya::Pod>(
             map: &HashMap<MapData, K, V>,
             name: &'static str,
@@ -62,14 +65,14 @@ impl KernelMaps {
     }
 
     /// Connections (and UDP datagrams) sent to backend `id` since it was added.
-    pub fn backend_count(&self, id: u32) -> u64 {
+    fn count_of_backend(&self, id: u32) -> u64 {
         self.backend_counts
             .get(&id, 0)
             .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Every counter, summed over CPUs.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DataPlaneError> {
+    fn read_counters(&self) -> Result<Vec<(Counter, u64)>, DataPlaneError> {
         Counter::ALL
             .iter()
             .map(|&counter| {
@@ -89,10 +92,7 @@ impl KernelMaps {
     /// Makes the strict-inbound map hold exactly `backends` (address → service id): the
     /// backends only the agent may open connections to. Entries are added before stale ones
     /// are removed, and a failure leaves every entry written so far in place.
-    pub fn sync_strict(
-        &mut self,
-        backends: &BTreeMap<SocketAddr, u32>,
-    ) -> Result<(), DataPlaneError> {
+    fn write_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), DataPlaneError> {
         let name = maps::STRICT_INBOUND;
         let err = |cause| DataPlaneError::Map { name, cause };
         let present: BTreeSet<SockKey> = self
@@ -115,7 +115,7 @@ impl KernelMaps {
 
     /// Connect outcomes of balanced TCP sockets per backend address, summed over CPUs; the
     /// counts only grow while the entry lives.
-    pub fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, DataPlaneError> {
+    fn read_connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, DataPlaneError> {
         let name = maps::CONNECT_OUTCOMES;
         let mut all = Vec::new();
         for entry in self.connect_outcomes.iter() {
@@ -168,5 +168,31 @@ impl MapWriter for KernelMaps {
             }
         };
         result.map_err(|cause| MapWriteError::new(format!("{name}: {cause}")))
+    }
+}
+
+fn read_error(error: DataPlaneError) -> KernelReadError {
+    KernelReadError(error.to_string())
+}
+
+impl Kernel for KernelMaps {
+    fn read_state(&self) -> Result<KernelState, KernelReadError> {
+        self.read_state_of_maps().map_err(read_error)
+    }
+
+    fn backend_count(&self, id: u32) -> u64 {
+        self.count_of_backend(id)
+    }
+
+    fn counters(&self) -> Result<Vec<(Counter, u64)>, KernelReadError> {
+        self.read_counters().map_err(read_error)
+    }
+
+    fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError> {
+        self.read_connect_outcomes().map_err(read_error)
+    }
+
+    fn sync_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), KernelReadError> {
+        self.write_strict(backends).map_err(read_error)
     }
 }

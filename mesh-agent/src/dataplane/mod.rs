@@ -39,7 +39,11 @@ pub use pins::{PinDir, PinError};
 pub use redirects::{Redirect, Redirects};
 
 /// The programs, compiled by `build.rs` from `mesh-ebpf`.
+#[cfg(feature = "ebpf")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+/// Built without the `ebpf` feature (in-process tests): there is nothing to load.
+#[cfg(not(feature = "ebpf"))]
+static OBJECT: &[u8] = &[];
 
 /// (program function, hook name used for its link pin).
 const HOOKS: [(&str, &str); 11] = [
@@ -59,6 +63,8 @@ const HOOKS: [(&str, &str); 11] = [
 /// Why the data plane could not be installed or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
+    #[error("this mesh-agent was built without its eBPF programs (the `ebpf` feature)")]
+    NoPrograms,
     #[error(transparent)]
     Pins(#[from] PinError),
     #[error("cannot load the eBPF object")]
@@ -124,8 +130,9 @@ pub struct Settings {
 /// The installed data plane: programs attached, state pinned, maps open for writing.
 pub struct DataPlane {
     pub maps: KernelMaps,
-    redirects: Redirects,
-    pins: PinDir,
+    /// The original destinations of redirected (mTLS) connections, for the outbound listener.
+    pub redirects: Redirects,
+    pub pins: PinDir,
     /// True when maps of a previous agent were found and reused.
     pub adopted: bool,
 }
@@ -138,6 +145,9 @@ impl DataPlane {
         pins: PinDir,
         settings: Settings,
     ) -> Result<(Self, Telemetry), DataPlaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataPlaneError::NoPrograms);
+        }
         pins.validate()?;
         let adopted = pins.has_maps();
         pins.create()?;
@@ -173,16 +183,6 @@ impl DataPlane {
             },
             Telemetry { events, logger },
         ))
-    }
-
-    /// The original destinations of redirected (mTLS) connections, for the outbound listener.
-    pub fn redirects(&self) -> Redirects {
-        self.redirects.clone()
-    }
-
-    /// Detaches every program and removes every pin of this node.
-    pub fn uninstall(&self) -> Result<(), DataPlaneError> {
-        uninstall(&self.pins)
     }
 }
 

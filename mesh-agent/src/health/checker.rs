@@ -13,8 +13,8 @@ use tokio::{
     time::MissedTickBehavior,
 };
 
-use super::probe::{self, ProbeError};
-use crate::{config::health::ActiveCheck, tunnel::Tunnel};
+use super::probe::{ProbeError, Prober};
+use crate::config::health::ActiveCheck;
 
 /// Probes in flight at once, whatever the number of backends.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -43,19 +43,18 @@ pub struct Checker {
     tasks: HashMap<(String, SocketAddr), (Target, AbortHandle)>,
     reports: mpsc::Sender<ProbeReport>,
     permits: Arc<Semaphore>,
-    /// Carries the probes of strict backends, when the agent has one.
-    tunnel: Option<Arc<Tunnel>>,
+    /// Runs each probe.
+    prober: Arc<dyn Prober>,
 }
 
 impl Checker {
-    /// A checker that sends its reports to `reports`, probing strict backends through
-    /// `tunnel`.
-    pub fn new(reports: mpsc::Sender<ProbeReport>, tunnel: Option<Arc<Tunnel>>) -> Checker {
+    /// A checker that probes through `prober` and sends the results to `reports`.
+    pub fn new(reports: mpsc::Sender<ProbeReport>, prober: Arc<dyn Prober>) -> Checker {
         Checker {
             tasks: HashMap::new(),
             reports,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            tunnel,
+            prober,
         }
     }
 
@@ -79,7 +78,7 @@ impl Checker {
                 target.clone(),
                 self.reports.clone(),
                 Arc::clone(&self.permits),
-                self.tunnel.clone(),
+                Arc::clone(&self.prober),
             ));
             self.tasks.insert(key, (target, task.abort_handle()));
         }
@@ -105,7 +104,7 @@ async fn run(
     target: Target,
     reports: mpsc::Sender<ProbeReport>,
     permits: Arc<Semaphore>,
-    tunnel: Option<Arc<Tunnel>>,
+    prober: Arc<dyn Prober>,
 ) {
     let mut tick = tokio::time::interval(target.check.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -114,12 +113,7 @@ async fn run(
         let Ok(permit) = permits.acquire().await else {
             return;
         };
-        let result = match (&tunnel, target.strict) {
-            (Some(tunnel), true) => {
-                probe::through_tunnel(tunnel, &target.service, target.backend, &target.check).await
-            }
-            _ => probe::probe(target.backend, &target.check).await,
-        };
+        let result = prober.probe(&target).await;
         drop(permit);
         let report = ProbeReport {
             service: target.service.clone(),
@@ -164,7 +158,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let (tx, mut rx) = mpsc::channel(16);
-        let mut checker = Checker::new(tx, None);
+        let mut checker = Checker::new(tx, Arc::new(super::super::probe::Direct));
         checker.sync([target("a", up_addr, 100), target("a", down_addr, 100)]);
         assert_eq!(checker.len(), 2);
         let mut seen = HashMap::new();

@@ -1,5 +1,7 @@
-//! One active probe: a TCP connect, optionally followed by an HTTP/1.1 GET; or, for a strict
-//! mTLS backend, the same check run by the agent in front of it, asked through the tunnel.
+//! How a backend is probed: the [`Prober`] port the checker runs its probes through, and the
+//! direct probe ([`Direct`]: a TCP connect, optionally followed by an HTTP/1.1 GET). A strict
+//! mTLS backend is probed through the tunnel by the agent in front of it (the tunnel's
+//! prober, `tunnel::TunnelProber`); the composition root picks one per target.
 //!
 //! Every probe socket carries [`AGENT_MARK`], so the kernel hooks leave it alone: the agent
 //! checks the backend's real address, never a VIP. The whole probe (connect, request,
@@ -14,10 +16,24 @@ use hyper_util::rt::TokioIo;
 use mesh_common::redirect::AGENT_MARK;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::{
-    config::health::{ActiveCheck, HttpCheck},
-    tunnel::{proxy::pool::OpenError, Tunnel},
-};
+use super::checker::Target;
+use crate::config::health::{ActiveCheck, HttpCheck};
+
+/// Runs one probe of a target; the checker schedules them.
+#[async_trait::async_trait]
+pub trait Prober: Send + Sync + 'static {
+    async fn probe(&self, target: &Target) -> Result<(), ProbeError>;
+}
+
+/// Probes the backend's address from this host.
+pub struct Direct;
+
+#[async_trait::async_trait]
+impl Prober for Direct {
+    async fn probe(&self, target: &Target) -> Result<(), ProbeError> {
+        probe(target.backend, &target.check).await
+    }
+}
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +49,7 @@ pub enum ProbeError {
     #[error("HTTP status {got}, expected {want}")]
     Status { got: u16, want: u16 },
     #[error("through the mTLS tunnel: {cause}")]
-    Tunnel { cause: OpenError },
+    Tunnel { cause: String },
 }
 
 /// Probes `addr` as `check` says.
@@ -50,21 +66,6 @@ pub async fn probe(addr: SocketAddr, check: &ActiveCheck) -> Result<(), ProbeErr
         .unwrap_or(Err(ProbeError::Timeout {
             timeout: check.timeout,
         }))
-}
-
-/// Has the agent in front of `addr` (a strict backend of `service`) run its check of it,
-/// bounded by twice the check's timeout (its check, then the tunnel's round trip).
-pub async fn through_tunnel(
-    tunnel: &Tunnel,
-    service: &str,
-    addr: SocketAddr,
-    check: &ActiveCheck,
-) -> Result<(), ProbeError> {
-    let timeout = check.timeout * 2;
-    match tokio::time::timeout(timeout, tunnel.probe(addr, service)).await {
-        Ok(result) => result.map_err(|cause| ProbeError::Tunnel { cause }),
-        Err(_) => Err(ProbeError::Timeout { timeout }),
-    }
 }
 
 async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {

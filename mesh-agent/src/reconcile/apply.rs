@@ -97,7 +97,7 @@ fn undo_note(failures: &[ApplyWarning]) -> String {
 /// group made; see the parent module for why earlier groups stay.
 pub fn apply(
     plan: &Plan,
-    writer: &mut impl MapWriter,
+    writer: &mut (impl MapWriter + ?Sized),
     state: &mut KernelState,
 ) -> Result<ApplyReport, Box<ApplyError>> {
     let mut report = ApplyReport::default();
@@ -110,7 +110,7 @@ pub fn apply(
 
 fn apply_group(
     group: &OpGroup,
-    writer: &mut impl MapWriter,
+    writer: &mut (impl MapWriter + ?Sized),
     state: &mut KernelState,
     report: &mut ApplyReport,
 ) -> Result<(), Box<ApplyError>> {

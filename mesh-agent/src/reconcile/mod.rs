@@ -29,12 +29,14 @@
 
 pub mod addr;
 pub mod apply;
+pub mod kernel;
 pub mod plan;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 
 use mesh_common::service::{Backend, Service, ServiceKey, SlotKey};
 
@@ -58,6 +60,38 @@ pub struct KernelState {
 }
 
 impl KernelState {
+    /// What a connect to `key` can reach right now, the way the programs resolve it (header →
+    /// generation and count → slots → backends): `None` if the key is absent, else the
+    /// backends of slots `0..count` in slot order, or why the lookup would fail.
+    pub fn resolve(&self, key: &ServiceKey) -> Option<Result<Vec<SocketAddr>, String>> {
+        let svc = self.services.get(key)?;
+        let mut out = Vec::with_capacity(svc.count as usize);
+        for slot in 0..svc.count {
+            let sk = SlotKey {
+                service_id: svc.id,
+                generation: svc.generation,
+                slot,
+            };
+            let Some(id) = self.slots.get(&sk) else {
+                return Some(Err(format!("dangling header: slot {sk:?} missing")));
+            };
+            let Some(be) = self.backends.get(id) else {
+                return Some(Err(format!("dangling slot {sk:?}: backend {id} missing")));
+            };
+            if be.service_id != svc.id {
+                return Some(Err(format!(
+                    "backend {id} belongs to service {}",
+                    be.service_id
+                )));
+            }
+            match addr::decode_backend(be) {
+                Ok(addr) => out.push(addr),
+                Err(e) => return Some(Err(format!("backend {id}: {e}"))),
+            }
+        }
+        Some(Ok(out))
+    }
+
     /// Record that `op` was written to the kernel.
     pub fn record(&mut self, op: &MapOp) {
         match *op {

@@ -18,34 +18,6 @@ use crate::reconcile::addr;
 // ---------------------------------------------------------------------------------------------
 // The model kernel.
 
-/// What a connect to `key` can reach right now: `None` if the key is absent, else the backends
-/// of slots `0..count` in slot order, or why the lookup would fail.
-fn resolve(state: &KernelState, key: &ServiceKey) -> Option<Result<Vec<SocketAddr>, String>> {
-    let svc = state.services.get(key)?;
-    let mut out = Vec::with_capacity(svc.count as usize);
-    for slot in 0..svc.count {
-        let sk = SlotKey {
-            service_id: svc.id,
-            generation: svc.generation,
-            slot,
-        };
-        let Some(id) = state.slots.get(&sk) else {
-            return Some(Err(format!("dangling header: slot {sk:?} missing")));
-        };
-        let Some(be) = state.backends.get(id) else {
-            return Some(Err(format!("dangling slot {sk:?}: backend {id} missing")));
-        };
-        if be.service_id != svc.id {
-            return Some(Err(format!(
-                "backend {id} belongs to service {}",
-                be.service_id
-            )));
-        }
-        out.push(addr::decode_backend(be).unwrap());
-    }
-    Some(Ok(out))
-}
-
 /// For each service of the old or new desired state, what it may resolve to during the change.
 struct Watch {
     key: ServiceKey,
@@ -88,7 +60,7 @@ impl FakeKernel {
 
     fn check(&mut self, after: &MapOp) {
         for w in &self.watches {
-            let seen = resolve(&self.state, &w.key);
+            let seen = self.state.resolve(&w.key);
             let ok = match &seen {
                 // Absent: fine before an add and after a removal.
                 None => w.old.is_none() || w.new.is_none(),
@@ -149,7 +121,7 @@ fn assert_converged(state: &KernelState, desired: &Desired) {
     let mut markers = BTreeMap::new();
     for (key, svc) in &desired.services {
         let want: Vec<SocketAddr> = svc.table_addrs().collect();
-        assert_eq!(resolve(state, key), Some(Ok(want)), "{}", svc.name);
+        assert_eq!(state.resolve(key), Some(Ok(want)), "{}", svc.name);
         let header = state.services[key];
         assert_eq!(
             (header.lb, header.flags, header.affinity_timeout_s),
@@ -636,7 +608,7 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
     let a = desired([web(&[("10.200.0.2:8080", 1), ("10.200.0.3:8080", 1)])]);
     transition(&mut kernel, &mut agent, &Desired::default(), &a);
     let key = *a.services.keys().next().unwrap();
-    let live = resolve(&kernel.state, &key);
+    let live = kernel.state.resolve(&key);
 
     // An agent died mid-update: inactive-generation slots and an unreferenced backend of the
     // service, plus entries of a service id nothing owns and a marker of no service.
@@ -680,7 +652,7 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
     kernel.watch(&a, &a);
     apply(&p, &mut kernel, &mut state).unwrap();
     assert!(kernel.violations.is_empty(), "{:#?}", kernel.violations);
-    assert_eq!(resolve(&kernel.state, &key), live);
+    assert_eq!(kernel.state.resolve(&key), live);
     assert_converged(&kernel.state, &a);
     // Ids that were in use are not handed out while their garbage may still be there.
     let b = desired([
@@ -874,7 +846,7 @@ fn a_failed_write_leaves_the_service_as_it_was() {
                             .get(&key)
                             .map(|s| Ok(s.table_addrs().collect::<Vec<_>>()));
                         if !addr::is_vip_marker_key(&key) {
-                            assert_eq!(resolve(&kernel.state, &key), old, "{e}");
+                            assert_eq!(kernel.state.resolve(&key), old, "{e}");
                         }
                     }
                     assert!(e.to_string().contains("injected failure"), "{e}");
@@ -990,8 +962,8 @@ fn earlier_services_stay_applied_when_a_later_one_fails() {
     let e = apply(&p, &mut kernel, &mut agent).unwrap_err();
     assert!(e.subject.contains("\"b\""), "{e}");
     assert_eq!(e.completed.services_added, 1);
-    assert!(resolve(&kernel.state, &first.key()).is_some());
-    assert!(resolve(&kernel.state, &second.key()).is_none());
+    assert!(kernel.state.resolve(&first.key()).is_some());
+    assert!(kernel.state.resolve(&second.key()).is_none());
     assert_eq!(agent, kernel.state);
     kernel.fail_at = None;
     transition(&mut kernel, &mut agent, &desired([first]), &d);
@@ -1028,5 +1000,5 @@ fn backend_value_reuse_requires_same_service() {
             ..addr::backend(be("10.0.0.1:80"), 2)
         },
     );
-    assert!(matches!(resolve(&state, &key), Some(Err(_))));
+    assert!(matches!(state.resolve(&key), Some(Err(_))));
 }

@@ -33,6 +33,10 @@ use self::{
     proxy::{drain, inbound, limits, outbound, pool},
 };
 use crate::{
+    health::{
+        checker::Target,
+        probe::{ProbeError, Prober},
+    },
     tunnel::authz::policy::{Policies, PolicyStatus},
     tunnel::authz::{Authz, MtlsService},
     tunnel::identity::certs::{CertError, CertStatus, Credentials, Sources},
@@ -337,6 +341,23 @@ impl Tunnel {
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%error, "certificate reload refused; the previous certificates stay in force");
             }
+        }
+    }
+}
+
+/// Probes strict backends through the tunnel: the agent in front of the backend runs its own
+/// check of it, bounded by twice the check's timeout (its check, then the round trip).
+pub struct TunnelProber(pub Arc<Tunnel>);
+
+#[async_trait::async_trait]
+impl Prober for TunnelProber {
+    async fn probe(&self, target: &Target) -> Result<(), ProbeError> {
+        let timeout = target.check.timeout * 2;
+        match tokio::time::timeout(timeout, self.0.probe(target.backend, &target.service)).await {
+            Ok(result) => result.map_err(|cause| ProbeError::Tunnel {
+                cause: cause.to_string(),
+            }),
+            Err(_) => Err(ProbeError::Timeout { timeout }),
         }
     }
 }

@@ -1,0 +1,416 @@
+//! The controller driven in process: config files, registrations, gossip members, probe
+//! results and health ticks, against the in-memory kernel. Needs neither root nor the eBPF
+//! toolchain (`cargo test -p mesh-agent --no-default-features --test controller`).
+//!
+//! Each test asserts on what a connect would reach: the in-memory kernel resolves a
+//! service's frontend the way the programs do (header → slots → backends).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use mesh_agent::{
+    app::controller::{Controller, Parts},
+    catalog::{Announcement, Endpoint},
+    config::Config,
+    gossip::{record::NodeRecord, Member},
+    health::{
+        checker::{Checker, ProbeReport, Target},
+        probe::{ProbeError, Prober},
+    },
+    reconcile::{addr::service_key, kernel::MemoryKernel},
+};
+use mesh_common::{health::ConnectOutcomes, service::PROTO_TCP};
+use tokio::sync::mpsc;
+
+/// A prober whose probes never finish: the tests deliver probe results themselves.
+struct NeverAnswers;
+
+#[async_trait::async_trait]
+impl Prober for NeverAnswers {
+    async fn probe(&self, _: &Target) -> Result<(), ProbeError> {
+        std::future::pending().await
+    }
+}
+
+/// A node: its config file and state directory in a scratch directory, its kernel in memory.
+struct Node {
+    dir: tempdir::Dir,
+    kernel: MemoryKernel,
+    // Kept so the checker's channel stays open.
+    _reports: mpsc::Receiver<ProbeReport>,
+}
+
+mod tempdir {
+    //! A scratch directory removed on drop.
+    use std::path::{Path, PathBuf};
+
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(test: &str) -> Dir {
+            let path =
+                std::env::temp_dir().join(format!("mesh-controller-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Node {
+    fn new(test: &str, config: &str) -> Node {
+        let dir = tempdir::Dir::new(test);
+        let node = Node {
+            dir,
+            kernel: MemoryKernel::default(),
+            _reports: mpsc::channel(1).1,
+        };
+        node.write_config(config);
+        node
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("mesh.toml")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Replaces the config file the way a deploy does: written aside, renamed into place.
+    fn write_config(&self, text: &str) {
+        let aside = self.dir.path().join(".mesh.toml.new");
+        std::fs::write(&aside, text).unwrap();
+        std::fs::rename(&aside, self.config_path()).unwrap();
+    }
+
+    /// Starts a controller on this node's kernel and state (again, for a restart).
+    fn start(&mut self) -> Controller {
+        let config = Config::load(&self.config_path()).unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        self._reports = rx;
+        Controller::start(Parts {
+            node: "n1".to_owned(),
+            config_path: self.config_path(),
+            config,
+            cgroup: PathBuf::from("/sys/fs/cgroup/test"),
+            maps: Box::new(self.kernel.clone()),
+            adopted: false,
+            state_dir: self.state_dir(),
+            checker: Checker::new(tx, Arc::new(NeverAnswers)),
+            tunnel: None,
+        })
+        .unwrap()
+    }
+
+    /// The backends a TCP connect to `frontend` can reach now, sorted; `None`: no service.
+    fn reach(&self, frontend: &str) -> Option<Vec<SocketAddr>> {
+        let frontend: SocketAddr = frontend.parse().unwrap();
+        let key = service_key(frontend.ip(), frontend.port(), PROTO_TCP);
+        let mut backends = self.kernel.maps().state.resolve(&key)?.unwrap();
+        backends.sort();
+        backends.dedup();
+        Some(backends)
+    }
+}
+
+fn addrs(list: &[&str]) -> Option<Vec<SocketAddr>> {
+    let mut v: Vec<SocketAddr> = list.iter().map(|a| a.parse().unwrap()).collect();
+    v.sort();
+    Some(v)
+}
+
+const WEB: &str = r#"
+[[services]]
+name = "web"
+vip = "10.96.0.10"
+port = 80
+backends = [{ address = "10.0.0.1:8080" }, { address = "10.0.0.2:8080" }]
+"#;
+
+const WEB_AND_API: &str = r#"
+[[services]]
+name = "web"
+vip = "10.96.0.10"
+port = 80
+backends = [{ address = "10.0.0.1:8080" }, { address = "10.0.0.2:8080" }, { address = "10.0.0.3:8080" }]
+
+[[services]]
+name = "api"
+vip = "10.96.0.11"
+port = 443
+backends = [{ address = "10.0.1.1:8443" }]
+"#;
+
+#[tokio::test]
+async fn a_config_change_reaches_the_kernel_and_a_bad_one_keeps_the_last_good_state() {
+    let mut node = Node::new("config", WEB);
+    let mut controller = node.start();
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+
+    node.write_config(WEB_AND_API);
+    controller.reload();
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])
+    );
+    assert_eq!(node.reach("10.96.0.11:443"), addrs(&["10.0.1.1:8443"]));
+
+    // A half-written file (the last service cut short) is refused with its cause; nothing of it
+    // is applied.
+    let cut = &WEB_AND_API[..WEB_AND_API.len() - 40];
+    node.write_config(&format!(
+        "{cut}\n[[services]]\nname = \"db\"\nport = 5432\n"
+    ));
+    let writes = node.kernel.maps().attempts;
+    controller.reload();
+    assert_eq!(
+        node.kernel.maps().attempts,
+        writes,
+        "a refused config writes nothing"
+    );
+    let status = controller.status().unwrap();
+    let error = status.config_error.expect("the refusal is reported");
+    assert!(error.contains("mesh.toml"), "{error}");
+    assert_eq!(node.reach("10.96.0.11:443"), addrs(&["10.0.1.1:8443"]));
+    assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
+    let snapshot = controller.snapshot();
+    assert_eq!(
+        (snapshot.reloads_applied, snapshot.reloads_rejected),
+        (1, 1)
+    );
+
+    // Removing a service takes it out of the kernel.
+    node.write_config(WEB);
+    controller.reload();
+    assert_eq!(node.reach("10.96.0.11:443"), None);
+    assert!(controller.status().unwrap().config_error.is_none());
+}
+
+#[tokio::test]
+async fn a_failed_map_write_rejects_the_change_and_the_kernel_keeps_serving_the_previous_one() {
+    let mut node = Node::new("mapfull", WEB);
+    let mut controller = node.start();
+    let before = node.kernel.maps().state.clone();
+
+    // The maps refuse every write from now on (a full map).
+    let attempts = node.kernel.maps().attempts;
+    node.kernel.maps().fail_from = Some(attempts);
+    node.write_config(WEB_AND_API);
+    controller.reload();
+    let error = controller.status().unwrap().config_error.expect("reported");
+    assert!(error.contains("injected failure"), "{error}");
+    assert_eq!(
+        node.kernel.maps().state,
+        before,
+        "all or nothing per service"
+    );
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+
+    // Once the maps take writes again, the next reload applies the file.
+    node.kernel.maps().fail_from = None;
+    controller.reload();
+    assert_eq!(node.reach("10.96.0.11:443"), addrs(&["10.0.1.1:8443"]));
+}
+
+#[tokio::test]
+async fn registrations_apply_survive_a_restart_without_a_write_and_hostile_ones_are_refused() {
+    let mut node = Node::new("register", WEB);
+    let mut controller = node.start();
+    let endpoint = |address: &str| Endpoint {
+        service: "web".to_owned(),
+        address: address.parse().unwrap(),
+        weight: 1,
+    };
+    assert_eq!(controller.register(endpoint("10.0.0.9:8080")), Ok(true));
+    assert_eq!(controller.register(endpoint("10.0.0.9:8080")), Ok(false));
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.9:8080"])
+    );
+    assert!(controller
+        .announcement()
+        .endpoints
+        .iter()
+        .any(|e| e.address == "10.0.0.9:8080".parse().unwrap()));
+
+    // A registration that would make peers dial their own loopback, or of a service nobody
+    // defined, changes nothing.
+    let writes = node.kernel.maps().attempts;
+    let loopback = controller.register(endpoint("127.0.0.1:22")).unwrap_err();
+    assert!(loopback.contains("loopback"), "{loopback}");
+    let unknown = controller
+        .register(Endpoint {
+            service: "nobody".to_owned(),
+            ..endpoint("10.0.0.9:8080")
+        })
+        .unwrap_err();
+    assert!(unknown.contains("not in the catalog"), "{unknown}");
+    assert_eq!(node.kernel.maps().attempts, writes);
+
+    // A restarted controller starts from the state directory and the kernel: its first apply
+    // has nothing to write.
+    drop(controller);
+    let writes = node.kernel.maps().attempts;
+    let mut controller = node.start();
+    assert_eq!(
+        node.kernel.maps().attempts,
+        writes,
+        "restart rewrote the maps"
+    );
+    assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
+
+    assert_eq!(
+        controller.deregister("web", "10.0.0.9:8080".parse().unwrap()),
+        Ok(true)
+    );
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+}
+
+const GOSSIP: &str = r#"
+[gossip]
+listen = "10.1.0.1:15010"
+key_file = "/nonexistent/mesh.key"
+
+[[services]]
+name = "web"
+vip = "10.96.0.10"
+port = 80
+backends = [{ address = "10.0.0.1:8080" }]
+"#;
+
+fn peer(name: &str, alive: bool, endpoints: &[&str]) -> Member {
+    Member {
+        name: name.to_owned(),
+        address: "10.1.0.2:15010".parse().unwrap(),
+        alive,
+        generation: 1,
+        node: NodeRecord::default(),
+        announcement: Announcement {
+            services: Default::default(),
+            endpoints: endpoints
+                .iter()
+                .map(|a| Endpoint {
+                    service: "web".to_owned(),
+                    address: a.parse().unwrap(),
+                    weight: 1,
+                })
+                .collect(),
+        },
+        errors: Vec::new(),
+        complete: true,
+    }
+}
+
+#[tokio::test]
+async fn a_peer_s_endpoints_join_with_its_announcement_and_leave_when_it_withdraws_them() {
+    let mut node = Node::new("members", GOSSIP);
+    let mut controller = node.start();
+    assert_eq!(node.reach("10.96.0.10:80"), addrs(&["10.0.0.1:8080"]));
+
+    controller.set_members(Arc::new(vec![peer("n2", true, &["10.0.2.1:8080"])]));
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.2.1:8080"])
+    );
+    let nodes = controller.nodes();
+    assert!(nodes.iter().any(|n| n.name == "n2" && n.state == "alive"));
+
+    // Still alive, with the endpoint withdrawn.
+    controller.set_members(Arc::new(vec![peer("n2", true, &[])]));
+    assert_eq!(node.reach("10.96.0.10:80"), addrs(&["10.0.0.1:8080"]));
+}
+
+const CHECKED: &str = r#"
+[[services]]
+name = "web"
+vip = "10.96.0.10"
+port = 80
+health = { interval_ms = 1000, timeout_ms = 500, healthy_threshold = 1, unhealthy_threshold = 1 }
+outlier = { consecutive_failures = 3, base_ejection_ms = 60000, max_ejection_ms = 60000 }
+backends = [{ address = "10.0.0.1:8080" }, { address = "10.0.0.2:8080" }, { address = "10.0.0.3:8080" }]
+"#;
+
+fn report(backend: &str, result: Result<(), ProbeError>) -> ProbeReport {
+    ProbeReport {
+        service: "web".to_owned(),
+        backend: backend.parse().unwrap(),
+        result,
+    }
+}
+
+#[tokio::test]
+async fn a_failed_probe_takes_a_backend_out_and_a_passing_one_brings_it_back() {
+    let mut node = Node::new("probes", CHECKED);
+    let mut controller = node.start();
+    let timeout = || ProbeError::Timeout {
+        timeout: std::time::Duration::from_millis(500),
+    };
+    controller.on_probe(report("10.0.0.2:8080", Err(timeout())));
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.0.3:8080"])
+    );
+    let health = controller
+        .endpoints()
+        .into_iter()
+        .find(|e| e.address == "10.0.0.2:8080")
+        .and_then(|e| e.health);
+    assert_eq!(health.as_deref(), Some("unhealthy"));
+
+    controller.on_probe(report("10.0.0.2:8080", Ok(())));
+    assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
+
+    // Every backend failing: panic, all of them are used rather than none.
+    for b in ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"] {
+        controller.on_probe(report(b, Err(timeout())));
+    }
+    assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
+    assert!(controller.status().unwrap().services[0].panic);
+}
+
+#[tokio::test]
+async fn failed_connects_counted_by_the_kernel_eject_a_backend_on_the_health_tick() {
+    let mut node = Node::new("outlier", CHECKED);
+    let mut controller = node.start();
+    let backend: SocketAddr = "10.0.0.3:8080".parse().unwrap();
+    let outcomes = |established, failed| ConnectOutcomes {
+        established,
+        failed,
+        syn_timeouts: 0,
+    };
+    node.kernel.maps().outcomes.insert(backend, outcomes(10, 0));
+    controller.tick();
+    assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
+
+    node.kernel.maps().outcomes.insert(backend, outcomes(10, 3));
+    controller.tick();
+    assert_eq!(
+        node.reach("10.96.0.10:80"),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+    let ejected = controller
+        .endpoints()
+        .into_iter()
+        .find(|e| e.address == backend.to_string())
+        .and_then(|e| e.health);
+    assert_eq!(ejected.as_deref(), Some("ejected"));
+}
