@@ -349,6 +349,15 @@ outlier = { consecutive_failures = 3, base_ejection_ms = 60000, max_ejection_ms 
 backends = [{ address = "10.0.0.1:8080" }, { address = "10.0.0.2:8080" }, { address = "10.0.0.3:8080" }]
 "#;
 
+/// The health `mesh-agent endpoints` shows for a backend of `web`.
+fn health_of(controller: &Controller, backend: &str) -> Option<String> {
+    controller
+        .endpoints()
+        .into_iter()
+        .find(|e| e.service == "web" && e.address == backend)
+        .and_then(|e| e.health)
+}
+
 fn report(backend: &str, result: Result<(), ProbeError>) -> ProbeReport {
     ProbeReport {
         service: "web".to_owned(),
@@ -369,12 +378,10 @@ async fn a_failed_probe_takes_a_backend_out_and_a_passing_one_brings_it_back() {
         node.reach("10.96.0.10:80"),
         addrs(&["10.0.0.1:8080", "10.0.0.3:8080"])
     );
-    let health = controller
-        .endpoints()
-        .into_iter()
-        .find(|e| e.address == "10.0.0.2:8080")
-        .and_then(|e| e.health);
-    assert_eq!(health.as_deref(), Some("unhealthy"));
+    assert_eq!(
+        health_of(&controller, "10.0.0.2:8080").as_deref(),
+        Some("unhealthy")
+    );
 
     controller.on_probe(report("10.0.0.2:8080", Ok(())));
     assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
@@ -407,10 +414,8 @@ async fn failed_connects_counted_by_the_kernel_eject_a_backend_on_the_health_tic
         node.reach("10.96.0.10:80"),
         addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
     );
-    let ejected = controller
-        .endpoints()
-        .into_iter()
-        .find(|e| e.address == backend.to_string())
-        .and_then(|e| e.health);
-    assert_eq!(ejected.as_deref(), Some("ejected"));
+    assert_eq!(
+        health_of(&controller, "10.0.0.3:8080").as_deref(),
+        Some("ejected")
+    );
 }

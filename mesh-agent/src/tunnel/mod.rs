@@ -1,12 +1,15 @@
 //! Path 2, the encrypted service flow, in user space: transparent mutual TLS between agents.
 //!
+//! Three rooms: [`identity`] (who is who: SPIFFE ids, the CA, credentials, cgroup →
+//! identity), [`authz`] (what may be reached and by whom) and [`proxy`] (carrying the flows).
+//!
 //! A connect to a strict service is redirected by the kernel to the [`outbound`] listener,
-//! which carries it as an HTTP/2 `CONNECT` stream ([`connect`]) over one pooled TLS 1.3
+//! which carries it as an HTTP/2 `CONNECT` stream ([`proxy::connect`]) over one pooled TLS 1.3
 //! connection per (source identity, peer agent) ([`pool`]) to the peer's [`inbound`] listener;
-//! that side checks the caller's SPIFFE identity ([`spiffe`]) against the catalog and the
-//! policy ([`authz`], [`policy`]) and connects to the backend from a marked socket
-//! ([`socket`]); [`relay`] copies the bytes. Credentials come from files ([`certs`]) made by
-//! [`ca`], and are reloaded on change.
+//! that side checks the caller's SPIFFE identity ([`identity::spiffe`]) against the catalog and
+//! the policy ([`authz`], [`authz::policy`]) and connects to the backend from a marked socket
+//! ([`proxy::socket`]); [`proxy::relay`] copies the bytes. Credentials come from files
+//! ([`certs`]) made by [`identity::ca`], and are reloaded on change.
 //!
 //! [`Tunnel`] is the state both listeners share; the composition root builds it from the
 //! config, binds (or takes over) the [`Listeners`] and starts [`Tunnel::spawn`] and
