@@ -69,7 +69,7 @@ impl Counter {
     /// The name shown by `mesh-agent status` and used as a metric label.
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Rewritten => "rewritten",
+            Counter::Rewritten => "forwarded",
             Counter::NoBackend => "no_backend",
             Counter::NoServicePort => "no_service_port",
             Counter::Passthrough => "passthrough",

@@ -175,7 +175,7 @@ case $cmd in
   status)
     read -r pid node < "$sock" || exit 1
     kill -0 "$pid" 2>/dev/null || { echo "agent $pid is dead" >&2; exit 1; }
-    echo "{\"node\": \"$node\", \"services\": [], \"counters\": {\"rewritten\": 0}}"
+    echo "{\"node\": \"$node\", \"services\": [], \"counters\": {\"forwarded\": 0}}"
     ;;
   check)
     echo "$cfg:3: services[0].backends[0].address: not an address" >&2
@@ -201,7 +201,7 @@ fn agent_driver_with_a_stand_in() {
         agent.status_json().or_fail()["node"],
         a.full_name().as_str()
     );
-    assert_eq!(agent.counter("rewritten").or_fail(), 0);
+    assert_eq!(agent.counter("forwarded").or_fail(), 0);
     let pid = agent.pid().expect("started");
     // In the node's namespace, but not in its cgroup (it stays in the runner's).
     assert_eq!(

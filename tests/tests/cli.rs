@@ -62,6 +62,7 @@ fn cli_json_answers_field_by_field() {
     assert_eq!(
         keys(&status),
         set(&[
+            "degraded",
             "node",
             "config",
             "cgroup",
@@ -73,6 +74,8 @@ fn cli_json_answers_field_by_field() {
         ])
     );
     assert_eq!(status["conflicts"], json!([]));
+    // c is drained, not unhealthy: nothing is wrong.
+    assert_eq!(status["degraded"], json!([]));
     assert_eq!(status["node"], json!(a.full_name()));
     assert_eq!(
         status["cgroup"],
@@ -92,6 +95,7 @@ fn cli_json_answers_field_by_field() {
             {"address": c_addr.to_string(), "weight": 0},
         ],
         "slots": 1,
+        "healthy": 1,
         "panic": false,
     });
     assert_eq!(status["services"], json!([expected_service.clone()]));
@@ -99,7 +103,7 @@ fn cli_json_answers_field_by_field() {
     assert_eq!(
         keys(counters),
         set(&[
-            "rewritten",
+            "forwarded",
             "no_backend",
             "no_service_port",
             "passthrough",
@@ -117,7 +121,7 @@ fn cli_json_answers_field_by_field() {
             "loopback_redirected",
         ])
     );
-    assert!(counters["rewritten"].as_u64() >= Some(20), "{counters}");
+    assert!(counters["forwarded"].as_u64() >= Some(20), "{counters}");
     assert_eq!(counters["no_backend"], json!(0));
 
     assert_eq!(cli_json(&agent, "services"), json!([expected_service]));
@@ -164,30 +168,110 @@ fn cli_json_answers_field_by_field() {
     assert_eq!(cli_json(&agent, "policies"), json!([]));
     assert_eq!(cli_json(&agent, "certs"), json!([]));
 
-    let table = agent
-        .cli(&[
-            "endpoints".as_ref(),
-            "--admin-socket".as_ref(),
-            agent.socket_path().as_os_str(),
-        ])
-        .or_fail()
-        .ok("endpoints table")
-        .or_fail();
-    for word in [
-        "SERVICE",
-        "ENDPOINT",
-        "STATE",
-        "CONNECTIONS",
-        "NODE",
-        "drained",
-        "active",
-    ] {
-        assert!(
-            table.stdout.contains(word),
-            "{word} missing from:\n{}",
-            table.stdout
-        );
+    // The tables: aligned plain columns, the verdict first, wide columns on request.
+    let table = |args: &[&str]| {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.extend(["-s".as_ref(), agent.socket_path().as_os_str()]);
+        agent.cli(&all).or_fail().ok("a table").or_fail().stdout
+    };
+    let status_table = table(&["status"]);
+    let lines: Vec<&str> = status_table.lines().collect();
+    assert_eq!(lines[0], "ok", "{status_table}");
+    let header = |text: &str| text.lines().next().unwrap_or_default().to_owned();
+    let columns = |line: &str| {
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let services_header = lines
+        .iter()
+        .find(|l| l.starts_with("SERVICE"))
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        columns(services_header),
+        ["SERVICE", "FRONTEND", "PROTO", "LB", "BACKENDS", "HEALTHY", "SLOTS"]
+    );
+    let web_row = lines
+        .iter()
+        .find(|l| l.starts_with("web "))
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        columns(web_row),
+        ["web", "10.96.0.10:80", "tcp", "weighted", "2", "1/1", "1"]
+    );
+
+    let endpoints_table = table(&["endpoints"]);
+    assert_eq!(
+        columns(&header(&endpoints_table)),
+        [
+            "SERVICE",
+            "ENDPOINT",
+            "WEIGHT",
+            "STATE",
+            "HEALTH",
+            "CONNECTIONS",
+            "NODE"
+        ]
+    );
+    let rows: Vec<Vec<String>> = endpoints_table.lines().skip(1).map(columns).collect();
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "web".to_owned(),
+                b_addr.to_string(),
+                "2".into(),
+                "active".into(),
+                "healthy".into(),
+                "20".into(),
+                a.full_name()
+            ],
+            vec![
+                "web".to_owned(),
+                c_addr.to_string(),
+                "0".into(),
+                "drained".into(),
+                "healthy".into(),
+                "0".into(),
+                a.full_name()
+            ],
+        ]
+    );
+    // Every column of a row starts where its header does.
+    let starts = |line: &str| -> Vec<usize> {
+        let bytes = line.as_bytes();
+        (0..bytes.len())
+            .filter(|&i| bytes[i] != b' ' && (i == 0 || bytes[i - 1] == b' '))
+            .collect()
+    };
+    let head = header(&endpoints_table);
+    for row in endpoints_table.lines().skip(1) {
+        assert_eq!(starts(&head), starts(row), "misaligned:\n{endpoints_table}");
     }
+    let wide_header = columns(&header(&table(&["endpoints", "-o", "wide"])));
+    assert_eq!(
+        wide_header.last().map(String::as_str),
+        Some("UNTIL"),
+        "{wide_header:?}"
+    );
+
+    let nodes_table = table(&["nodes"]);
+    let node_row = columns(nodes_table.lines().nth(1).unwrap_or_default());
+    assert_eq!(
+        node_row[..3],
+        [a.full_name(), "self".into(), "alive".into()]
+    );
+    let uptime = &node_row[4];
+    assert!(
+        uptime.ends_with('s') || uptime.ends_with('m'),
+        "uptime {uptime:?} is not humanised"
+    );
+
+    // YAML carries the same answer as JSON.
+    let yaml: Value = yaml_serde::from_str(&table(&["endpoints", "-o", "yaml"])).or_fail();
+    assert_eq!(yaml, endpoints);
 }
 
 #[test]

@@ -178,11 +178,11 @@ fn all_unhealthy_is_panic_and_keeps_every_backend() {
         assert_eq!(e["state"], "active", "{e}");
         assert_eq!(e["health"], "unhealthy", "{e}");
     }
-    let rewritten = agent.counter("rewritten").or_fail();
+    let forwarded = agent.counter("forwarded").or_fail();
     let no_backend = agent.counter("no_backend").or_fail();
     let r = s.a.tcp_client("client", vip, 20, T).or_fail();
     assert_eq!(r.errors.get("ECONNREFUSED"), Some(&20), "{r:?}");
-    assert!(agent.counter("rewritten").or_fail() >= rewritten + 20);
+    assert!(agent.counter("forwarded").or_fail() >= forwarded + 20);
     assert_eq!(agent.counter("no_backend").or_fail(), no_backend);
 
     // One comes back: panic is over and it takes every connection.

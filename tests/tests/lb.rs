@@ -128,12 +128,12 @@ fn tcp_spreads_over_backends() {
     let agent = s
         .start_agent(&[Service::tcp("web", vip, &s.addrs())])
         .or_fail();
-    let before = agent.counter("rewritten").or_fail();
+    let before = agent.counter("forwarded").or_fail();
     let r = s.a.tcp_client("client", vip, 300, T).or_fail();
     assert_eq!(r.ok(), 300, "{r:?}");
     assert_spread(&r, &["b", "c", "d"], 0.20);
-    let rewritten = agent.counter("rewritten").or_fail() - before;
-    assert!(rewritten >= 300, "counters.rewritten grew by {rewritten}");
+    let forwarded = agent.counter("forwarded").or_fail() - before;
+    assert!(forwarded >= 300, "counters.forwarded grew by {forwarded}");
 }
 
 /// b. Weights 1:3 with `lb = "weighted"`: the heavy backend gets 65-85 % of 400 connections.

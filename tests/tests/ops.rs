@@ -198,7 +198,7 @@ fn parse_labels(text: &str) -> Result<BTreeMap<String, String>> {
 }
 
 /// Traffic through a VIP shows in a real scrape: per-backend connection counters that add up
-/// to at least the connections made (and match what each backend served), the `rewritten`
+/// to at least the connections made (and match what each backend served), the `forwarded`
 /// decisions, map usage, uptime and build info; then a rejected config change counts as one
 /// rejected reload. Anything but `GET /metrics` is 404.
 #[test]
@@ -213,8 +213,8 @@ fn scrape_counts_traffic_and_rejected_reloads() {
     .or_fail();
 
     let before = s.scrape().or_fail();
-    let rewritten_before = before
-        .value("mesh_kernel_decisions_total", &[("reason", "rewritten")])
+    let forwarded_before = before
+        .value("mesh_kernel_decisions_total", &[("reason", "forwarded")])
         .or_fail();
     let r = s.a.tcp_client("client", vip, N, T).or_fail();
     assert_eq!(r.ok(), u64::from(N), "{r:?}");
@@ -248,13 +248,13 @@ fn scrape_counts_traffic_and_rejected_reloads() {
         "one series per backend:\n{}",
         m.text
     );
-    let rewritten = m
-        .value("mesh_kernel_decisions_total", &[("reason", "rewritten")])
+    let forwarded = m
+        .value("mesh_kernel_decisions_total", &[("reason", "forwarded")])
         .or_fail();
     assert!(
-        rewritten - rewritten_before >= f64::from(N),
-        "rewritten grew by {} < {N}:\n{}",
-        rewritten - rewritten_before,
+        forwarded - forwarded_before >= f64::from(N),
+        "forwarded grew by {} < {N}:\n{}",
+        forwarded - forwarded_before,
         m.text
     );
     for reason in [

@@ -174,7 +174,7 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_balancing() {
     let agent = a
         .start_agent(&render("a", &[Service::tcp("web", sa(VIP), &[backend])]))
         .or_fail();
-    let before = agent.counter("rewritten").or_fail();
+    let before = agent.counter("forwarded").or_fail();
 
     let second = agent.run_second().or_fail();
     assert!(
@@ -200,7 +200,7 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_balancing() {
     assert_eq!(report.failed(), 0, "{report:?}");
     assert_eq!(report.ok(), 50, "{report:?}");
     assert!(agent.is_running());
-    assert!(agent.counter("rewritten").or_fail() >= before + 50);
+    assert!(agent.counter("forwarded").or_fail() >= before + 50);
     // The flow events reach the agent through a ring buffer it polls: wait for them.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

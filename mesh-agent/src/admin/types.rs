@@ -14,6 +14,10 @@ use crate::catalog::Conflict;
 /// The whole status of one agent.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
+    /// Why the agent is degraded, one reason each (a rejected config change, a service in
+    /// panic or with no backend, unhealthy backends, catalog conflicts); empty: all is well.
+    #[serde(default)]
+    pub degraded: Vec<String>,
     pub node: String,
     /// Config file the agent follows.
     pub config: String,
@@ -44,6 +48,9 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
     /// Slots in the kernel's active table (0: connects are refused).
     pub slots: u32,
+    /// Backends with weight that health leaves in the table (not unhealthy, not ejected).
+    #[serde(default)]
+    pub healthy: u32,
     /// Every backend with weight is unhealthy, so all of them are used.
     #[serde(default)]
     pub panic: bool,

@@ -136,19 +136,37 @@ impl Controller {
             .into_iter()
             .map(|(counter, value)| (counter.name().to_owned(), value))
             .collect();
+        let now = Instant::now();
+        let services: Vec<ServiceStatus> = services(&self.desired, &self.kernel)
+            .into_iter()
+            .map(|s| {
+                let healthy = s
+                    .backends
+                    .iter()
+                    .filter(|b| b.weight > 0)
+                    .filter(|b| {
+                        b.address.parse().is_ok_and(|addr| {
+                            self.health
+                                .view(&s.name, addr, now)
+                                .is_none_or(|v| v.state == "healthy")
+                        })
+                    })
+                    .count();
+                ServiceStatus {
+                    panic: self.health.panic(&s.name),
+                    healthy: u32::try_from(healthy).unwrap_or(u32::MAX),
+                    ..s
+                }
+            })
+            .collect();
         Ok(StatusReport {
+            degraded: degraded(self.config_error.is_some(), &services, self.conflicts.len()),
             node: self.node.clone(),
             config: self.config_path.display().to_string(),
             cgroup: self.cgroup.display().to_string(),
             adopted: self.adopted,
             config_error: self.config_error.clone(),
-            services: services(&self.desired, &self.kernel)
-                .into_iter()
-                .map(|s| ServiceStatus {
-                    panic: self.health.panic(&s.name),
-                    ..s
-                })
-                .collect(),
+            services,
             counters,
             conflicts: self.conflicts.clone(),
         })
@@ -308,9 +326,49 @@ fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
                 })
                 .collect(),
             slots: kernel.services.get(key).map_or(0, |s| s.count),
+            healthy: 0,
             panic: false,
         })
         .collect()
+}
+
+/// Why the agent is degraded, for the status verdict; empty when all is well.
+fn degraded(config_rejected: bool, services: &[ServiceStatus], conflicts: usize) -> Vec<String> {
+    let count = |what: &dyn Fn(&ServiceStatus) -> bool| services.iter().filter(|s| what(s)).count();
+    let plural = |n: usize, one: &str, many: &str| match n {
+        1 => format!("1 {one}"),
+        n => format!("{n} {many}"),
+    };
+    let mut reasons = Vec::new();
+    if config_rejected {
+        reasons.push("the last config change was rejected".to_owned());
+    }
+    let refusing = count(&|s| s.slots == 0);
+    if refusing > 0 {
+        let what = plural(refusing, "service refuses", "services refuse");
+        reasons.push(format!("{what} connects (no backend in the kernel)"));
+    }
+    let panicking = count(&|s| s.panic);
+    if panicking > 0 {
+        let what = plural(panicking, "service is", "services are");
+        reasons.push(format!("{what} in panic (every backend unhealthy)"));
+    }
+    let unhealthy: usize = services
+        .iter()
+        .filter(|s| !s.panic)
+        .map(|s| {
+            let weighted = s.backends.iter().filter(|b| b.weight > 0).count();
+            weighted.saturating_sub(s.healthy as usize)
+        })
+        .sum();
+    if unhealthy > 0 {
+        let what = plural(unhealthy, "backend is", "backends are");
+        reasons.push(format!("{what} unhealthy or ejected"));
+    }
+    if conflicts > 0 {
+        reasons.push(plural(conflicts, "catalog conflict", "catalog conflicts"));
+    }
+    reasons
 }
 
 fn affinity_name(flags: u32) -> &'static str {

@@ -5,21 +5,29 @@
 //! credentials; `uninstall` removes a node's data plane ([`uninstall`]). See the README's CLI
 //! reference.
 
+pub mod render;
 pub mod tables;
 pub mod uninstall;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::{admin, app, config, dataplane, telemetry::flows, tunnel, VERSION};
 
 #[derive(Parser)]
-#[command(name = "mesh-agent", version = VERSION, about = "Sidecarless service mesh agent")]
+#[command(
+    name = "mesh-agent",
+    version = VERSION,
+    about = "Sidecarless service mesh agent",
+    long_about = "Sidecarless service mesh agent: `run` is the daemon; every other command \
+                  asks a running agent over its admin socket or works on files.",
+    propagate_version = true
+)]
 pub struct Cli {
-    /// Log format of the agent's own log (stderr).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    /// Format of the agent's own log on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, display_order = 900)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -27,7 +35,9 @@ pub struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LogFormat {
+    /// One line of text per event.
     Text,
+    /// One JSON object per event.
     Json,
 }
 
@@ -37,14 +47,16 @@ pub enum Command {
     Run(app::RunOptions),
     /// Validate a config file and exit.
     Check {
-        #[arg(long)]
+        /// The config file (TOML) to check.
+        #[arg(short, long)]
         config: PathBuf,
     },
-    /// Show node, services, backends and kernel counters of the running agent.
+    /// Show the verdict (ok / degraded, and why), node, services with their health, and the
+    /// kernel counters of the running agent.
     Status(Query),
-    /// List services.
+    /// List services: frontend, policy, backends, how many are healthy.
     Services(Query),
-    /// List every backend with its state and connection count.
+    /// List every backend with its state, health and connection count.
     Endpoints(Query),
     /// List the nodes this agent knows.
     Nodes(Query),
@@ -54,14 +66,14 @@ pub enum Command {
         #[command(flatten)]
         endpoint: EndpointArgs,
         /// Relative weight, 0 (drained) to 10000.
-        #[arg(long, default_value_t = 1)]
+        #[arg(short, long, default_value_t = 1)]
         weight: u32,
     },
     /// Withdraw an endpoint announced with `register`.
     Deregister(EndpointArgs),
     /// List the authorization policies in force (none without [mtls]).
     Policies(Query),
-    /// List the certificates loaded: identity, serial, expiry (none without [mtls]).
+    /// List the certificates loaded: identity, expiry, serial (none without [mtls]).
     Certs(Query),
     /// Manage a trust domain's certificate authority.
     #[command(subcommand)]
@@ -74,10 +86,10 @@ pub enum Command {
     /// Detach the programs and remove the pinned state of a node.
     Uninstall {
         /// Node name [default: the config's [node] name, else the host name].
-        #[arg(long)]
+        #[arg(short, long)]
         node: Option<String>,
         /// Config file to read the node name from.
-        #[arg(long)]
+        #[arg(short, long)]
         config: Option<PathBuf>,
         /// bpffs mount; the node's pins are under <bpffs>/mesh/<node>/.
         #[arg(long, default_value = "/sys/fs/bpf")]
@@ -86,24 +98,36 @@ pub enum Command {
         #[arg(long, default_value = "/var/lib/mesh")]
         state_dir: PathBuf,
         /// Admin socket to remove when the agent recorded none.
-        #[arg(long, default_value_os_t = app::default_admin_socket().to_path_buf())]
+        #[arg(short = 's', long, default_value_os_t = app::default_admin_socket().to_path_buf())]
         admin_socket: PathBuf,
         /// Remove even while an agent serves the node (its data plane goes from under it).
         #[arg(long)]
         force: bool,
     },
+    /// Print a shell completion script (e.g. `mesh-agent completion bash >
+    /// /etc/bash_completion.d/mesh-agent`).
+    Completion {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; e.g. `mesh-agent man | man -l -`).
+    Man,
 }
 
 #[derive(Subcommand)]
 pub enum CaCommand {
     /// Create a new CA for a trust domain: writes its certificate and key (mode 0600).
     Init {
-        #[arg(long)]
+        /// The trust domain, e.g. `prod.example.com`.
+        #[arg(short, long)]
         trust_domain: String,
+        /// Where to write the CA certificate (PEM).
         #[arg(long)]
         cert: PathBuf,
+        /// Where to write the CA key (PEM, mode 0600).
         #[arg(long)]
         key: PathBuf,
+        /// Validity in days.
         #[arg(long, default_value_t = 3650)]
         days: u64,
         /// Replace an existing CA at these paths (every certificate it issued stops verifying).
@@ -116,16 +140,22 @@ pub enum CaCommand {
 pub enum CertCommand {
     /// Issue a certificate for a SPIFFE ID (spiffe://<td>/ns/<ns>/sa/<account>), signed by the CA.
     Issue {
+        /// The CA certificate (PEM) that signs it.
         #[arg(long)]
         ca_cert: PathBuf,
+        /// The CA key (PEM).
         #[arg(long)]
         ca_key: PathBuf,
-        #[arg(long)]
+        /// The identity the certificate carries; its trust domain must be the CA's.
+        #[arg(short = 'i', long)]
         spiffe_id: String,
+        /// Where to write the certificate (PEM).
         #[arg(long)]
         cert: PathBuf,
+        /// Where to write its key (PEM, mode 0600).
         #[arg(long)]
         key: PathBuf,
+        /// Validity in days.
         #[arg(long, default_value_t = 30)]
         days: u64,
     },
@@ -134,9 +164,11 @@ pub enum CertCommand {
 /// How to reach the agent and how to print its answer.
 #[derive(Args)]
 pub struct Query {
-    #[arg(long, default_value_os_t = app::default_admin_socket().to_path_buf())]
+    /// The running agent's admin socket.
+    #[arg(short = 's', long, default_value_os_t = app::default_admin_socket().to_path_buf())]
     admin_socket: PathBuf,
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
 
@@ -149,7 +181,7 @@ pub struct EndpointArgs {
     #[arg(long)]
     service: String,
     /// The endpoint's IP:port.
-    #[arg(long)]
+    #[arg(short, long)]
     address: std::net::SocketAddr,
 }
 
@@ -158,33 +190,65 @@ pub struct FlowsArgs {
     #[command(flatten)]
     query: Query,
     /// Keep streaming new flows until interrupted.
-    #[arg(long)]
+    #[arg(short, long)]
     follow: bool,
     /// Only flows of this service.
     #[arg(long)]
     service: Option<String>,
-    /// Only flows with this verdict: forwarded, no_backend, no_service_port, slot_missing.
-    #[arg(long)]
-    verdict: Option<String>,
+    /// Only flows with this verdict.
+    #[arg(long, value_enum)]
+    verdict: Option<Verdict>,
     /// Only flows from clients whose identity (cgroup path) starts with this.
     #[arg(long)]
     identity: Option<String>,
     /// How many recent flows to show first.
-    #[arg(long, default_value_t = 100)]
+    #[arg(short = 'n', long, default_value_t = 100)]
     limit: usize,
+}
+
+/// A kernel decision, as flows, counters and metrics name it.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Balanced: the connect or datagram went to a backend.
+    Forwarded,
+    /// Sent to the local agent's outbound listener (a strict mTLS service).
+    MtlsRedirected,
+    /// Refused: the VIP has no service on that port and protocol.
+    NoServicePort,
+    /// Refused: the service has no backend.
+    NoBackend,
+    /// Refused: a slot of the table was missing (a map mid-update or damaged).
+    SlotMissing,
+    /// Refused: a strict mTLS service with no agent listening on this node.
+    MtlsNoAgent,
+}
+
+impl Verdict {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
 pub enum Output {
+    /// Aligned columns.
     Table,
+    /// Aligned columns, with the wide ones too.
+    Wide,
+    /// The admin API's JSON answer.
     Json,
+    /// The same answer as YAML.
+    Yaml,
 }
 
 pub fn execute(command: Command) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let show = |query: &Query, path: &str, render: &dyn Fn(&serde_json::Value) -> String| {
+    let show = |query: &Query, path: &str, render: &dyn Fn(&serde_json::Value, bool) -> String| {
         runtime.block_on(async {
             let value: serde_json::Value = admin::client::fetch(&query.admin_socket, path).await?;
             print_output(query.output, &value, render)
@@ -201,22 +265,22 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status(query) => show(&query, "/v1/status", &|v| {
-            typed(v, |report: admin::types::StatusReport| report.render())
+        Command::Status(query) => show(&query, "/v1/status", &|v, wide| {
+            typed(v, |report: admin::types::StatusReport| report.render(wide))
         }),
-        Command::Services(query) => show(&query, "/v1/services", &|v| {
+        Command::Services(query) => show(&query, "/v1/services", &|v, wide| {
             typed(v, |s: Vec<admin::types::ServiceStatus>| {
-                tables::render_services(&s)
+                tables::render_services(&s, wide)
             })
         }),
-        Command::Endpoints(query) => show(&query, "/v1/endpoints", &|v| {
+        Command::Endpoints(query) => show(&query, "/v1/endpoints", &|v, wide| {
             typed(v, |e: Vec<admin::types::EndpointStatus>| {
-                tables::render_endpoints(&e)
+                tables::render_endpoints(&e, wide)
             })
         }),
-        Command::Nodes(query) => show(&query, "/v1/nodes", &|v| {
+        Command::Nodes(query) => show(&query, "/v1/nodes", &|v, wide| {
             typed(v, |n: Vec<admin::types::NodeStatus>| {
-                tables::render_nodes(&n)
+                tables::render_nodes(&n, wide)
             })
         }),
         Command::Register { endpoint, weight } => {
@@ -225,14 +289,14 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
         Command::Deregister(endpoint) => {
             runtime.block_on(change_endpoint("deregister", &endpoint, None))
         }
-        Command::Policies(query) => show(&query, "/v1/policies", &|v| {
+        Command::Policies(query) => show(&query, "/v1/policies", &|v, wide| {
             typed(v, |p: Vec<tunnel::authz::policy::PolicyStatus>| {
-                tables::render_policies(&p)
+                tables::render_policies(&p, wide)
             })
         }),
-        Command::Certs(query) => show(&query, "/v1/certs", &|v| {
+        Command::Certs(query) => show(&query, "/v1/certs", &|v, wide| {
             typed(v, |c: Vec<tunnel::identity::certs::CertStatus>| {
-                tables::render_certs(&c)
+                tables::render_certs(&c, wide)
             })
         }),
         Command::Ca(CaCommand::Init {
@@ -291,6 +355,19 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Flows(args) => runtime.block_on(flows(args)),
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "mesh-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Uninstall {
             node,
             config,
@@ -320,15 +397,17 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Prints `value` as JSON or through `render`.
+/// Prints `value` as JSON, YAML, or through `render` (told whether to show wide columns).
 fn print_output(
     output: Output,
     value: &serde_json::Value,
-    render: &dyn Fn(&serde_json::Value) -> String,
+    render: &dyn Fn(&serde_json::Value, bool) -> String,
 ) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Table => print!("{}", render(value)),
+        Output::Yaml => print!("{}", yaml_serde::to_string(value)?),
+        Output::Table => print!("{}", render(value, false)),
+        Output::Wide => print!("{}", render(value, true)),
     }
     Ok(())
 }
@@ -358,7 +437,7 @@ async fn change_endpoint(
     let path = format!("/v1/endpoints/{action}?{query}");
     let answer: admin::Changed = admin::client::post(&args.query.admin_socket, &path).await?;
     let value = serde_json::to_value(&answer)?;
-    print_output(args.query.output, &value, &|_| {
+    print_output(args.query.output, &value, &|_, _| {
         let what = format!("{} {}", args.service, args.address);
         match (action, answer.changed) {
             ("register", true) => format!("registered {what}\n"),
@@ -373,37 +452,72 @@ async fn flows(args: FlowsArgs) -> anyhow::Result<()> {
     let query = admin::FlowQuery {
         filter: flows::FlowFilter {
             service: args.service,
-            verdict: args.verdict,
+            verdict: args.verdict.map(Verdict::name),
             identity: args.identity,
         },
         limit: Some(args.limit),
         follow: args.follow,
     };
     let output = args.query.output;
-    let mut header_printed = false;
-    admin::client::flows(&args.query.admin_socket, &query, |flow| {
-        print_flow(output, &flow, &mut header_printed);
+    let wide = output == Output::Wide;
+    if !args.follow {
+        let mut history = Vec::new();
+        admin::client::flows(&args.query.admin_socket, &query, |flow| history.push(flow)).await?;
+        return match output {
+            Output::Table | Output::Wide => {
+                print!(
+                    "{}",
+                    render::table(&FLOW_COLUMNS, history.iter().map(flow_row), wide)
+                );
+                Ok(())
+            }
+            Output::Json => {
+                history
+                    .iter()
+                    .for_each(|flow| println!("{}", json_line(flow)));
+                Ok(())
+            }
+            Output::Yaml => {
+                print!("{}", yaml_serde::to_string(&history)?);
+                Ok(())
+            }
+        };
+    }
+    let mut stream = render::Stream::new(&FLOW_COLUMNS, wide);
+    admin::client::flows(&args.query.admin_socket, &query, |flow| match output {
+        Output::Table | Output::Wide => print!("{}", stream.row(flow_row(&flow))),
+        Output::Json => println!("{}", json_line(&flow)),
+        Output::Yaml => print!("---\n{}", yaml_serde::to_string(&flow).unwrap_or_default()),
     })
     .await?;
     Ok(())
 }
 
-fn print_flow(output: Output, flow: &flows::Flow, header_printed: &mut bool) {
-    if output == Output::Json {
-        println!("{}", json_line(flow));
-        return;
-    }
-    if !*header_printed {
-        println!(
-            "{:<24} {:<10} {:<7} {:<22} {:<22} {:<16} IDENTITY",
-            "TIME", "SERVICE", "CALL", "VIP", "BACKEND", "VERDICT"
-        );
-        *header_printed = true;
-    }
-    println!(
-        "{:<24} {:<10} {:<7} {:<22} {:<22} {:<16} {}",
-        flow.time, flow.service, flow.call, flow.vip, flow.backend, flow.verdict, flow.identity
-    );
+/// The columns of `flows`, each with the width a streamed row keeps it to at least.
+const FLOW_COLUMNS: [render::Column; 9] = [
+    render::col("TIME").width(24),
+    render::col("SERVICE").width(10),
+    render::col("CALL").width(7),
+    render::col("VIP").width(21),
+    render::col("BACKEND").width(21),
+    render::col("VERDICT").width(15),
+    render::col("IDENTITY"),
+    render::wide("PROTO"),
+    render::wide("AFFINITY"),
+];
+
+fn flow_row(flow: &flows::Flow) -> Vec<String> {
+    vec![
+        flow.time.clone(),
+        flow.service.clone(),
+        flow.call.clone(),
+        flow.vip.clone(),
+        flow.backend.clone(),
+        flow.verdict.clone(),
+        flow.identity.clone(),
+        flow.protocol.clone(),
+        flow.affinity.clone(),
+    ]
 }
 
 fn json_line(value: &impl Serialize) -> String {

@@ -1,24 +1,42 @@
 //! The CLI's tables: how `status`, `services`, `endpoints`, `nodes`, `policies` and `certs`
-//! show the admin API's answers to people.
+//! show the admin API's answers to people, all through the one renderer ([`super::render`]).
 
 use std::fmt::Write as _;
 
-use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use super::render::{age, col, table, wide, Column};
+use crate::{
+    admin::types::{EndpointStatus, NodeStatus, ServiceStatus, StatusReport},
+    tunnel::{authz::policy::PolicyStatus, identity::certs::CertStatus},
+};
 
-use crate::admin::types::{EndpointStatus, NodeStatus, ServiceStatus, StatusReport};
+const SERVICE_COLUMNS: [Column; 9] = [
+    col("SERVICE"),
+    col("FRONTEND"),
+    col("PROTO"),
+    col("LB"),
+    col("BACKENDS"),
+    col("HEALTHY"),
+    col("SLOTS"),
+    wide("AFFINITY"),
+    wide("ADDRESSES"),
+];
 
 impl StatusReport {
-    /// Human-readable tables.
-    pub fn render(&self) -> String {
+    /// The verdict line, what the agent serves, then the services and the kernel counters.
+    pub fn render(&self, wide: bool) -> String {
         let mut out = String::new();
+        let _ = match self.degraded.is_empty() {
+            true => writeln!(out, "ok"),
+            false => writeln!(out, "degraded: {}", self.degraded.join("; ")),
+        };
         let _ = writeln!(
             out,
-            "node {}  cgroup {}  config {}{}",
+            "node {}   cgroup {}   config {}{}",
             self.node,
             self.cgroup,
             self.config,
             if self.adopted {
-                "  (adopted pinned state)"
+                "   (adopted pinned state)"
             } else {
                 ""
             }
@@ -32,38 +50,15 @@ impl StatusReport {
         for conflict in &self.conflicts {
             let _ = writeln!(out, "catalog conflict: {conflict}");
         }
-        let services = self.services.iter().map(|service| {
-            let backends = if service.backends.is_empty() {
-                "(none: connects refused)".to_owned()
-            } else {
-                service
-                    .backends
-                    .iter()
-                    .map(|b| format!("{} w={}", b.address, b.weight))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            };
-            [
-                service_name(service),
-                frontend(&service.vip, service.port),
-                service.protocol.clone(),
-                service.lb.clone(),
-                service.affinity.clone(),
-                service.slots.to_string(),
-                backends,
-            ]
-        });
+        out.push('\n');
+        out.push_str(&render_services(&self.services, wide));
+        out.push('\n');
         out.push_str(&table(
-            [
-                "SERVICE", "FRONTEND", "PROTO", "LB", "AFFINITY", "SLOTS", "BACKENDS",
-            ],
-            services,
-        ));
-        out.push_str(&table(
-            ["COUNTER", "VALUE"],
+            &[col("COUNTER"), col("VALUE")],
             self.counters
                 .iter()
-                .map(|(name, value)| [name.clone(), value.to_string()]),
+                .map(|(name, value)| vec![name.clone(), value.to_string()]),
+            wide,
         ));
         out
     }
@@ -78,145 +73,144 @@ fn frontend(vip: &str, port: u16) -> String {
     }
 }
 
-/// The name, marked when the service is in panic.
-fn service_name(service: &ServiceStatus) -> String {
-    if service.panic {
-        format!(
-            "{}\n(panic: all backends unhealthy, all used)",
-            service.name
-        )
-    } else {
-        service.name.clone()
-    }
-}
-
-/// A table with a header row, in the style of the status tables.
-pub fn table<const N: usize>(
-    header: [&str; N],
-    rows: impl IntoIterator<Item = [String; N]>,
-) -> String {
-    let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY).set_header(header);
-    for row in rows {
-        table.add_row(row);
-    }
-    format!("{table}\n")
-}
-
-/// `mesh-agent services`.
-pub fn render_services(services: &[ServiceStatus]) -> String {
+/// `mesh-agent services` (and the services of `status`).
+pub fn render_services(services: &[ServiceStatus], wide: bool) -> String {
     table(
-        [
-            "SERVICE", "FRONTEND", "PROTO", "LB", "AFFINITY", "SLOTS", "BACKENDS",
-        ],
+        &SERVICE_COLUMNS,
         services.iter().map(|s| {
-            [
-                service_name(s),
+            let total = s.backends.iter().filter(|b| b.weight > 0).count();
+            let healthy = if s.panic {
+                format!("{}/{total} (panic: all used)", s.healthy)
+            } else {
+                format!("{}/{total}", s.healthy)
+            };
+            vec![
+                s.name.clone(),
                 frontend(&s.vip, s.port),
                 s.protocol.clone(),
                 s.lb.clone(),
-                s.affinity.clone(),
-                s.slots.to_string(),
                 s.backends.len().to_string(),
+                healthy,
+                s.slots.to_string(),
+                s.affinity.clone(),
+                s.backends
+                    .iter()
+                    .map(|b| format!("{}*{}", b.address, b.weight))
+                    .collect::<Vec<_>>()
+                    .join(","),
             ]
         }),
+        wide,
     )
 }
 
 /// `mesh-agent endpoints`.
-pub fn render_endpoints(endpoints: &[EndpointStatus]) -> String {
+pub fn render_endpoints(endpoints: &[EndpointStatus], wide_columns: bool) -> String {
     table(
-        [
-            "SERVICE",
-            "ENDPOINT",
-            "WEIGHT",
-            "STATE",
-            "HEALTH",
-            "CONNECTIONS",
-            "NODE",
+        &[
+            col("SERVICE"),
+            col("ENDPOINT"),
+            col("WEIGHT"),
+            col("STATE"),
+            col("HEALTH"),
+            col("CONNECTIONS"),
+            col("NODE"),
+            wide("REASON"),
+            wide("EJECTED UNTIL"),
         ],
         endpoints.iter().map(|e| {
-            let mut health = e.health.clone().unwrap_or_else(|| "-".into());
-            if let Some(reason) = &e.health_reason {
-                health.push_str(&format!(": {reason}"));
-            }
-            if let Some(until) = &e.ejected_until {
-                health.push_str(&format!(" (until {until})"));
-            }
-            [
+            vec![
                 e.service.clone(),
                 e.address.clone(),
                 e.weight.to_string(),
                 e.state.clone(),
-                health,
+                e.health.clone().unwrap_or_else(|| "-".into()),
                 e.connections.to_string(),
                 e.announced_by.join(","),
+                e.health_reason.clone().unwrap_or_default(),
+                e.ejected_until.clone().unwrap_or_default(),
             ]
         }),
+        wide_columns,
     )
 }
 
 /// `mesh-agent nodes`.
-pub fn render_nodes(nodes: &[NodeStatus]) -> String {
+pub fn render_nodes(nodes: &[NodeStatus], wide_columns: bool) -> String {
     table(
-        [
-            "NODE",
-            "ROLE",
-            "ADDRESS",
-            "STATE",
-            "VERSION",
-            "UPTIME",
-            "ENDPOINTS",
+        &[
+            col("NODE"),
+            col("ROLE"),
+            col("STATE"),
+            col("ADDRESS"),
+            col("UPTIME"),
+            col("ENDPOINTS"),
+            wide("VERSION"),
+            wide("ANNOUNCED"),
         ],
         nodes.iter().map(|n| {
-            [
+            vec![
                 n.name.clone(),
                 n.role.clone(),
-                n.address.clone(),
                 n.state.clone(),
+                n.address.clone(),
+                if n.role == "self" {
+                    age(n.uptime_s)
+                } else {
+                    String::new()
+                },
+                n.endpoints.len().to_string(),
                 n.version.clone(),
-                format!("{}s", n.uptime_s),
-                n.endpoints.join("\n"),
+                n.endpoints.join(","),
             ]
         }),
+        wide_columns,
     )
 }
 
-/// `mesh-agent policies` as a table.
-pub fn render_policies(policies: &[crate::tunnel::authz::policy::PolicyStatus]) -> String {
+/// `mesh-agent policies`.
+pub fn render_policies(policies: &[PolicyStatus], wide: bool) -> String {
     if policies.is_empty() {
         return "no authorization policies (every authenticated caller may reach mTLS services)\n"
             .into();
     }
     table(
-        ["SERVICE", "PORT", "ACTION", "FROM"],
+        &[col("SERVICE"), col("PORT"), col("ACTION"), col("FROM")],
         policies.iter().map(|p| {
-            [
+            vec![
                 p.service.clone(),
                 p.port
                     .map_or_else(|| "*".to_owned(), |port| port.to_string()),
                 p.action.to_string(),
-                p.from.join("\n"),
+                p.from.join(","),
             ]
         }),
+        wide,
     )
 }
 
-/// `mesh-agent certs` as a table.
-pub fn render_certs(certs: &[crate::tunnel::identity::certs::CertStatus]) -> String {
+/// `mesh-agent certs`.
+pub fn render_certs(certs: &[CertStatus], wide_columns: bool) -> String {
     if certs.is_empty() {
         return "no certificates (mTLS is off: no [mtls] section)\n".into();
     }
     table(
-        ["IDENTITY", "SERIAL", "NOT AFTER", "DAYS LEFT", "FILE"],
+        &[
+            col("IDENTITY"),
+            col("NOT AFTER"),
+            col("DAYS LEFT"),
+            wide("SERIAL"),
+            wide("FILE"),
+        ],
         certs.iter().map(|c| {
-            [
+            vec![
                 c.identity.clone(),
-                c.serial.clone(),
                 c.not_after.clone(),
                 c.days_left.to_string(),
+                c.serial.clone(),
                 c.file.clone(),
             ]
         }),
+        wide_columns,
     )
 }

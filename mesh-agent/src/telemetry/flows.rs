@@ -166,7 +166,6 @@ impl Decoder {
 
     pub fn decode(&mut self, event: &FlowEvent, names: &dyn Names) -> Flow {
         let verdict = match Counter::from_index(event.verdict) {
-            Some(Counter::Rewritten) => "forwarded".to_owned(),
             Some(counter) => counter.name().to_owned(),
             None => format!("unknown({})", event.verdict),
         };

@@ -572,7 +572,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         let expected = [
             "# TYPE mesh_kernel_decisions counter",
-            r#"mesh_kernel_decisions_total{reason="rewritten"} 300"#,
+            r#"mesh_kernel_decisions_total{reason="forwarded"} 300"#,
             r#"mesh_kernel_decisions_total{reason="no_backend"} 0"#,
             r#"mesh_kernel_decisions_total{reason="events_dropped"} 0"#,
             "# TYPE mesh_backend_connections counter",
