@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::util::{cmd, output, run_checked, succeeds};
 
 /// Debian packages the build (LLVM for bpf-linker), the agent (bpftool, iproute2, iptables) and
-/// the tests and benchmarks (traffic tools and reference proxies) need.
+/// the tests and benchmarks (traffic tools, reference proxies, systemd's unit checks) need.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -33,6 +33,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "openssl",
     "util-linux",
+    // `systemd-analyze verify` and `security` check the shipped unit (tests/tests/systemd.rs);
+    // verify looks its Documentation= man page up with man.
+    "systemd",
+    "man-db",
 ];
 
 /// The LLVM that `bpf-linker` is built against (must match the nightly's LLVM major).
