@@ -54,6 +54,8 @@ pub struct Agent {
     extra_args: Vec<OsString>,
     /// The file-creation mask the agent starts with (`None`: the test runner's).
     umask: Option<libc::mode_t>,
+    /// More environment for the agent's next starts (e.g. systemd's `NOTIFY_SOCKET`).
+    env: Vec<(OsString, OsString)>,
     proc: Option<Proc>,
 }
 
@@ -98,6 +100,7 @@ impl Agent {
             cgroup,
             extra_args: extra_args.iter().map(OsString::from).collect(),
             umask: None,
+            env: Vec::new(),
             proc: None,
         };
         agent.write_config(config_toml)?;
@@ -145,6 +148,7 @@ impl Agent {
                 });
             }
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         // Keep the logs readable and complete; the agent may honour either.
         cmd.env("RUST_BACKTRACE", "1");
         if std::env::var_os("RUST_LOG").is_none() {
@@ -380,6 +384,11 @@ impl Agent {
     /// Makes the agent's next starts (restarts, takeovers) run under file-creation mask `mask`.
     pub fn set_umask(&mut self, mask: libc::mode_t) {
         self.umask = Some(mask);
+    }
+
+    /// Sets `key=value` in the environment of the agent's next starts (restarts, takeovers).
+    pub fn set_env(&mut self, key: &str, value: impl Into<OsString>) {
+        self.env.push((key.into(), value.into()));
     }
 
     /// Whether the agent process is alive.

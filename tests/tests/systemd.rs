@@ -4,15 +4,20 @@
 //!
 //! These machines have no systemd as PID 1, so the unit is not started here (the takeover and
 //! drain it relies on are covered by `takeover.rs`); what is checked is what systemd would
-//! refuse or flag. Needs the built binary and systemd-analyze (installed by the set-up).
+//! refuse or flag, and the notify protocol the unit relies on, spoken to a socket of the test's
+//! own standing in for systemd's. Needs root, the built binary and systemd-analyze (installed
+//! by the set-up).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use std::os::unix::net::UnixDatagram;
+
+use mesh_tests::config::render;
 use mesh_tests::host::{agent_bin, workspace_root};
 use mesh_tests::process::{self, Capture};
-use mesh_tests::OrFail;
+use mesh_tests::{OrFail, TestBed};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -101,5 +106,40 @@ fn the_unit_verifies_and_rates_4_or_lower() {
         score <= 4.0,
         "exposure {score} above 4.0:\n{}",
         security.stdout
+    );
+}
+
+#[test]
+fn the_agent_tells_systemd_it_is_ready_and_keeps_the_watchdog_fed() {
+    let bed = TestBed::new("the_agent_tells_systemd_it_is_ready").or_fail();
+    let node = bed.add_node("a").or_fail();
+    let mut agent = node.start_agent(&render("a", &[])).or_fail();
+    let scratch = Scratch::new("sd-notify");
+    let socket_path = scratch.0.join("notify");
+    let systemd = UnixDatagram::bind(&socket_path).or_fail();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .or_fail();
+    agent.set_env("NOTIFY_SOCKET", &socket_path);
+    // As systemd sets it for WatchdogSec=0.4: a ping every 200 ms is due.
+    agent.set_env("WATCHDOG_USEC", "400000");
+    agent.restart().or_fail();
+    let pid = agent.pid().expect("the agent runs");
+
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = systemd.recv(&mut buf).or_fail();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), format!("MAINPID={pid}\nREADY=1"));
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    // Five pings at half the timeout: about a second, never a burst.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(700),
+        "5 pings in {took:?}: faster than every 200 ms"
     );
 }

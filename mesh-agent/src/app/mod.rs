@@ -237,6 +237,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     health_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(admin_socket = %options.admin_socket.display(), "ready");
     crate::sys::sd_notify::ready();
+    if let Some(watchdog) = crate::sys::sd_notify::watchdog() {
+        tasks.spawn(watchdog);
+    }
 
     let why = loop {
         tokio::select! {

@@ -6,8 +6,12 @@
 //! The agent sends `MAINPID=<its pid>` and `READY=1` once it serves, and a predecessor that
 //! hands over to a successor sends `MAINPID=<successor>` before it lets the successor go, so
 //! the unit's main process is always a live agent (the unit needs `NotifyAccess=all`).
+//!
+//! With `WatchdogSec=` systemd passes `$WATCHDOG_USEC`; [`watchdog`] then sends `WATCHDOG=1`
+//! at half that interval from the control runtime, so a control thread that stops turning
+//! (a deadlock, a loop that never yields) gets the agent restarted.
 
-use std::{io, os::unix::net::UnixDatagram};
+use std::{io, os::unix::net::UnixDatagram, time::Duration};
 
 /// This agent serves: it is the unit's main process and the unit is ready.
 pub fn ready() {
@@ -17,6 +21,32 @@ pub fn ready() {
 /// `pid` is the unit's main process from now on.
 pub fn main_pid(pid: u32) {
     notify(&format!("MAINPID={pid}"));
+}
+
+/// The keep-alive loop when systemd asked for one (`$WATCHDOG_USEC`, and `$WATCHDOG_PID`
+/// absent or this process); it runs until dropped.
+pub fn watchdog() -> Option<impl std::future::Future<Output = ()>> {
+    let interval = watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )?;
+    Some(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            notify("WATCHDOG=1");
+        }
+    })
+}
+
+/// Half the watchdog timeout, when the watchdog is meant for process `pid`.
+fn watchdog_interval(usec: Option<&str>, for_pid: Option<&str>, pid: u32) -> Option<Duration> {
+    if for_pid.is_some_and(|p| p.parse() != Ok(pid)) {
+        return None;
+    }
+    let usec: u64 = usec?.parse().ok().filter(|&u| u > 0)?;
+    Some(Duration::from_micros(usec / 2))
 }
 
 fn notify(state: &str) {
@@ -47,6 +77,22 @@ fn send(socket: &[u8], state: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watchdog_pings_at_half_its_timeout_and_only_for_this_process() {
+        assert_eq!(
+            watchdog_interval(Some("30000000"), None, 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            watchdog_interval(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(watchdog_interval(Some("30000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_interval(None, None, 7), None);
+        assert_eq!(watchdog_interval(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval(Some("soon"), None, 7), None);
+    }
 
     #[test]
     fn a_datagram_reaches_a_path_and_an_abstract_socket() {
