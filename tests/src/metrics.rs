@@ -1,6 +1,6 @@
 //! Reading an agent's Prometheus metrics from inside its node: one scrape of the default
-//! endpoint (`127.0.0.1:15020/metrics` in the node's namespace), one series' value, and
-//! polling until a series reaches a value.
+//! endpoint (`127.0.0.1:15020/metrics` in the node's namespace) or one of its probes, one
+//! series' value, and polling until a series reaches a value.
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -16,10 +16,19 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The whole HTTP response of one `GET /metrics` to `node`'s agent.
 pub fn scrape(node: &Node) -> Result<String> {
+    get(node, "/metrics")
+}
+
+/// The whole HTTP response of one `GET path` to the metrics port of `node`'s agent (also
+/// `/healthz` and `/ready`).
+pub fn get(node: &Node, path: &str) -> Result<String> {
     node.netns().run_in(|| -> Result<String> {
         let mut s = TcpStream::connect_timeout(&ENDPOINT, TIMEOUT)?;
         s.set_read_timeout(Some(TIMEOUT))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
         Ok(text)

@@ -1,6 +1,7 @@
 //! End-to-end operations scenarios: the agent's Prometheus endpoint scraped by a real HTTP
-//! client (`curl`, run inside client node `a`) after real traffic through a VIP, and the Grafana
-//! dashboard checked against what that endpoint really exports.
+//! client (`curl`, run inside client node `a`) after real traffic through a VIP, the Grafana
+//! dashboard checked against what that endpoint really exports, and the `/healthz` and
+//! `/ready` probes on the same port as the agent starts, restarts and hears the mesh.
 //!
 //! Needs root, cgroup2, bpffs, `curl` and a built `mesh-agent`; fails, never skips, without
 //! them. Every test has its own bed, so the agents' default metrics address (`0.0.0.0:15020`)
@@ -462,4 +463,71 @@ fn metric_names_are_the_mesh_tokens() {
     let labels = parse_labels(r#"service="web",backend="[fd00:1::3]:8080",q="a\"b""#).unwrap();
     assert_eq!(labels["backend"], "[fd00:1::3]:8080");
     assert_eq!(labels["q"], "a\"b");
+}
+
+/// `(status code, body)` of `GET path` on the node's metrics port, polled until `want` holds
+/// (every 50 ms, at most 10 s); the last answer either way.
+fn probe_until(node: &Node, path: &str, want: impl Fn(u16) -> bool) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = mesh_tests::metrics::get(node, path).or_fail();
+        let status: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        if want(status) || Instant::now() >= deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn probes_flip_as_the_agent_starts_restarts_and_hears_the_mesh() {
+    let bed = TestBed::new("probes_flip_as_the_agent_starts").or_fail();
+    let key = bed.tmpdir().join("mesh.key");
+    std::fs::write(&key, "a-test-mesh-key-of-32-bytes-long\n").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let b = bed.add_node("b").or_fail();
+    let config = |node: &Node, seed: &Node| {
+        render(node.name(), &[])
+            + &mesh_tests::config::gossip_table(
+                node.ipv4().into(),
+                &[seed.ipv4().into()],
+                &key,
+                &["interval = \"100ms\"".to_owned()],
+            )
+    };
+    // a's only seed, b, is not running: a is alive, and not ready until it hears the mesh.
+    let mut agent_a = a.start_agent(&config(&a, &b)).or_fail();
+    assert_eq!(
+        probe_until(&a, "/healthz", |s| s == 200),
+        (200, "ok\n".into())
+    );
+    let (status, body) = probe_until(&a, "/ready", |s| s == 503);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for gossip"), "{body}");
+    // A second look a while later: still waiting, nothing flips on its own.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(probe_until(&a, "/ready", |s| s == 503).0, 503);
+
+    let _agent_b = b.start_agent(&config(&b, &a)).or_fail();
+    assert_eq!(
+        probe_until(&a, "/ready", |s| s == 200),
+        (200, "ready\n".into())
+    );
+
+    // Restarted, a adopts its pins and is ready again once it hears b.
+    agent_a.restart().or_fail();
+    assert_eq!(
+        probe_until(&a, "/ready", |s| s == 200),
+        (200, "ready\n".into())
+    );
+    assert_eq!(probe_until(&a, "/healthz", |s| s == 200).0, 200);
+    assert_eq!(probe_until(&a, "/nothing", |s| s == 404).0, 404);
 }

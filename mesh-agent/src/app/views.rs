@@ -91,9 +91,33 @@ impl SnapshotSource for SharedAgent {
         snapshot.flows_recorded = self.flows.recorded();
         snapshot
     }
+
+    fn waiting_for(&self) -> Vec<String> {
+        self.lock().waiting_for()
+    }
 }
 
 impl Controller {
+    /// What this agent still waits for before it is ready (`/ready`): the data plane is
+    /// installed and the config applied before anything serves, so only gossip remains. With
+    /// `[gossip]` and a seed other than itself, the agent is ready once it has heard one
+    /// authentic datagram from the mesh (its catalog then holds what the mesh says, not only
+    /// what it kept on disk).
+    pub fn waiting_for(&self) -> Vec<String> {
+        let Some(gossip) = &self.gossip_config else {
+            return Vec::new();
+        };
+        let has_peers = gossip.seeds.iter().any(|seed| *seed != gossip.advertise);
+        let heard = self
+            .gossip_stats
+            .as_ref()
+            .is_some_and(|stats| stats.last_authentic().is_some());
+        match has_peers && !heard {
+            true => vec!["gossip: no authentic datagram from the mesh yet".to_owned()],
+            false => Vec::new(),
+        }
+    }
+
     /// This node, its gossip members and the peers restored from the state file.
     pub fn nodes(&self) -> Vec<NodeStatus> {
         let agent = self;

@@ -95,9 +95,11 @@ pub struct GossipSample {
     pub rejected: Vec<(&'static str, u64)>,
 }
 
-/// Produces a [`Snapshot`] on demand.
+/// What the metrics port serves from: a [`Snapshot`] per scrape, and readiness per probe.
 pub trait SnapshotSource: Send + Sync + 'static {
     fn snapshot(&self) -> Snapshot;
+    /// What the agent still waits for before it is ready (empty: ready).
+    fn waiting_for(&self) -> Vec<String>;
 }
 
 /// Why the metrics endpoint could not start.
@@ -118,11 +120,12 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
         .map_err(|cause| MetricsError { addr, cause })
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Serves `GET /metrics`, `/healthz` and `/ready` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, source: Arc<dyn SnapshotSource>) {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving metrics on /metrics");
+        tracing::info!(%addr, "serving metrics on /metrics, probes on /healthz and /ready");
     }
+    let probes = Arc::clone(&source);
     let registry = Arc::new(registry(source));
     loop {
         let stream = match listener.accept().await {
@@ -135,9 +138,10 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn SnapshotSource>) {
             }
         };
         let registry = Arc::clone(&registry);
+        let probes = Arc::clone(&probes);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = route(&request, &registry);
+                let response = route(&request, &registry, &*probes);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(error) = http1::Builder::new()
@@ -157,22 +161,44 @@ fn registry(source: Arc<dyn SnapshotSource>) -> Registry {
     registry
 }
 
-fn route(request: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET || request.uri().path() != "/metrics" {
-        return respond(
+fn route(
+    request: &Request<Incoming>,
+    registry: &Registry,
+    probes: &dyn SnapshotSource,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    match request.uri().path() {
+        "/metrics" => match render(registry) {
+            Ok(body) => respond(StatusCode::OK, CONTENT_TYPE, body),
+            Err(fmt::Error) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "cannot encode the metrics\n",
+            ),
+        },
+        // Alive: the control runtime, which serves this, is turning.
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/ready" => readiness(&probes.waiting_for()),
+        _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "only GET /metrics is served\n",
-        );
-    }
-    match render(registry) {
-        Ok(body) => respond(StatusCode::OK, CONTENT_TYPE, body),
-        Err(fmt::Error) => respond(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            "cannot encode the metrics\n",
+            "served: /metrics, /healthz, /ready\n",
         ),
     }
+}
+
+/// `200 ready`, or `503` listing what the agent still waits for, one reason a line.
+fn readiness(waiting_for: &[String]) -> Response<Full<Bytes>> {
+    if waiting_for.is_empty() {
+        return respond(StatusCode::OK, "text/plain", "ready\n");
+    }
+    let body: String = waiting_for
+        .iter()
+        .map(|reason| format!("waiting for {reason}\n"))
+        .collect();
+    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
 }
 
 fn respond(
@@ -500,6 +526,10 @@ mod tests {
         fn snapshot(&self) -> Snapshot {
             self.0.clone()
         }
+
+        fn waiting_for(&self) -> Vec<String> {
+            Vec::new()
+        }
     }
 
     fn sample() -> Snapshot {
@@ -625,6 +655,10 @@ mod tests {
         impl SnapshotSource for Shared {
             fn snapshot(&self) -> Snapshot {
                 self.0.lock().unwrap().clone()
+            }
+
+            fn waiting_for(&self) -> Vec<String> {
+                Vec::new()
             }
         }
         let registry = registry(Arc::new(Shared(Arc::clone(&source))));
