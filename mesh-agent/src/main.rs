@@ -4,7 +4,11 @@
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
-use mesh_agent::cli::{self, Cli, LogFormat};
+use mesh_agent::{
+    cli::{self, Cli, LogFormat},
+    telemetry::log_level,
+};
+use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -18,14 +22,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr through a filter from `RUST_LOG` (default `info`) that `mesh-agent
+/// log-level` can change while the agent runs.
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let filter = log_level::filter(&directives).unwrap_or_else(|error| {
+        eprintln!("mesh-agent: RUST_LOG {error}; logging at info");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => {
+            let builder = builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            log_level::install(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+            builder.init();
+        }
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .with_env_filter(filter)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            log_level::install(Box::new(move |f| {
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+            builder.init();
+        }
     }
 }

@@ -148,12 +148,12 @@ impl Agent {
                 });
             }
         }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         // Keep the logs readable and complete; the agent may honour either.
         cmd.env("RUST_BACKTRACE", "1");
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         append(
             &self.log_path,
             &format!("=== mesh-tests: starting {cmd:?} ===\n"),

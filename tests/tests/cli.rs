@@ -398,3 +398,71 @@ fn follower_lines(text: &str) -> Vec<Value> {
         })
         .collect()
 }
+
+#[test]
+fn log_level_changes_what_a_running_agent_logs_and_debug_keeps_the_loader_quiet() {
+    let bed = TestBed::new("log_level_changes_what_a_running_agent_logs").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let backend: SocketAddr = "10.200.0.2:8080".parse().expect("backend");
+    let config = |port: u16| {
+        render(
+            "a",
+            &[Service::tcp(
+                "web",
+                SocketAddr::new(vip.ip(), port),
+                &[backend],
+            )],
+        )
+    };
+    let mut agent = a.start_agent(&config(80)).or_fail();
+    // Started at debug: mesh's debug lines, none of the loader's (aya's BTF bookkeeping).
+    agent.set_env("RUST_LOG", "debug");
+    agent.restart().or_fail();
+    let started = agent.log();
+    let noise: Vec<&str> = started
+        .lines()
+        .filter(|l| l.contains("DEBUG") && (l.contains(" aya::") || l.contains(" aya_obj::")))
+        .collect();
+    assert!(
+        noise.is_empty(),
+        "loader debug lines: {}\n{started}",
+        noise.len()
+    );
+
+    let level = |filter: &str| {
+        agent.cli(&[
+            "log-level".as_ref(),
+            filter.as_ref(),
+            "-s".as_ref(),
+            agent.socket_path().as_os_str(),
+        ])
+    };
+    let applied = |log: &str| log.matches("config applied to the kernel").count();
+    level("warn").or_fail().ok("log-level warn").or_fail();
+    let before = applied(&agent.log());
+    agent.write_config(&config(81)).or_fail();
+    let serves = |port: u16| move |status: &Value| status["services"][0]["port"] == json!(port);
+    agent
+        .wait_status(Duration::from_secs(5), serves(81))
+        .or_fail();
+    assert_eq!(
+        applied(&agent.log()),
+        before,
+        "an info line got through at warn"
+    );
+
+    let out = level("info").or_fail().ok("log-level info").or_fail();
+    assert_eq!(out.stdout.trim_end(), "log filter now info");
+    agent.write_config(&config(82)).or_fail();
+    agent
+        .wait_status(Duration::from_secs(5), serves(82))
+        .or_fail();
+    let log = agent.log();
+    assert!(applied(&log) > before, "no info line at info:\n{log}");
+
+    // A filter that does not parse is refused, naming it; the one in force stays.
+    let bad = level("mesh_agent=loud").or_fail();
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("mesh_agent=loud"), "{}", bad.stderr);
+}

@@ -13,6 +13,7 @@
 //! | `GET /v1/policies` | `[PolicyStatus]`: the authorization rules in force (`[]` without mTLS) |
 //! | `GET /v1/certs` | `[CertStatus]`: certificates loaded: identity, serial, expiry (`[]` without mTLS) |
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
+//! | `POST /v1/log-level?filter=` | [`Changed`]: the log filter (`RUST_LOG` syntax) from now on |
 //! | `POST /v1/takeover` with `Upgrade: mesh-takeover/1` | root only: `101`, then the connection carries the [`crate::app::takeover`] protocol |
 
 pub mod client;
@@ -81,6 +82,13 @@ pub struct EndpointQuery {
     /// `register` only (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+}
+
+/// The query of `POST /v1/log-level`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogLevelQuery {
+    /// `RUST_LOG` syntax: `debug`, `info,mesh_agent::gossip=debug`.
+    pub filter: String,
 }
 
 /// Answer of the `register` and `deregister` routes.
@@ -274,9 +282,21 @@ fn take_over(
     response
 }
 
-/// The `POST` routes: registering endpoints.
+/// The `POST` routes: registering endpoints, the log filter.
 fn post(request: &Request<Incoming>, agent: &dyn AgentView) -> Response<Body> {
     let query = request.uri().query().unwrap_or_default();
+    if request.uri().path() == "/v1/log-level" {
+        return match serde_urlencoded::from_str::<LogLevelQuery>(query) {
+            Ok(q) => match crate::telemetry::log_level::set(&q.filter) {
+                Ok(()) => json(Ok::<_, String>(Changed { changed: true })),
+                Err(e) => text(StatusCode::BAD_REQUEST, &format!("log filter {e}\n")),
+            },
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                &format!("bad log-level query: {e}\n"),
+            ),
+        };
+    }
     let parsed = serde_urlencoded::from_str::<EndpointQuery>(query);
     let result = match (request.uri().path(), parsed) {
         (path, Err(e)) if path.starts_with("/v1/endpoints/") => {

@@ -232,7 +232,7 @@ impl Controller {
         // holds now (how the gossip bench tells which apply brought a change).
         tracing::info!(
             %report,
-            elapsed_us = started.elapsed().as_micros(),
+            elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             services = self.kernel.services.len(),
             backends = self.kernel.backends.len(),
             "config applied to the kernel"

@@ -104,6 +104,15 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Change the running agent's log filter (`RUST_LOG` syntax: `debug`,
+    /// `info,mesh_agent::gossip=debug`) until it restarts.
+    LogLevel {
+        /// The new filter.
+        filter: String,
+        /// The running agent's admin socket.
+        #[arg(short = 's', long, default_value_os_t = app::default_admin_socket().to_path_buf())]
+        admin_socket: PathBuf,
+    },
     /// Print a shell completion script (e.g. `mesh-agent completion bash >
     /// /etc/bash_completion.d/mesh-agent`).
     Completion {
@@ -355,6 +364,18 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Flows(args) => runtime.block_on(flows(args)),
+        Command::LogLevel {
+            filter,
+            admin_socket,
+        } => runtime.block_on(async {
+            let query = serde_urlencoded::to_string(admin::LogLevelQuery {
+                filter: filter.clone(),
+            })?;
+            let _: admin::Changed =
+                admin::client::post(&admin_socket, &format!("/v1/log-level?{query}")).await?;
+            println!("log filter now {filter}");
+            Ok(())
+        }),
         Command::Completion { shell } => {
             clap_complete::generate(
                 shell,

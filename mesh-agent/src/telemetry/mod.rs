@@ -2,5 +2,6 @@
 //! rate-limited warnings.
 
 pub mod flows;
+pub mod log_level;
 pub mod log_limit;
 pub mod metrics;
