@@ -466,3 +466,114 @@ fn log_level_changes_what_a_running_agent_logs_and_debug_keeps_the_loader_quiet(
     assert!(!bad.status.success());
     assert!(bad.stderr.contains("mesh_agent=loud"), "{}", bad.stderr);
 }
+
+#[test]
+fn sysdump_archives_every_answer_the_config_and_no_key() {
+    let bed = TestBed::new("sysdump_archives_every_answer").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let b = bed.add_node("b").or_fail();
+    let b_addr = SocketAddr::new(b.ipv4().into(), BACKEND_PORT);
+    let _server = b.tcp_server("server", b_addr, "b").or_fail();
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let agent = a
+        .start_agent(&render("a", &[Service::tcp("web", vip, &[b_addr])]))
+        .or_fail();
+    assert_eq!(a.tcp_client("client", vip, 3, T).or_fail().ok(), 3);
+    // The kernel's flow events reach the agent's history asynchronously.
+    let recorded = || {
+        let out = agent
+            .cli(&[
+                "flows".as_ref(),
+                "-o".as_ref(),
+                "json".as_ref(),
+                "-s".as_ref(),
+                agent.socket_path().as_os_str(),
+            ])
+            .or_fail()
+            .ok("flows")
+            .or_fail();
+        follower_lines(&out.stdout).len()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while recorded() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let archive = bed.tmpdir().join("dump.tar.gz");
+    // From inside the node: the metrics endpoint is the node's loopback.
+    let mut sysdump = Command::new(agent_bin().or_fail());
+    sysdump
+        .args(["sysdump", "-s"])
+        .arg(agent.socket_path())
+        .arg("-f")
+        .arg(&archive);
+    let out = a.run("sysdump", sysdump, Duration::from_secs(30)).or_fail();
+    assert!(out.status.success(), "sysdump failed: {}", out.stderr);
+    let list = Command::new("tar")
+        .arg("-tzf")
+        .arg(&archive)
+        .output()
+        .or_fail();
+    let names: BTreeSet<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let want: BTreeSet<String> = [
+        "status.json",
+        "services.json",
+        "endpoints.json",
+        "nodes.json",
+        "policies.json",
+        "certs.json",
+        "flows.ndjson",
+        "config.toml",
+        "maps.txt",
+        "versions.txt",
+        "MANIFEST.txt",
+    ]
+    .iter()
+    .map(|n| format!("mesh-sysdump/{n}"))
+    .collect();
+    assert!(
+        want.is_subset(&names),
+        "missing {:?}",
+        want.difference(&names)
+    );
+
+    let dir = bed.tmpdir().join("dump");
+    std::fs::create_dir_all(&dir).or_fail();
+    let unpacked = Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .or_fail();
+    assert!(unpacked.success());
+    let read = |name: &str| std::fs::read_to_string(dir.join("mesh-sysdump").join(name)).or_fail();
+    let status: Value = serde_json::from_str(&read("status.json")).or_fail();
+    assert_eq!(status["node"], json!(a.full_name()));
+    assert_eq!(
+        read("config.toml"),
+        std::fs::read_to_string(agent.config_path()).or_fail()
+    );
+    assert_eq!(follower_lines(&read("flows.ndjson")).len(), 3);
+    assert!(
+        read("maps.txt").contains("mesh_map_entries"),
+        "{}",
+        read("maps.txt")
+    );
+    assert!(read("versions.txt").contains(&format!("agent: {}", env!("CARGO_PKG_VERSION"))));
+    let manifest = read("MANIFEST.txt");
+    // The agent here logs to a file, not the journal: the manifest says why agent.log is
+    // missing.
+    assert!(
+        manifest.contains("agent.log: missing: journalctl"),
+        "{manifest}"
+    );
+    for name in &names {
+        if let Some(file) = name.strip_prefix("mesh-sysdump/") {
+            assert!(!read(file).contains("PRIVATE KEY"), "{file} holds a key");
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! reference.
 
 pub mod render;
+pub mod sysdump;
 pub mod tables;
 pub mod uninstall;
 
@@ -112,6 +113,19 @@ pub enum Command {
         /// The running agent's admin socket.
         #[arg(short = 's', long, default_value_os_t = app::default_admin_socket().to_path_buf())]
         admin_socket: PathBuf,
+    },
+    /// Write one archive for a bug report: every admin answer, recent flows, the config, map
+    /// fill, the agent's recent log and the versions (no keys).
+    Sysdump {
+        /// The running agent's admin socket.
+        #[arg(short = 's', long, default_value_os_t = app::default_admin_socket().to_path_buf())]
+        admin_socket: PathBuf,
+        /// The agent's metrics address (map fill).
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        metrics_addr: std::net::SocketAddr,
+        /// The archive to write [default: mesh-sysdump-<unix time>.tar.gz here].
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
     },
     /// Print a shell completion script (e.g. `mesh-agent completion bash >
     /// /etc/bash_completion.d/mesh-agent`).
@@ -374,6 +388,21 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
             let _: admin::Changed =
                 admin::client::post(&admin_socket, &format!("/v1/log-level?{query}")).await?;
             println!("log filter now {filter}");
+            Ok(())
+        }),
+        Command::Sysdump {
+            admin_socket,
+            metrics_addr,
+            file,
+        } => runtime.block_on(async {
+            let path = sysdump::Sysdump {
+                admin_socket: &admin_socket,
+                metrics: metrics_addr,
+                output: file,
+            }
+            .write()
+            .await?;
+            println!("wrote {}", path.display());
             Ok(())
         }),
         Command::Completion { shell } => {
