@@ -37,20 +37,33 @@ pub struct Artifacts {
     pub agent: PathBuf,
     /// The test workload (echo servers and clients driven by the e2e tests and benchmarks).
     pub workload: PathBuf,
+    /// The benchmark suites (`xtask/bench/`).
+    pub bench: PathBuf,
 }
 
 impl Artifacts {
-    /// Where cargo put them: `$CARGO_TARGET_DIR` (relative to `root`) when set, else
-    /// `root/target`.
+    /// Where cargo put them (see [`profile_dir`]).
     fn in_target(root: &Path, profile: Profile) -> Self {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| root.join("target"), |dir| root.join(dir));
-        let dir = target.join(profile.dir());
+        let dir = profile_dir(root, profile);
         Artifacts {
             agent: dir.join("mesh-agent"),
             workload: dir.join("mesh-workload"),
+            bench: dir.join("mesh-bench"),
         }
     }
+}
+
+/// Where cargo puts the binaries of `profile`: under `$CARGO_TARGET_DIR` (relative to `root`)
+/// when set, else `root/target`.
+fn profile_dir(root: &Path, profile: Profile) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), |dir| root.join(dir));
+    target.join(profile.dir())
+}
+
+/// The `mesh-bench` binary of `profile` (built by [`build`], or by `cargo build -p mesh-bench`).
+pub fn bench_bin(root: &Path, profile: Profile) -> PathBuf {
+    profile_dir(root, profile).join("mesh-bench")
 }
 
 /// Fails with a clear message unless the binary at `path` exists.

@@ -10,7 +10,7 @@
 //! | `run [-- ARGS]` | setup, build, then exec `mesh-agent run --config config/mesh.toml ARGS` |
 //! | `test [-- ARGS]` | setup, build, then `cargo test --release` over the workspace (e2e included) |
 //! | `lint` | rustfmt check, clippy for the host crates and for the eBPF crate |
-//! | `bench SUITE [OPTIONS]` | setup, build, then run a benchmark suite (`bench lb --duration-secs 3`) |
+//! | `bench SUITE [OPTIONS]` | setup, build, then run a suite of `mesh-bench` (`xtask/bench/`: `bench lb --duration-secs 3`), or the agent's criterion microbenchmarks (`bench micro [FILTER]`) |
 //! | `fuzz TARGET\|all --seconds N` | setup, then run fuzz targets of the agent's decoders for N seconds each |
 
 mod artifacts;
@@ -71,11 +71,17 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         seconds: u32,
     },
-    /// Set up, build, then run a benchmark suite.
+    /// Set up, build, then run a benchmark suite: lb, gossip, mtls, sockmap (mesh-bench) or
+    /// micro (the agent's criterion microbenchmarks).
     Bench {
-        /// The benchmark suite to run.
-        #[command(subcommand)]
-        suite: bench::Suite,
+        /// The suite and its options (`cargo xtask bench SUITE --help` lists them).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "SUITE [OPTIONS]"
+        )]
+        args: Vec<OsString>,
     },
 }
 
@@ -107,7 +113,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Run { args } => run::run(&root, &args),
         Command::Test { args } => test::run(&root, &args),
         Command::Lint => lint::run(&root),
-        Command::Bench { suite } => bench::run(&root, suite),
+        Command::Bench { args } => bench::run(&root, &args),
         Command::Fuzz { target, seconds } => fuzz::run(&root, &target, seconds),
     }
 }

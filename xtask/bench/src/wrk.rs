@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::Node;
 
-use super::check_interrupted;
+use crate::check_interrupted;
 
 /// How to drive wrk for one run.
 #[derive(Debug, Clone, PartialEq, Eq)]

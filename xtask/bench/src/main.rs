@@ -1,9 +1,13 @@
-//! `cargo xtask bench SUITE [OPTIONS]`: set up, build, then run one benchmark suite.
+//! `mesh-bench SUITE [OPTIONS]`: the benchmark suites, launched by `cargo xtask bench SUITE
+//! [OPTIONS]` after set-up and a release build (xtask passes the binaries under test in
+//! `MESH_AGENT_BIN` and `MESH_WORKLOAD_BIN`, as for the e2e tests).
 //!
 //! Suites measure mesh side by side with its baselines (direct, iptables DNAT, HAProxy,
 //! stunnel) in one run and report ratios; see the performance targets in the design brief.
 //! Each suite lives in its own module with a `run(&Artifacts, &Args) -> anyhow::Result<()>`
-//! entry; the helpers they share are modules here too.
+//! entry; the helpers they share are modules here too. The microbenchmarks of the agent's
+//! pure code (`cargo xtask bench micro`) are criterion benches in `mesh-agent/benches/`, not
+//! here.
 //!
 //! | module | owns |
 //! | --- | --- |
@@ -48,13 +52,24 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use std::process::ExitCode;
+
 use anyhow::{bail, Context as _, Result};
-use clap::Subcommand;
+use clap::{Parser, Subcommand};
 use mesh_tests::{Agent, Node, TestBed};
 use serde_json::Value;
 
-use crate::artifacts::{self, Profile};
-use crate::setup;
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask bench",
+    bin_name = "cargo xtask bench",
+    about = "Benchmark suites of mesh (run through `cargo xtask bench`, which sets up and builds first)"
+)]
+struct Cli {
+    /// The benchmark suite to run.
+    #[command(subcommand)]
+    suite: Suite,
+}
 
 /// The benchmark suites.
 #[derive(Debug, Clone, Subcommand)]
@@ -74,13 +89,40 @@ pub enum Suite {
     Sockmap(sockmap::Args),
 }
 
-pub fn run(root: &Path, suite: Suite) -> Result<()> {
-    setup::run()?;
-    let built = artifacts::build(root, Profile::Release)?;
-    // The harness (mesh_tests) finds the binaries under test through these, as in
-    // `cargo xtask test`; set before any thread starts.
-    std::env::set_var("MESH_AGENT_BIN", &built.agent);
-    std::env::set_var("MESH_WORKLOAD_BIN", &built.workload);
+/// The binaries under test.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// The agent daemon and CLI.
+    pub agent: PathBuf,
+    /// The test workload (echo servers and clients).
+    pub workload: PathBuf,
+}
+
+impl Artifacts {
+    /// The binaries named by `MESH_AGENT_BIN` and `MESH_WORKLOAD_BIN` (the harness, which
+    /// the suites drive, finds them the same way), else the workspace's release build.
+    fn from_env() -> Result<Self> {
+        Ok(Artifacts {
+            agent: mesh_tests::host::agent_bin()?,
+            workload: mesh_tests::host::workload_bin()?,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.suite) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line, without a backtrace.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(suite: Suite) -> Result<()> {
+    let built = Artifacts::from_env()?;
     install_interrupt_handler();
     match suite {
         Suite::Lb(args) => lb::run(&built, &args),

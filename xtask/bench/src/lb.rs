@@ -18,7 +18,7 @@
 //! | `haproxy` | `haproxy` | HAProxy (TCP mode, one thread) on the node's `127.0.0.1:18080` |
 //! | `direct (agent on)` | `vip1` | `server:8080` through the agent's hooks (their cost on traffic to no VIP) |
 //!
-//! Every path is measured with two wrk loads (see [`super::wrk`]): new connections (2 threads,
+//! Every path is measured with two wrk loads (see [`crate::wrk`]): new connections (2 threads,
 //! 32 connections, `Connection: close`) and request/response on one keep-alive connection
 //! (1 thread, 1 connection). A round runs every path once, starting at a different path each
 //! round; the first round warms each load up first. The table shows the median over the rounds
@@ -27,13 +27,13 @@
 //! The machine may be shared (builds, other tests), and anything else running steals CPU from
 //! a saturated bench. Interleaving makes slow phases hit all paths alike; on top of that every
 //! run is measured again (`--retries`, default 2) when other processes took more than
-//! `--max-others-pct` (default 10 %) of the CPUs during it (see [`super::cpu`]), keeping the
+//! `--max-others-pct` (default 10 %) of the CPUs during it (see [`crate::cpu`]), keeping the
 //! least disturbed attempt, and the output says how much CPU others took.
 //!
 //! For the VIP paths the agent's `rewritten` counter must grow by at least the connections wrk
 //! made (the kernel really rewrote them), and for `direct (agent on)` it must not grow; the
 //! output shows both, the kernel time the `connect4` program takes per connect (BPF run-time
-//! statistics, see [`super::bpfstats`]), and the CPU time the agents used during the rounds
+//! statistics, see [`crate::bpfstats`]), and the CPU time the agents used during the rounds
 //! (next to nothing: they are not in the data path). The bench fails on errors (wrk failing,
 //! non-2xx responses, socket errors above 1 %, counters that disagree), never on a ratio; the
 //! design targets are printed with the measured values.
@@ -55,15 +55,15 @@ use anyhow::{ensure, Context, Result};
 use mesh_tests::config::{render, Service};
 use mesh_tests::{Agent, Node, TestBed};
 
-use super::bpfstats::{self, ProgStats};
-use super::cpu::{Disturbance, Meter};
-use super::iptables::{self, Dnat, DnatService};
-use super::procstat;
-use super::servers::{Haproxy, Nginx};
-use super::stats::{median, ratio, spread, target_line};
-use super::wrk::{self, Load, Report};
-use super::{client_node, wait_services, Tools};
-use crate::artifacts::Artifacts;
+use crate::bpfstats::{self, ProgStats};
+use crate::cpu::{Disturbance, Meter};
+use crate::iptables::{self, Dnat, DnatService};
+use crate::procstat;
+use crate::servers::{Haproxy, Nginx};
+use crate::stats::{median, ratio, spread, target_line};
+use crate::wrk::{self, Load, Report};
+use crate::Artifacts;
+use crate::{client_node, wait_services, Tools};
 
 /// Options of `cargo xtask bench lb`.
 #[derive(Debug, Clone, clap::Args)]
@@ -144,7 +144,7 @@ struct Samples {
     /// wrk made in them.
     rewritten: u64,
     connections: u64,
-    /// The share of the CPUs others used during each measured run (see [`super::cpu`]).
+    /// The share of the CPUs others used during each measured run (see [`crate::cpu`]).
     others: Vec<f64>,
     /// The `connect4` programs' runs and run time over the new-connection runs (paths with an
     /// agent, when the kernel's BPF statistics could be enabled).
@@ -161,7 +161,7 @@ pub fn run(artifacts: &Artifacts, args: &Args) -> Result<()> {
         args.iptables.iptables(),
         args.iptables.restore(),
     ])?;
-    super::in_bed("lb", |bed| scenario(bed, artifacts, args))
+    crate::in_bed("lb", |bed| scenario(bed, artifacts, args))
 }
 
 /// Everything between building the bed and tearing it down; what it starts is dropped (killed)

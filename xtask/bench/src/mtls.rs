@@ -32,7 +32,7 @@
 //! The bench fails on errors (a tool failing, traffic not working, counters that disagree, a
 //! flow that did not echo), never on a ratio; the design targets are printed with the measured
 //! values. Everything it starts is a child killed on the way out; the bed's drop removes the
-//! rest. On failure the configs and logs are kept (see [`super::in_bed`]).
+//! rest. On failure the configs and logs are kept (see [`crate::in_bed`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -44,12 +44,12 @@ use mesh_tests::config::Service;
 use mesh_tests::mtls::{self, Ca, MtlsTable, TRUST_DOMAIN};
 use mesh_tests::{metrics, Agent, Node, TestBed};
 
-use super::cpu::{Disturbance, Meter};
-use super::servers::{Iperf3Server, Nginx, Stunnel, TlsFiles};
-use super::stats::{median, ratio, spread, target_line};
-use super::wrk::{self, Load, Report};
-use super::{check_interrupted, client_node, iperf, procstat, wait_services, Tools};
-use crate::artifacts::Artifacts;
+use crate::cpu::{Disturbance, Meter};
+use crate::servers::{Iperf3Server, Nginx, Stunnel, TlsFiles};
+use crate::stats::{median, ratio, spread, target_line};
+use crate::wrk::{self, Load, Report};
+use crate::Artifacts;
+use crate::{check_interrupted, client_node, iperf, procstat, wait_services, Tools};
 
 /// Options of `cargo xtask bench mtls`.
 #[derive(Debug, Clone, clap::Args)]
@@ -129,7 +129,7 @@ struct Samples {
 /// Runs the suite and prints its results.
 pub fn run(artifacts: &Artifacts, args: &Args) -> Result<()> {
     Tools::require(&["wrk", "nginx", "iperf3", "stunnel"])?;
-    super::in_bed("mtls", |bed| scenario(bed, artifacts, args))
+    crate::in_bed("mtls", |bed| scenario(bed, artifacts, args))
 }
 
 /// The agents of the mesh path.

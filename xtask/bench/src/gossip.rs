@@ -15,7 +15,7 @@
 //!    is timed from just before the command to the moment each node's kernel held the new
 //!    backend count, read from the agent's `config applied to the kernel` log line (written
 //!    after the map writes, with the kernel's backend count and a wall-clock timestamp, see
-//!    [`super::applylog`]): no polling of the agents while a change travels. After each
+//!    [`crate::applylog`]): no polling of the agents while a change travels. After each
 //!    change every agent's status must list exactly the expected backends. The gossip
 //!    counters over this phase give the traffic while changes flow.
 //! 3. **Failure detection**: `--failures` rounds: a non-seed node's agent is killed with
@@ -44,10 +44,10 @@ use anyhow::{bail, Context as _, Result};
 use mesh_tests::config::{gossip_table, render, Service};
 use mesh_tests::{Agent, Node, Signal, TestBed};
 
-use super::applylog::Applies;
-use super::traffic::{self, Counts};
-use super::{check_interrupted, keep, keep_files};
-use crate::artifacts::Artifacts;
+use crate::applylog::Applies;
+use crate::traffic::{self, Counts};
+use crate::Artifacts;
+use crate::{check_interrupted, keep, keep_files};
 
 /// Options of `cargo xtask bench gossip`.
 #[derive(Debug, Clone, clap::Args)]

@@ -28,9 +28,9 @@ use mesh_tests::config::Service;
 use mesh_tests::mtls::{self, Ca, MtlsTable};
 use mesh_tests::{Agent, Node, TestBed};
 
-use super::msgsize::{self, SizeResult};
-use super::Tools;
-use crate::artifacts::Artifacts;
+use crate::msgsize::{self, SizeResult};
+use crate::Artifacts;
+use crate::Tools;
 
 /// Options of `cargo xtask bench sockmap`.
 #[derive(Debug, Clone, clap::Args)]

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use mesh_tests::Node;
 use serde_json::Value;
 
-use super::check_interrupted;
+use crate::check_interrupted;
 
 /// The sizes issue 3 asks about: 64 B to 64 KB.
 pub const SIZES: [usize; 6] = [64, 256, 1024, 4096, 16 * 1024, 64 * 1024];
