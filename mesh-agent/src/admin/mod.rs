@@ -13,6 +13,7 @@
 //! | `GET /v1/policies` | `[PolicyStatus]`: the authorization rules in force (`[]` without mTLS) |
 //! | `GET /v1/certs` | `[CertStatus]`: certificates loaded: identity, serial, expiry (`[]` without mTLS) |
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
+//! | `GET /v1/applied` | [`Applied`] as NDJSON, the latest first, then one line per write of the kernel maps (stays open) |
 //! | `POST /v1/log-level?filter=` | [`Changed`]: the log filter (`RUST_LOG` syntax) from now on |
 //! | `POST /v1/takeover` with `Upgrade: mesh-takeover/1` | root only: `101`, then the connection carries the [`crate::app::takeover`] protocol |
 
@@ -39,7 +40,10 @@ use crate::{
     admin::types::{EndpointStatus, NodeStatus, StatusReport},
     app::takeover::{self, Successor},
     catalog::Endpoint,
-    telemetry::flows::{FlowFilter, FlowLog},
+    telemetry::{
+        applied::{Applied, AppliedFeed},
+        flows::{FlowFilter, FlowLog},
+    },
 };
 
 /// Why the admin API could not be served or reached.
@@ -63,6 +67,8 @@ pub trait AgentView: Send + Sync + 'static {
     fn endpoints(&self) -> Result<Vec<EndpointStatus>, String>;
     fn nodes(&self) -> Vec<NodeStatus>;
     fn flows(&self) -> &FlowLog;
+    /// The agent's writes of the kernel maps.
+    fn applied(&self) -> Arc<AppliedFeed>;
     /// Adds (or reweights) an endpoint this node announces; whether anything changed.
     fn register(&self, endpoint: Endpoint) -> Result<bool, String>;
     /// Withdraws a registered endpoint; whether it was registered.
@@ -218,6 +224,7 @@ fn route(
                 Err(e) => text(StatusCode::BAD_REQUEST, &format!("bad flows query: {e}\n")),
             }
         }
+        "/v1/applied" => ndjson(Vec::<Applied>::new(), Some(agent.applied().follow())),
         _ => text(StatusCode::NOT_FOUND, "no such route\n"),
     }
 }
@@ -325,22 +332,33 @@ fn flows(agent: &Arc<dyn AgentView>, query: FlowQuery) -> Response<Body> {
     // Subscribe before reading the history so nothing falls between the two.
     let live = agent.flows().subscribe();
     let recent = agent.flows().recent(&query.filter, limit);
-    let line = |flow: &crate::telemetry::flows::Flow| {
-        let mut line = serde_json::to_vec(flow).unwrap_or_default();
+    let filter = query.filter;
+    let updates = query.follow.then(|| {
+        BroadcastStream::new(live).filter_map(move |flow| {
+            // A lagging follower skips what it missed rather than slowing anyone down.
+            let flow = flow.ok()?;
+            filter.matches(&flow).then_some(flow)
+        })
+    });
+    ndjson(recent, updates)
+}
+
+/// An NDJSON answer: one line per item of `first`, then, when given, one per item of `live`
+/// as it comes (the response then stays open until the stream ends or the client goes).
+fn ndjson<T, S>(first: Vec<T>, live: Option<S>) -> Response<Body>
+where
+    T: Serialize,
+    S: tokio_stream::Stream<Item = T> + Send + Sync + 'static,
+{
+    let line = |item: &T| {
+        let mut line = serde_json::to_vec(item).unwrap_or_default();
         line.push(b'\n');
         Ok::<_, Infallible>(Frame::data(Bytes::from(line)))
     };
-    let history = tokio_stream::iter(recent.iter().map(line).collect::<Vec<_>>());
-    let body: Body = if query.follow {
-        let filter = query.filter;
-        let updates = BroadcastStream::new(live).filter_map(move |flow| {
-            // A lagging follower skips what it missed rather than slowing anyone down.
-            let flow = flow.ok()?;
-            filter.matches(&flow).then(|| line(&flow))
-        });
-        StreamBody::new(history.chain(updates)).boxed()
-    } else {
-        StreamBody::new(history).boxed()
+    let history = tokio_stream::iter(first.iter().map(line).collect::<Vec<_>>());
+    let body: Body = match live {
+        Some(live) => StreamBody::new(history.chain(live.map(move |item| line(&item)))).boxed(),
+        None => StreamBody::new(history).boxed(),
     };
     let mut response = Response::new(body);
     response.headers_mut().insert(

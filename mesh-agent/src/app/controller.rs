@@ -35,7 +35,7 @@ use crate::{
         Health,
     },
     reconcile::{self, kernel::Kernel, KernelState},
-    telemetry::flows::FlowLog,
+    telemetry::{applied::AppliedFeed, flows::FlowLog},
     tunnel::Tunnel,
 };
 
@@ -97,6 +97,8 @@ pub struct Controller {
     pub(super) gossip_stats: Option<Arc<gossip::Stats>>,
     /// The mTLS tunnel; it follows the catalog's strict services and the config's policies.
     pub(super) tunnel: Option<Arc<Tunnel>>,
+    /// Every successful write of the kernel maps, for `GET /v1/applied`.
+    pub(super) applied: Arc<AppliedFeed>,
 }
 
 pub(super) struct SharedAgent {
@@ -164,6 +166,7 @@ impl Controller {
             peers,
             gossip_stats: None,
             tunnel: parts.tunnel,
+            applied: Arc::default(),
         };
         controller.recompute()?;
         Ok(controller)
@@ -228,13 +231,20 @@ impl Controller {
             .collect();
         self.maps.sync_strict(&strict)?;
         self.desired = desired;
-        // Logged after the maps were written; `services` and `backends` count what the kernel
-        // holds now (how the gossip bench tells which apply brought a change).
+        // Published and logged after the maps were written, with what the kernel holds now
+        // (the benches follow `GET /v1/applied` to time changes).
+        let services = self.kernel.services.keys();
+        let services = services
+            .filter(|k| !reconcile::addr::is_vip_marker_key(k))
+            .count();
+        let applied =
+            (self.applied).publish(started.elapsed(), services, self.kernel.backends.len());
         tracing::info!(
             %report,
-            elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            services = self.kernel.services.len(),
-            backends = self.kernel.backends.len(),
+            seq = applied.seq,
+            elapsed_us = applied.elapsed_us,
+            services = applied.services,
+            backends = applied.backends,
             "config applied to the kernel"
         );
         Ok(())

@@ -4,6 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    sync::Arc,
     time::Instant,
 };
 
@@ -15,6 +16,7 @@ use crate::{
     catalog::Endpoint,
     gossip::{self},
     reconcile::KernelState,
+    telemetry::applied::AppliedFeed,
     telemetry::flows::{FlowLog, Names},
     telemetry::metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
 };
@@ -38,6 +40,10 @@ impl AgentView for SharedAgent {
 
     fn flows(&self) -> &FlowLog {
         &self.flows
+    }
+
+    fn applied(&self) -> Arc<AppliedFeed> {
+        Arc::clone(&self.lock().applied)
     }
 
     fn register(&self, endpoint: Endpoint) -> Result<bool, String> {
