@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::applied::Follower;
 use crate::bed::Node;
 use crate::cgroup::Cgroup;
 use crate::host;
@@ -454,6 +455,11 @@ impl Agent {
     /// The node this agent serves.
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// Follows the agent's writes of its kernel maps (`GET /v1/applied`), across restarts.
+    pub fn follow_applied(&self) -> Follower {
+        Follower::start(&self.socket)
     }
 }
 

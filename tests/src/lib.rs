@@ -19,11 +19,13 @@
 //! | [`bed`] | the bridge, the nodes, their addresses, teardown |
 //! | [`config`] | rendering the agent's TOML config |
 //! | [`agent`] | starting, querying, killing and reconfiguring `mesh-agent` |
+//! | [`applied`] | following an agent's `GET /v1/applied` stream (its writes of the kernel maps) |
 //! | [`metrics`] | scraping an agent's metrics endpoint inside its node |
 //! | [`workload`] | typed drivers and reports for the `mesh-workload` binary |
 //! | [`mtls`] | certificates from the real CLI and the `[mtls]` config, for the mTLS tests |
 
 pub mod agent;
+pub mod applied;
 pub mod backends;
 pub mod bed;
 pub mod cgroup;

@@ -1,7 +1,9 @@
 //! End-to-end operations scenarios: the agent's Prometheus endpoint scraped by a real HTTP
 //! client (`curl`, run inside client node `a`) after real traffic through a VIP, the Grafana
-//! dashboard checked against what that endpoint really exports, and the `/healthz` and
-//! `/ready` probes on the same port as the agent starts, restarts and hears the mesh.
+//! dashboard checked against what that endpoint really exports, the `/healthz` and `/ready`
+//! probes on the same port as the agent starts, restarts and hears the mesh, and the admin
+//! API's `GET /v1/applied` stream (one line per write of the kernel maps) through a config
+//! change.
 //!
 //! Needs root, cgroup2, bpffs, `curl` and a built `mesh-agent`; fails, never skips, without
 //! them. Every test has its own bed, so the agents' default metrics address (`0.0.0.0:15020`)
@@ -11,11 +13,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::backends::{Backends, Protocol};
 use mesh_tests::config::{render, Backend, Service};
+use mesh_tests::process::{self, Capture};
 use mesh_tests::{Agent, Node, OrFail, TestBed};
 use serde_json::Value;
 
@@ -342,6 +345,91 @@ fn scrape_counts_traffic_and_rejected_reloads() {
     ]);
     let out = s.a.run("scraper", cmd, Duration::from_secs(10)).or_fail();
     assert_eq!(out.stdout.trim(), "404", "GET / answered {out:?}");
+}
+
+/// `GET /v1/applied`: the first line is the agent's latest write of the kernel maps (one
+/// service, its two backends), a config change that adds a service shows up as a new line
+/// with the new counts, stamped after the change, and a follower attaching late starts from
+/// the state in force. Read by the harness's follower (the benches' reader), and once by curl
+/// for the wire form: NDJSON, every field a JSON number.
+#[test]
+fn applied_stream_shows_each_write_of_the_maps() {
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let s = Bed::new(
+        "applied_stream_shows_each_write_of_the_maps",
+        &["b", "c"],
+        vip,
+    )
+    .or_fail();
+    let mut follower = s.agent.follow_applied();
+    let first = follower.wait(UNIX_EPOCH, APPLY, |_| true).or_fail();
+    assert_eq!((first.services, first.backends), (1, 2), "{first:?}");
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(
+        first.seq >= 1 && first.unix_ms <= now_ms && first.unix_ms + 60_000 > now_ms,
+        "{first:?} (now {now_ms} ms)"
+    );
+
+    // The wire form, as any client sees it (the stream stays open: curl stops it).
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "--silent",
+        "--no-buffer",
+        "--max-time",
+        "1",
+        "--unix-socket",
+    ])
+    .arg(s.agent.socket_path())
+    .arg("http://mesh/v1/applied");
+    let out = process::spawn("curl /v1/applied", cmd, None, None, Capture::Lines)
+        .or_fail()
+        .finish(Duration::from_secs(10))
+        .or_fail();
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "curl should time out on the open stream: {out:?}"
+    );
+    let line: Value = serde_json::from_str(out.stdout.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("first line of {:?}: {e}", out.stdout));
+    let fields: BTreeSet<&str> = line
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from(["seq", "unix_ms", "elapsed_us", "services", "backends"]),
+        "{line}"
+    );
+    assert!(
+        line.as_object()
+            .expect("an object")
+            .values()
+            .all(Value::is_u64),
+        "{line}"
+    );
+    assert!(line["seq"].as_u64() >= Some(first.seq), "{line}");
+
+    let since = SystemTime::now();
+    let addrs = s.backends.addrs();
+    let web = Service::tcp("web", vip, &addrs);
+    let api = Service::tcp("api", "10.96.0.11:80".parse().expect("vip"), &addrs[..1]);
+    s.agent.write_config(&render("a", &[web, api])).or_fail();
+    let changed = follower.wait(since, APPLY, |a| a.services == 2).or_fail();
+    assert!(changed.seq > first.seq, "{first:?} then {changed:?}");
+    assert_eq!(changed.backends, 3, "{changed:?}");
+
+    let mut late = s.agent.follow_applied();
+    let latest = late.wait(UNIX_EPOCH, APPLY, |_| true).or_fail();
+    assert!(
+        latest.seq >= changed.seq && latest.services == 2 && latest.backends == 3,
+        "a late follower starts from the state in force: {latest:?}, after {changed:?}"
+    );
 }
 
 /// The Grafana dashboard parses, and every metric its queries use is exported by a running
