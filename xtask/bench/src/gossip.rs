@@ -13,9 +13,10 @@
 //! 2. **Propagation**: `--changes` changes, one at a time: `mesh-agent register` of an extra
 //!    endpoint of `web` on node k, then `deregister` of it on the same node, k rotating. Each
 //!    is timed from just before the command to the moment each node's kernel held the new
-//!    backend count, read from the agent's `config applied to the kernel` log line (written
-//!    after the map writes, with the kernel's backend count and a wall-clock timestamp, see
-//!    [`crate::applylog`]): no polling of the agents while a change travels. After each
+//!    backend count, read from the agent's `GET /v1/applied` stream (one event per write of
+//!    the maps, published right after it with the kernel's backend count and the agent's
+//!    wall clock, which is the bench's clock on one host; one follower thread per agent, see
+//!    [`mesh_tests::applied`]): no polling of the agents while a change travels. After each
 //!    change every agent's status must list exactly the expected backends. The gossip
 //!    counters over this phase give the traffic while changes flow.
 //! 3. **Failure detection**: `--failures` rounds: a non-seed node's agent is killed with
@@ -41,10 +42,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
+use mesh_tests::applied::Follower;
 use mesh_tests::config::{gossip_table, render, Service};
 use mesh_tests::{Agent, Node, Signal, TestBed};
 
-use crate::applylog::Applies;
 use crate::traffic::{self, Counts};
 use crate::Artifacts;
 use crate::{check_interrupted, keep, keep_files};
@@ -89,7 +90,7 @@ const SEEDS: usize = 2;
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A change (or a withdrawal, or a return) not seen everywhere within this is an error.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the agents' logs are read while a change travels.
+/// How often what the agents' followers received is looked at while a change travels.
 const POLL: Duration = Duration::from_millis(20);
 /// The design targets.
 const TARGET_PROPAGATION: Duration = Duration::from_secs(1);
@@ -99,7 +100,8 @@ const TARGET_WITHDRAWAL: Duration = Duration::from_secs(5);
 struct Member {
     agent: Agent,
     node: Node,
-    applies: Applies,
+    /// The agent's `GET /v1/applied` stream (followed across restarts).
+    applies: Follower,
 }
 
 impl Member {
@@ -181,7 +183,7 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
         let config =
             render(node.name(), &[web]) + &gossip_table(node.ipv4().into(), &seeds, &key, &extra);
         let agent = Agent::start_with(&node, artifacts.agent.clone(), &config)?;
-        let applies = Applies::follow(agent.log_path().to_path_buf());
+        let applies = agent.follow_applied();
         members.push(Member {
             agent,
             node,
@@ -232,7 +234,7 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
         if register {
             want.push(extra.clone());
         }
-        forget_applies(&mut members)?;
+        forget_applies(&mut members);
         let since = SystemTime::now();
         cli_change(&members[origin].agent, register, &extra)?;
         let everyone: Vec<usize> = (0..n).collect();
@@ -271,7 +273,7 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
             .filter(|b| **b != members[victim].backend())
             .cloned()
             .collect();
-        forget_applies(&mut members)?;
+        forget_applies(&mut members);
         let since = SystemTime::now();
         members[victim].agent.kill(Signal::Kill)?;
         bed.switch().ip(&["link", "set", &port, "down"])?;
@@ -281,7 +283,7 @@ fn mesh(bed: &TestBed, artifacts: &Artifacts, args: &Args, n: usize) -> Result<M
             wait_backends(&members[i], &without, Duration::from_secs(5))?;
         }
 
-        forget_applies(&mut members)?;
+        forget_applies(&mut members);
         let since = SystemTime::now();
         bed.switch().ip(&["link", "set", &port, "up"])?;
         members[victim].agent.restart()?;
@@ -363,13 +365,14 @@ fn cli_change(agent: &Agent, register: bool, address: &str) -> Result<()> {
     Ok(())
 }
 
-/// Drops the applies read so far from every running agent's log.
-fn forget_applies(members: &mut [Member]) -> Result<()> {
-    members.iter_mut().try_for_each(|m| m.applies.forget())
+/// Drops the applies received so far from every agent.
+fn forget_applies(members: &mut [Member]) {
+    members.iter_mut().for_each(|m| m.applies.forget());
 }
 
 /// Waits until the kernel of each member in `which` held `backends` backends after `since`,
-/// reading the agents' logs every [`POLL`]; returns the time each took, in `which`'s order.
+/// looking at what their followers received every [`POLL`]; returns the time each took, in
+/// `which`'s order.
 /// Fails when one has not within [`CHANGE_TIMEOUT`] or its agent died.
 fn wait_applied(
     members: &mut [Member],
@@ -385,9 +388,9 @@ fn wait_applied(
                 continue;
             }
             let m = &mut members[i];
-            m.applies.poll()?;
-            if let Some(apply) = m.applies.first(since, backends) {
-                *slot = Some(apply.at.duration_since(since).unwrap_or_default());
+            m.applies.poll();
+            if let Some(apply) = m.applies.first(since, |a| a.backends == backends) {
+                *slot = Some(apply.at().duration_since(since).unwrap_or_default());
             } else if !m.agent.is_running() {
                 bail!(
                     "the agent on {} died\n--- agent log ---\n{}",
@@ -406,9 +409,10 @@ fn wait_applied(
                 .filter(|(t, _)| t.is_none())
                 .map(|(_, &i)| {
                     let m = &members[i];
-                    let last = m.applies.last().map_or("no apply since".to_string(), |a| {
-                        format!("last apply: {} backends", a.backends)
-                    });
+                    let last = m.applies.last().map_or_else(
+                        || format!("no apply since; {}", m.applies.problem()),
+                        |a| format!("last apply: {} backends", a.backends),
+                    );
                     format!("{} ({last})", m.node.name())
                 })
                 .collect();
@@ -495,7 +499,7 @@ fn render_results(results: &[Measured], args: &Args) -> String {
         out,
         "propagation: a change = `mesh-agent register`/`deregister` of one endpoint on a rotating \
          node, timed from just before the command to each node's kernel map write (the agent's \
-         log); all = until the last node, node = each other node per change (ms)"
+         /v1/applied); all = until the last node, node = each other node per change (ms)"
     );
     let _ = writeln!(
         out,

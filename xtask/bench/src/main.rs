@@ -13,7 +13,6 @@
 //! | --- | --- |
 //! | [`lb`] | the load-balancing suite: scenario, checks, results table |
 //! | [`gossip`] | the gossip suite: propagation, failure detection, gossip traffic |
-//! | [`applylog`] | when an agent's kernel maps took a state, from its log |
 //! | [`traffic`] | gossip traffic counters of an agent and of a node's interface |
 //! | [`wrk`] | running `wrk` and parsing its report |
 //! | [`servers`] | nginx, HAProxy, stunnel and iperf3 servers: config files, start, readiness |
@@ -32,7 +31,6 @@
 //! an error, and the test bed's drop tears everything down; a suite that fails keeps the bed's
 //! configs and logs (see [`keep_files`]).
 
-pub mod applylog;
 pub mod bpfstats;
 pub mod cpu;
 pub mod gossip;
