@@ -30,7 +30,7 @@
 //! `--max-others-pct` (default 10 %) of the CPUs during it (see [`crate::cpu`]), keeping the
 //! least disturbed attempt, and the output says how much CPU others took.
 //!
-//! For the VIP paths the agent's `rewritten` counter must grow by at least the connections wrk
+//! For the VIP paths the agent's `forwarded` counter must grow by at least the connections wrk
 //! made (the kernel really rewrote them), and for `direct (agent on)` it must not grow; the
 //! output shows both, the kernel time the `connect4` program takes per connect (BPF run-time
 //! statistics, see [`crate::bpfstats`]), and the CPU time the agents used during the rounds
@@ -116,7 +116,7 @@ const DNAT_MANY: &str = "iptables DNAT (10k svc)";
 const HAPROXY: &str = "haproxy";
 const DIRECT_AGENT_ON: &str = "direct (agent on)";
 
-/// What the agent's `rewritten` counter must do during a run.
+/// What the agent's `forwarded` counter must do during a run.
 #[derive(Debug, Clone, Copy)]
 enum Rewrites<'a> {
     /// No agent on the path.
@@ -140,7 +140,7 @@ struct Path<'a> {
 struct Samples {
     conn: Vec<Report>,
     rr: Vec<Report>,
-    /// Growth of the agent's `rewritten` counter over the measured runs, and the connections
+    /// Growth of the agent's `forwarded` counter over the measured runs, and the connections
     /// wrk made in them.
     rewritten: u64,
     connections: u64,
@@ -292,7 +292,7 @@ fn render_evidence(
     agent_cpu: &[(&str, f64)],
 ) -> String {
     let mut out = String::from(
-        "kernel rewrites (agent `rewritten` counter, summed over the measured runs):\n",
+        "kernel rewrites (agent `forwarded` counter, summed over the measured runs):\n",
     );
     for p in paths {
         let Some(s) = samples.get(p.name) else {
@@ -356,7 +356,7 @@ fn agent_cpu_s(agent: &Agent) -> Result<f64> {
 /// One measured run.
 struct Run {
     report: Report,
-    /// How much the agent's `rewritten` counter grew (0 without an agent).
+    /// How much the agent's `forwarded` counter grew (0 without an agent).
     rewritten: u64,
     /// How many connections wrk made (at least).
     connections: u64,
@@ -445,7 +445,7 @@ impl Bench {
             Rewrites::NoAgent => None,
             Rewrites::Every(a) | Rewrites::Never(a) => Some(a),
         };
-        let before = agent.map(|a| a.counter("rewritten")).transpose()?;
+        let before = agent.map(|a| a.counter("forwarded")).transpose()?;
         let cgroup = path.client.cgroup().path();
         let read_hook = agent.is_some() && load.close && self.prog_stats;
         let hook_before = read_hook
@@ -460,7 +460,7 @@ impl Bench {
             None => ProgStats::default(),
         };
         let grew = match (agent, before) {
-            (Some(a), Some(before)) => a.counter("rewritten")?.saturating_sub(before),
+            (Some(a), Some(before)) => a.counter("forwarded")?.saturating_sub(before),
             _ => 0,
         };
         // With Connection: close every request had its own connection; keep-alive opens one
@@ -474,12 +474,12 @@ impl Bench {
             Rewrites::NoAgent => {}
             Rewrites::Every(_) => ensure!(
                 grew >= connections,
-                "{name}: the agent's `rewritten` counter grew by {grew}, but wrk made at least \
+                "{name}: the agent's `forwarded` counter grew by {grew}, but wrk made at least \
                  {connections} connections to the VIP: the kernel did not rewrite them"
             ),
             Rewrites::Never(_) => ensure!(
                 grew == 0,
-                "{name}: the agent's `rewritten` counter grew by {grew} on traffic to no VIP"
+                "{name}: the agent's `forwarded` counter grew by {grew} on traffic to no VIP"
             ),
         }
         Ok(Run {
