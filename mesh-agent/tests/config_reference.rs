@@ -25,8 +25,8 @@ fn every_commented_key_of_the_reference_is_a_real_one() {
         .map(|line| line.strip_prefix("#= ").unwrap_or(line))
         .map(|line| format!("{line}\n"))
         .collect();
-    let config = Config::parse(&text, "reference.toml (all tables on)")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config =
+        Config::parse(&text, "reference.toml (all tables on)").unwrap_or_else(|e| panic!("{e}"));
     assert!(config.gossip.is_some(), "the [gossip] table did not apply");
     assert!(config.mtls.is_some(), "the [mtls] table did not apply");
     assert_eq!(config.policies.rules.len(), 1);
