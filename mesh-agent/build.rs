@@ -16,6 +16,10 @@ fn main() -> anyhow::Result<()> {
 fn build_ebpf() -> anyhow::Result<()> {
     use anyhow::{anyhow, Context as _};
     use aya_build::{Package, Toolchain};
+
+    // aya-build turns every line the inner cargo prints into a `cargo:warning`, which cargo
+    // replays on every later build; quiet, it prints only real warnings and errors.
+    std::env::set_var("CARGO_TERM_QUIET", "true");
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -51,7 +55,19 @@ fn record_commit() {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=MESH_BUILD_COMMIT={commit}");
-    // Rebuild when HEAD moves (the path is relative to this crate).
-    println!("cargo:rerun-if-changed=../.git/HEAD");
-    println!("cargo:rerun-if-changed=../.git/refs/heads");
+    // Rebuild when HEAD moves. Git says where its files are (in a worktree `.git` is a file);
+    // a path that does not exist would rerun this script, and rebuild the agent, every time.
+    for (ask, file) in [("--git-dir", "HEAD"), ("--git-common-dir", "refs/heads")] {
+        let dir = Command::new("git")
+            .args(["rev-parse", "--path-format=absolute", ask])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .and_then(|out| String::from_utf8(out.stdout).ok());
+        if let Some(path) = dir.map(|d| std::path::Path::new(d.trim()).join(file)) {
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
 }

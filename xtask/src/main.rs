@@ -7,7 +7,8 @@
 //! | --- | --- |
 //! | `setup` | install Debian packages, nightly + rust-src, bpf-linker; mount bpffs; check cgroup2 |
 //! | `build [--debug]` | setup, then build every binary of the workspace (eBPF object included) |
-//! | `run [-- ARGS]` | setup, build, then exec `mesh-agent run --config config/mesh.toml ARGS` |
+//! | `run [-- ARGS]` | setup, build, then exec `mesh-agent run --config config/mesh.toml ARGS` (an ARGS `--config` replaces the default) |
+//! | `install [--root DIR]` | setup, build, then install the binary, man page, completions, unit and (if absent) config |
 //! | `test [-- ARGS]` | setup, build, then `cargo test --release` over the workspace (e2e included) |
 //! | `lint` | rustfmt check, clippy for the host crates and for the eBPF crate |
 //! | `bench SUITE [OPTIONS]` | setup, build, then run a suite of `mesh-bench` (`xtask/bench/`: `bench lb --duration-secs 3`), or the agent's criterion microbenchmarks (`bench micro [FILTER]`) |
@@ -16,6 +17,7 @@
 mod artifacts;
 mod bench;
 mod fuzz;
+mod install;
 mod lint;
 mod run;
 mod setup;
@@ -54,6 +56,13 @@ enum Command {
         /// Extra arguments for `mesh-agent run` (after `--`).
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Set up, build, then install mesh-agent on this host: /usr/local/bin, its man page and
+    /// completions, the systemd unit (not enabled) and /etc/mesh/mesh.toml if there is none.
+    Install {
+        /// Install below this directory instead of / (a package build).
+        #[arg(long)]
+        root: Option<std::path::PathBuf>,
     },
     /// Set up, build, then run all tests, including the privileged end-to-end tests.
     Test {
@@ -111,6 +120,7 @@ fn dispatch(command: Command) -> Result<()> {
             artifacts::build(&root, profile).map(drop)
         }
         Command::Run { args } => run::run(&root, &args),
+        Command::Install { root: into } => install::run(&root, into.as_deref()),
         Command::Test { args } => test::run(&root, &args),
         Command::Lint => lint::run(&root),
         Command::Bench { args } => bench::run(&root, &args),
