@@ -142,6 +142,22 @@ impl Finished {
     }
 }
 
+/// `cmd.spawn()`, again for a moment while the executable is busy (`ETXTBSY`): a test that has
+/// just written a script may see another test thread's child, forked before it closed the file
+/// and not yet exec'd, still holding it open.
+fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Spawns `cmd` after joining `cgroup` (if any) and then entering `netns` (if any).
 pub fn spawn(
     label: &str,
@@ -195,9 +211,8 @@ pub fn spawn(
             cmd.stdout(f).stderr(f2);
         }
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawning {label}: {cmd:?}"))?;
+    let mut child =
+        spawn_retrying_busy(&mut cmd).with_context(|| format!("spawning {label}: {cmd:?}"))?;
     drop(procs);
     let (stdout, stderr) = match capture {
         Capture::Lines => {
