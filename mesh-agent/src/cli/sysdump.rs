@@ -156,7 +156,10 @@ fn journal() -> Result<Vec<u8>, String> {
         ])
         .output()
         .map_err(|e| format!("journalctl: {e} (not under systemd? attach the agent's stderr)"))?;
-    match (out.status.success(), out.stdout.is_empty()) {
+    // An empty journal is no output, or journalctl's own "-- No entries --" line.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let empty = matches!(text.trim(), "" | "-- No entries --");
+    match (out.status.success(), empty) {
         (true, false) => Ok(out.stdout),
         (true, true) => Err("journalctl: no entries of the mesh-agent unit".to_owned()),
         (false, _) => Err(format!(
