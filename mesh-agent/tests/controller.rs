@@ -181,12 +181,12 @@ async fn a_config_change_reaches_the_kernel_and_a_bad_one_keeps_the_last_good_st
         writes,
         "a refused config writes nothing"
     );
-    let status = controller.status().unwrap();
+    let status = controller.view().status().unwrap();
     let error = status.config_error.expect("the refusal is reported");
     assert!(error.contains("mesh.toml"), "{error}");
     assert_eq!(node.reach("10.96.0.11:443"), addrs(&["10.0.1.1:8443"]));
     assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
-    let snapshot = controller.snapshot();
+    let snapshot = controller.view().snapshot();
     assert_eq!(
         (snapshot.reloads_applied, snapshot.reloads_rejected),
         (1, 1)
@@ -196,7 +196,7 @@ async fn a_config_change_reaches_the_kernel_and_a_bad_one_keeps_the_last_good_st
     node.write_config(WEB);
     controller.reload();
     assert_eq!(node.reach("10.96.0.11:443"), None);
-    assert!(controller.status().unwrap().config_error.is_none());
+    assert!(controller.view().status().unwrap().config_error.is_none());
 }
 
 #[tokio::test]
@@ -210,7 +210,12 @@ async fn a_failed_map_write_rejects_the_change_and_the_kernel_keeps_serving_the_
     node.kernel.maps().fail_from = Some(attempts);
     node.write_config(WEB_AND_API);
     controller.reload();
-    let error = controller.status().unwrap().config_error.expect("reported");
+    let error = controller
+        .view()
+        .status()
+        .unwrap()
+        .config_error
+        .expect("reported");
     assert!(error.contains("injected failure"), "{error}");
     assert_eq!(
         node.kernel.maps().state,
@@ -331,7 +336,7 @@ async fn a_peer_s_endpoints_join_with_its_announcement_and_leave_when_it_withdra
         node.reach("10.96.0.10:80"),
         addrs(&["10.0.0.1:8080", "10.0.2.1:8080"])
     );
-    let nodes = controller.nodes();
+    let nodes = controller.view().nodes();
     assert!(nodes.iter().any(|n| n.name == "n2" && n.state == "alive"));
 
     // Still alive, with the endpoint withdrawn.
@@ -352,6 +357,7 @@ backends = [{ address = "10.0.0.1:8080" }, { address = "10.0.0.2:8080" }, { addr
 /// The health `mesh-agent endpoints` shows for a backend of `web`.
 fn health_of(controller: &Controller, backend: &str) -> Option<String> {
     controller
+        .view()
         .endpoints()
         .into_iter()
         .find(|e| e.service == "web" && e.address == backend)
@@ -391,7 +397,7 @@ async fn a_failed_probe_takes_a_backend_out_and_a_passing_one_brings_it_back() {
         controller.on_probe(report(b, Err(timeout())));
     }
     assert_eq!(node.reach("10.96.0.10:80").unwrap().len(), 3);
-    assert!(controller.status().unwrap().services[0].panic);
+    assert!(controller.view().status().unwrap().services[0].panic);
 }
 
 #[tokio::test]
@@ -418,4 +424,56 @@ async fn failed_connects_counted_by_the_kernel_eject_a_backend_on_the_health_tic
         health_of(&controller, "10.0.0.3:8080").as_deref(),
         Some("ejected")
     );
+}
+
+/// The admin API and the metrics read the view the controller last published: while an event
+/// holds the controller (a large reload), a reader is answered at once with the state before
+/// it, never half of it; once the event is over, with the state after it.
+#[tokio::test]
+async fn readers_get_the_published_view_while_an_event_holds_the_controller() {
+    use mesh_agent::{admin::AgentView, app::views::SharedAgent};
+    use std::sync::Barrier;
+
+    let mut node = Node::new("views", WEB);
+    let agent = Arc::new(SharedAgent::new(
+        node.start(),
+        Arc::default(),
+        mpsc::unbounded_channel().0,
+        mpsc::channel(1).0,
+    ));
+    node.write_config(WEB_AND_API);
+    let (inside, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+    let event = {
+        let (agent, inside, release) = (agent.clone(), inside.clone(), release.clone());
+        std::thread::spawn(move || {
+            agent.update(|controller| {
+                controller.reload();
+                inside.wait();
+                // Still inside the event: the reload is done but not published.
+                release.wait();
+            })
+        })
+    };
+    inside.wait();
+    let services = |agent: &SharedAgent| {
+        let mut names: Vec<String> = agent
+            .status()
+            .unwrap()
+            .services
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(services(&agent), ["web"], "the view from before the event");
+    assert_eq!(agent.endpoints().unwrap().len(), 2);
+    release.wait();
+    event.join().unwrap();
+    assert_eq!(
+        services(&agent),
+        ["api", "web"],
+        "published after the event"
+    );
+    assert_eq!(agent.endpoints().unwrap().len(), 4);
 }

@@ -99,6 +99,15 @@ impl UdpClientReport {
     }
 }
 
+/// One `pingpong` run: `size`-byte messages for `duration`, a round trip every `pace` (back
+/// to back when zero).
+#[derive(Debug, Clone, Copy)]
+pub struct PingPong {
+    pub size: usize,
+    pub duration: Duration,
+    pub pace: Duration,
+}
+
 /// What `pingpong` measured over one connection: `size` bytes written, the same `size` bytes
 /// read back, repeated.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -111,6 +120,9 @@ pub struct PingPongReport {
     /// Median and 99th percentile round-trip time, microseconds.
     pub p50_us: f64,
     pub p99_us: f64,
+    /// The slowest round trip, microseconds.
+    #[serde(default)]
+    pub max_us: f64,
     /// Bytes sent (and received back) in total.
     pub bytes: u64,
     /// What went wrong, if anything (the run stops at the first error).
@@ -277,7 +289,7 @@ impl Node {
     }
 
     /// Ping-pong of `size`-byte messages over one connection to `target` (an echo server) for
-    /// `duration`, from workload cgroup `workload`.
+    /// `duration`, back to back, from workload cgroup `workload`.
     pub fn pingpong(
         &self,
         workload: &str,
@@ -285,20 +297,24 @@ impl Node {
         size: usize,
         duration: Duration,
     ) -> Result<PingPongReport> {
-        self.pingpong_with(&host::workload_bin()?, workload, target, size, duration)
+        let run = PingPong {
+            size,
+            duration,
+            pace: Duration::ZERO,
+        };
+        self.pingpong_with(&host::workload_bin()?, workload, target, &run)
     }
 
-    /// [`Node::pingpong`] with an explicit `mesh-workload` binary (benchmarks name the one
-    /// they built).
+    /// [`Node::pingpong`] as `run` says, with an explicit `mesh-workload` binary (benchmarks
+    /// name the one they built).
     pub fn pingpong_with(
         &self,
         bin: &Path,
         workload: &str,
         target: SocketAddr,
-        size: usize,
-        duration: Duration,
+        run: &PingPong,
     ) -> Result<PingPongReport> {
-        let (addr, size) = (target.to_string(), size.to_string());
+        let (addr, size) = (target.to_string(), run.size.to_string());
         let mut cmd = Command::new(bin);
         cmd.args([
             "pingpong",
@@ -307,10 +323,12 @@ impl Node {
             "--size",
             &size,
             "--duration-ms",
-            &ms(duration),
+            &ms(run.duration),
+            "--interval-ms",
+            &ms(run.pace),
         ]);
         let out = self
-            .run(workload, cmd, duration + Duration::from_secs(15))?
+            .run(workload, cmd, run.duration + Duration::from_secs(15))?
             .ok("pingpong")?;
         parse_last_json(&out.stdout)
     }

@@ -26,7 +26,7 @@ use crate::setup;
 use crate::util::{cmd, display, run_checked};
 
 /// The suites of `mesh-bench`, checked here so a typo fails before the build.
-const SUITES: [&str; 4] = ["lb", "gossip", "mtls", "sockmap"];
+const SUITES: [&str; 5] = ["lb", "gossip", "mtls", "sockmap", "reload"];
 
 /// The suite that runs `cargo bench` instead of `mesh-bench`.
 const MICRO: &str = "micro";

@@ -173,7 +173,7 @@ pub async fn serve(listener: UnixListener, agent: Arc<dyn AgentView>) {
                     Ok::<_, Infallible>(if request.uri().path() == takeover::PATH {
                         take_over(request, caller, agent)
                     } else {
-                        route(&request, caller, agent)
+                        answer(request, caller, agent).await
                     })
                 }
             });
@@ -185,6 +185,23 @@ pub async fn serve(listener: UnixListener, agent: Arc<dyn AgentView>) {
                 tracing::debug!(%error, "admin connection ended with an error");
             }
         });
+    }
+}
+
+/// Answers on a blocking thread: reports are computed from the published view (at 20,000
+/// services that takes a while) and a registration waits for the controller, neither on the
+/// runtime's thread that gossip and the other requests share.
+async fn answer(
+    request: Request<Incoming>,
+    caller: Option<tokio::net::unix::UCred>,
+    agent: Arc<dyn AgentView>,
+) -> Response<Body> {
+    match tokio::task::spawn_blocking(move || route(&request, caller, agent)).await {
+        Ok(response) => response,
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the request failed inside the agent\n",
+        ),
     }
 }
 

@@ -9,19 +9,11 @@
 //! the in-process tests (`mesh-agent/tests/`) drive it against a
 //! [`MemoryKernel`](crate::reconcile::kernel::MemoryKernel).
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Instant,
-};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
-use tokio::sync::mpsc;
 
 use crate::{
-    app::takeover::Successor,
     balance::Desired,
     catalog::{
         peers::{Peers, RestoreGrace},
@@ -35,9 +27,11 @@ use crate::{
         Health,
     },
     reconcile::{self, kernel::Kernel, KernelState},
-    telemetry::{applied::AppliedFeed, flows::FlowLog},
+    telemetry::{applied::AppliedFeed, flows::ServiceNames},
     tunnel::Tunnel,
 };
+
+use super::views::View;
 
 /// What a controller is built from.
 pub struct Parts {
@@ -59,7 +53,8 @@ pub struct Parts {
     pub tunnel: Option<Arc<Tunnel>>,
 }
 
-/// The agent's state, shared by the event loop, the admin API and the metrics.
+/// The agent's state, changed by one event at a time; what it shows is published as a
+/// [`View`].
 pub struct Controller {
     pub(super) node: String,
     pub(super) config_path: PathBuf,
@@ -72,13 +67,16 @@ pub struct Controller {
     /// The services as the catalog gives them, before health.
     pub(super) catalog: Desired,
     /// What the kernel was last brought to: the catalog with health applied.
-    pub(super) desired: Desired,
+    pub(super) desired: Arc<Desired>,
     pub(super) health: Health,
     pub(super) checker: Checker,
-    /// What the kernel's load-balancing maps hold (exactly what the writes accepted).
-    pub(super) kernel: KernelState,
-    /// Kernel service id → name, for flows and metrics.
-    pub(super) service_names: HashMap<u32, String>,
+    /// What the kernel's load-balancing maps hold (exactly what the writes accepted); shared
+    /// with the views, copied on the first write after one was published.
+    pub(super) kernel: Arc<KernelState>,
+    /// Kernel service id → name, for flows, the tunnel's flows and the reports.
+    pub(super) names: Arc<ServiceNames>,
+    /// Counts the changes a view would show (see [`Controller::generation`]).
+    pub(super) generation: u64,
     pub(super) config_error: Option<String>,
     pub(super) reloads_applied: u64,
     pub(super) reloads_rejected: u64,
@@ -99,24 +97,6 @@ pub struct Controller {
     pub(super) tunnel: Option<Arc<Tunnel>>,
     /// Every successful write of the kernel maps, for `GET /v1/applied`.
     pub(super) applied: Arc<AppliedFeed>,
-}
-
-pub(super) struct SharedAgent {
-    pub(super) state: Mutex<Controller>,
-    pub(super) flows: Arc<FlowLog>,
-    /// Asks the main loop to announce this node's endpoints again.
-    pub(super) announce: mpsc::UnboundedSender<()>,
-    /// Asks the main loop to hand the sockets over (one takeover at a time).
-    pub(super) takeovers: mpsc::Sender<Successor>,
-}
-
-impl SharedAgent {
-    pub(super) fn lock(&self) -> MutexGuard<'_, Controller> {
-        // A panic while holding the lock leaves plain data behind; keep serving it.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 }
 
 impl Controller {
@@ -152,11 +132,12 @@ impl Controller {
             gossip_config: parts.config.gossip.clone(),
             config: parts.config,
             catalog: Desired::default(),
-            desired: Desired::default(),
+            desired: Arc::default(),
             health: Health::default(),
             checker: parts.checker,
-            kernel,
-            service_names: HashMap::new(),
+            kernel: Arc::new(kernel),
+            names: Arc::default(),
+            generation: 0,
             config_error: None,
             reloads_applied: 0,
             reloads_rejected: 0,
@@ -182,9 +163,54 @@ impl Controller {
         &self.kernel
     }
 
+    /// The service names of the kernel in force, kept up to date by every write.
+    pub fn names(&self) -> Arc<ServiceNames> {
+        Arc::clone(&self.names)
+    }
+
+    /// Every successful write of the kernel maps, for `GET /v1/applied`.
+    pub fn applied(&self) -> Arc<AppliedFeed> {
+        Arc::clone(&self.applied)
+    }
+
+    /// Grows with every change a [`View`] shows: a write of the kernel, a reload, a probe
+    /// result, the members; equal generations, equal views.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// What the controller shows now.
+    pub fn view(&self) -> View {
+        View {
+            generation: self.generation,
+            node: self.node.clone(),
+            config_path: self.config_path.clone(),
+            cgroup: self.cgroup.clone(),
+            adopted: self.adopted,
+            started: self.started,
+            desired: Arc::clone(&self.desired),
+            kernel: Arc::clone(&self.kernel),
+            names: self.names.current(),
+            health: Arc::new(self.health.clone()),
+            config_error: self.config_error.clone(),
+            conflicts: self.conflicts.clone(),
+            reloads_applied: self.reloads_applied,
+            reloads_rejected: self.reloads_rejected,
+            local: self.sources.announcement(),
+            peers: self.sources.peers.clone(),
+            restored: self.peers.restored().map(str::to_owned).collect(),
+            members: Arc::clone(&self.members),
+            gossip: self.gossip_config.clone(),
+            gossip_stats: self.gossip_stats.clone(),
+            tunnel: self.tunnel.clone(),
+            counters: self.maps.counters(),
+        }
+    }
+
     /// The gossip transport's counters, once gossip runs (the peers' deaths are trusted only
     /// while authentic gossip still arrives).
     pub fn set_gossip_stats(&mut self, stats: Option<Arc<gossip::Stats>>) {
+        self.generation += 1;
         self.gossip_stats = stats;
     }
 
@@ -209,10 +235,14 @@ impl Controller {
     /// Brings the kernel to `desired`; on success it becomes the state in force.
     fn apply(&mut self, desired: Desired) -> anyhow::Result<()> {
         let started = Instant::now();
+        self.generation += 1;
         let plan = reconcile::plan(&self.kernel, &desired);
-        let result = reconcile::apply(&plan, &mut *self.maps, &mut self.kernel);
+        let result = match plan.groups.is_empty() {
+            true => Ok(reconcile::apply::ApplyReport::default()),
+            false => reconcile::apply(&plan, &mut *self.maps, Arc::make_mut(&mut self.kernel)),
+        };
         // Whatever was applied is in the kernel now; name it for flows either way.
-        self.service_names = self
+        let names: HashMap<u32, String> = self
             .kernel
             .services
             .iter()
@@ -224,13 +254,14 @@ impl Controller {
                     .map(|d| (service.id, d.name.clone()))
             })
             .collect();
+        self.names.publish(names);
         let report = result?;
         let strict = desired
             .strict_backends()
             .filter_map(|(addr, key)| Some((addr, self.kernel.services.get(&key)?.id)))
             .collect();
         self.maps.sync_strict(&strict)?;
-        self.desired = desired;
+        self.desired = Arc::new(desired);
         // Published and logged after the maps were written, with what the kernel holds now
         // (the benches follow `GET /v1/applied` to time changes).
         let services = self.kernel.services.keys();
@@ -260,6 +291,7 @@ impl Controller {
     }
 
     pub fn on_probe(&mut self, report: ProbeReport) {
+        self.generation += 1;
         let result = report.result.map_err(|e| e.to_string());
         if self
             .health
@@ -349,7 +381,7 @@ impl Controller {
     /// kernel's state is read afresh and the catalog applied again; returns what to announce.
     pub fn resume(&mut self) -> Announcement {
         match self.maps.read_state() {
-            Ok(kernel) => self.kernel = kernel,
+            Ok(kernel) => self.kernel = Arc::new(kernel),
             Err(error) => tracing::error!("cannot read the kernel's state again: {error:#}"),
         }
         if let Err(error) = self.recompute() {
@@ -361,6 +393,7 @@ impl Controller {
     /// Takes the gossip members' latest state and applies the catalog it makes.
     pub fn set_members(&mut self, members: Arc<Vec<Member>>) {
         gossip::log_changes(&self.members, &members);
+        self.generation += 1;
         self.members = members;
         self.follow_peers(Instant::now());
     }
@@ -383,6 +416,7 @@ impl Controller {
     /// Re-reads the config file; a bad file is rejected and the state in force stays.
     /// Returns the config now in force when it changed.
     pub fn reload(&mut self) {
+        self.generation += 1;
         let before = self.desired.service_count();
         let result = Config::load(&self.config_path)
             .map_err(anyhow::Error::from)

@@ -13,7 +13,7 @@ use crate::{
     catalog::Announcement,
     config::gossip::GossipConfig,
     gossip::{self, Gossip, Member},
-    telemetry::flows::Names,
+    telemetry::flows::ServiceNames,
     telemetry::metrics::{self, SnapshotSource},
     tunnel::{OriginalDestinations, Tunnel},
 };
@@ -34,7 +34,7 @@ pub struct TunnelServe {
     /// The kernel's original destinations of redirected connects.
     pub destinations: Arc<dyn OriginalDestinations>,
     /// Service names, for the flows.
-    pub names: Arc<dyn Names + Send + Sync>,
+    pub names: Arc<ServiceNames>,
 }
 
 /// The running accept loops and gossip.

@@ -16,12 +16,13 @@ pub mod takeover;
 
 pub mod controller;
 mod probes;
-mod views;
+mod runtime;
+pub mod views;
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -49,8 +50,10 @@ use crate::{
 };
 
 use self::{
-    controller::{Controller, Parts, SharedAgent},
+    controller::{Controller, Parts},
     probes::Probes,
+    runtime::DataPlaneRuntime,
+    views::SharedAgent,
 };
 
 /// Everything `run` needs from the command line.
@@ -107,13 +110,22 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| cgroup_root.clone());
     let pins = PinDir::new(&options.bpffs, &node);
-    // The credentials are only read: a bad file fails here, before a takeover stops the
-    // running agent.
-    let tunnel = config
-        .mtls
-        .as_ref()
-        .map(|m| Tunnel::new(&m.tunnel(), cgroup_root.clone()))
-        .transpose()?;
+    // The tunnel runs on a runtime of its own. Its credentials are only read: a bad file
+    // fails here, before a takeover stops the running agent.
+    let data_plane = match &config.mtls {
+        Some(mtls) => {
+            Some(DataPlaneRuntime::start(mtls.workers).context("starting the data-plane runtime")?)
+        }
+        None => None,
+    };
+    let tunnel = match (&config.mtls, &data_plane) {
+        (Some(mtls), Some(runtime)) => Some(Tunnel::new(
+            &mtls.tunnel(),
+            cgroup_root.clone(),
+            runtime.handle(),
+        )?),
+        _ => None,
+    };
     // Before any map, link or socket is touched: one agent per node (a successor is handed
     // the predecessor's lock).
     let owner_file = options.state_dir.join(&node).join("agent.json");
@@ -192,18 +204,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (announce_tx, mut announce) = mpsc::unbounded_channel();
     let (takeovers_tx, mut takeovers) = mpsc::channel(1);
     let announcement = agent.announcement();
-    let agent = Arc::new(SharedAgent {
-        state: Mutex::new(agent),
-        flows: Arc::clone(&flow_log),
-        announce: announce_tx.clone(),
-        takeovers: takeovers_tx,
-    });
+    let names = agent.names();
+    let agent = Arc::new(SharedAgent::new(
+        agent,
+        Arc::clone(&flow_log),
+        announce_tx.clone(),
+        takeovers_tx,
+    ));
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(flows::follow_kernel(
         telemetry.events,
         flows::Decoder::new(cgroup_root),
-        agent.clone(),
+        Arc::clone(&names),
         flow_log,
     ));
     if let Some(logger) = telemetry.logger {
@@ -219,15 +232,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         tunnel: tunnel.clone().map(|tunnel| listening::TunnelServe {
             tunnel,
             destinations: Arc::new(redirects),
-            names: agent.clone(),
+            names,
         }),
         gossip: config.gossip.clone(),
     };
     let mut listening = serve.start(&sockets, &announcement).await?;
     let mut members = listening.members();
-    agent
-        .lock()
-        .set_gossip_stats(listening.gossip.as_ref().map(|g| Arc::clone(g.stats())));
+    let stats = listening.gossip.as_ref().map(|g| Arc::clone(g.stats()));
+    agent.event(|c| c.set_gossip_stats(stats)).await;
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let _watcher = watch::watch_file(&options.config, changes_tx)?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -255,12 +267,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                     Err(error) => {
                         tracing::error!(%error, "takeover failed; serving again");
                         lock.record_owner(&options.admin_socket);
-                        let announcement = agent.lock().resume();
+                        let announcement = agent.event(Controller::resume).await;
                         listening = serve.start(&sockets, &announcement).await?;
                         members = listening.members();
-                        agent
-        .lock()
-        .set_gossip_stats(listening.gossip.as_ref().map(|g| Arc::clone(g.stats())));
+                        let stats = listening.gossip.as_ref().map(|g| Arc::clone(g.stats()));
+                        agent.event(|c| c.set_gossip_stats(stats)).await;
                     }
                 }
             }
@@ -268,32 +279,41 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 // A deploy may swap several links at once; let the burst settle.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 while changes.try_recv().is_ok() {}
-                agent.lock().reload();
+                agent.event(Controller::reload).await;
                 let _ = announce_tx.send(());
             }
             _ = hangup.recv() => {
                 tracing::info!(config = %options.config.display(), "SIGHUP: reloading the config");
-                agent.lock().reload();
+                agent.event(Controller::reload).await;
                 let _ = announce_tx.send(());
             }
-            Some(report) = probes.recv() => agent.lock().on_probe(report),
-            _ = health_poll.tick() => agent.lock().tick(),
+            Some(report) = probes.recv() => {
+                // Every result waiting is handled in one event, published once.
+                let mut reports = vec![report];
+                while let Ok(report) = probes.try_recv() {
+                    reports.push(report);
+                }
+                agent.event(|c| reports.into_iter().for_each(|r| c.on_probe(r))).await;
+            }
+            _ = health_poll.tick() => agent.event(Controller::tick).await,
             Some(()) = announce.recv() => {
                 while announce.try_recv().is_ok() {}
                 if let Some(gossip) = &listening.gossip {
-                    let announcement = agent.lock().announcement();
+                    let announcement = agent.event(|c| c.announcement()).await;
                     gossip.announce(&announcement).await;
                 }
             }
             // chitchat publishes member changes once per gossip round: already batched.
-            latest = gossip::next_members(&mut members) => agent.lock().set_members(latest),
+            latest = gossip::next_members(&mut members) => {
+                agent.event(|c| c.set_members(latest)).await;
+            }
         }
     };
 
     // Nothing reads a socket or writes a map from here on; the open flows are relayed on.
     listening.stop().await;
     tasks.abort_all();
-    agent.lock().stop_checks();
+    agent.event(Controller::stop_checks).await;
     drop(sockets);
     // A draining agent touches no map, link or pin (unless it uninstalls at the end): the node
     // is free for the next agent.

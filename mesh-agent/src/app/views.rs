@@ -1,41 +1,149 @@
-//! What the agent shows: the admin API's reports, the metrics' snapshot and the names flows
-//! are given, assembled from the controller's state.
+//! What the agent shows, published as snapshots: after every event that changed it, the
+//! controller's state is captured in a [`View`] (shared pieces, no deep copies of the catalog
+//! or the kernel's state) and swapped in atomically. The admin API's reports, the metrics and
+//! the readiness probe are computed from the view in force, so a reader never waits for the
+//! controller (a 20,000-service reload holds it for a while) and never sees half an event.
 
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::Arc,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
 
 use crate::{
     admin::types::{EndpointStatus, NodeStatus, StatusReport},
     admin::AgentView,
     app::takeover::Successor,
     balance::Desired,
-    catalog::Endpoint,
-    gossip::{self},
-    reconcile::KernelState,
+    catalog::{Announcement, Conflict, Endpoint},
+    config::gossip::GossipConfig,
+    gossip::{self, Member},
+    health::Health,
+    reconcile::{kernel::Counters, KernelState},
     telemetry::applied::AppliedFeed,
-    telemetry::flows::{FlowLog, Names},
+    telemetry::flows::FlowLog,
     telemetry::metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
+    tunnel::Tunnel,
 };
 
-use super::controller::{Controller, SharedAgent};
+use super::controller::Controller;
 use crate::admin::types::{BackendStatus, ServiceStatus};
 use mesh_common::service::{SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS};
 
+/// The controller's state as of one event: what every report is computed from.
+pub struct View {
+    /// The controller's change count this view was taken at.
+    pub(super) generation: u64,
+    pub(super) node: String,
+    pub(super) config_path: PathBuf,
+    pub(super) cgroup: PathBuf,
+    pub(super) adopted: bool,
+    pub(super) started: Instant,
+    pub(super) desired: Arc<Desired>,
+    pub(super) kernel: Arc<KernelState>,
+    /// Kernel service id → name.
+    pub(super) names: Arc<HashMap<u32, String>>,
+    pub(super) health: Arc<Health>,
+    pub(super) config_error: Option<String>,
+    pub(super) conflicts: Vec<Conflict>,
+    pub(super) reloads_applied: u64,
+    pub(super) reloads_rejected: u64,
+    /// What this node announces, and what its live peers do.
+    pub(super) local: Announcement,
+    pub(super) peers: Vec<(String, Announcement)>,
+    /// Peers kept from the state file that gossip has not delivered yet.
+    pub(super) restored: Vec<String>,
+    pub(super) members: Arc<Vec<Member>>,
+    pub(super) gossip: Option<GossipConfig>,
+    pub(super) gossip_stats: Option<Arc<gossip::Stats>>,
+    pub(super) tunnel: Option<Arc<Tunnel>>,
+    /// The programs' counts, read when a report is asked for.
+    pub(super) counters: Arc<dyn Counters>,
+}
+
+/// The controller behind its lock, the view it last published, and what the admin API needs
+/// besides.
+pub struct SharedAgent {
+    controller: Mutex<Controller>,
+    view: ArcSwap<View>,
+    flows: Arc<FlowLog>,
+    applied: Arc<AppliedFeed>,
+    /// Asks the main loop to announce this node's endpoints again.
+    announce: mpsc::UnboundedSender<()>,
+    /// Asks the main loop to hand the sockets over (one takeover at a time).
+    takeovers: mpsc::Sender<Successor>,
+}
+
+impl SharedAgent {
+    pub fn new(
+        controller: Controller,
+        flows: Arc<FlowLog>,
+        announce: mpsc::UnboundedSender<()>,
+        takeovers: mpsc::Sender<Successor>,
+    ) -> Self {
+        Self {
+            view: ArcSwap::from_pointee(controller.view()),
+            applied: controller.applied(),
+            controller: Mutex::new(controller),
+            flows,
+            announce,
+            takeovers,
+        }
+    }
+
+    /// Runs `event` on the controller, then publishes its view if the event changed it.
+    /// Blocks while another event runs: call it off the runtime's threads ([`Self::event`]).
+    pub fn update<T>(&self, event: impl FnOnce(&mut Controller) -> T) -> T {
+        let mut controller = self.lock();
+        let result = event(&mut controller);
+        if controller.generation() != self.view.load().generation {
+            self.view.store(Arc::new(controller.view()));
+        }
+        result
+    }
+
+    /// [`Self::update`] on a blocking thread: a reload of any size leaves the runtime free
+    /// for gossip, the admin API and the metrics.
+    pub async fn event<T: Send + 'static>(
+        self: &Arc<Self>,
+        event: impl FnOnce(&mut Controller) -> T + Send + 'static,
+    ) -> T {
+        let agent = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || agent.update(event)).await {
+            Ok(result) => result,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+
+    /// The view in force.
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Controller> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.controller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl AgentView for SharedAgent {
     fn status(&self) -> Result<StatusReport, String> {
-        self.lock().status().map_err(|e| format!("{e:#}"))
+        self.view().status().map_err(|e| format!("{e:#}"))
     }
 
     fn endpoints(&self) -> Result<Vec<EndpointStatus>, String> {
-        Ok(self.lock().endpoints())
+        Ok(self.view().endpoints())
     }
 
     fn nodes(&self) -> Vec<NodeStatus> {
-        self.lock().nodes()
+        self.view().nodes()
     }
 
     fn flows(&self) -> &FlowLog {
@@ -43,11 +151,11 @@ impl AgentView for SharedAgent {
     }
 
     fn applied(&self) -> Arc<AppliedFeed> {
-        Arc::clone(&self.lock().applied)
+        Arc::clone(&self.applied)
     }
 
     fn register(&self, endpoint: Endpoint) -> Result<bool, String> {
-        let changed = self.lock().register(endpoint)?;
+        let changed = self.update(|c| c.register(endpoint))?;
         if changed {
             let _ = self.announce.send(());
         }
@@ -55,7 +163,7 @@ impl AgentView for SharedAgent {
     }
 
     fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String> {
-        let changed = self.lock().deregister(service, address)?;
+        let changed = self.update(|c| c.deregister(service, address))?;
         if changed {
             let _ = self.announce.send(());
         }
@@ -63,7 +171,7 @@ impl AgentView for SharedAgent {
     }
 
     fn policies(&self) -> Vec<crate::tunnel::authz::policy::PolicyStatus> {
-        self.lock()
+        self.view()
             .tunnel
             .as_ref()
             .map(|t| t.policies())
@@ -71,7 +179,7 @@ impl AgentView for SharedAgent {
     }
 
     fn certs(&self) -> Vec<crate::tunnel::identity::certs::CertStatus> {
-        self.lock()
+        self.view()
             .tunnel
             .as_ref()
             .map(|t| t.certs())
@@ -85,32 +193,26 @@ impl AgentView for SharedAgent {
     }
 }
 
-impl Names for SharedAgent {
-    fn service_name(&self, id: u32) -> Option<String> {
-        self.lock().service_names.get(&id).cloned()
-    }
-}
-
 impl SnapshotSource for SharedAgent {
     fn snapshot(&self) -> Snapshot {
-        let mut snapshot = self.lock().snapshot();
+        let mut snapshot = self.view().snapshot();
         snapshot.flows_recorded = self.flows.recorded();
         snapshot
     }
 
     fn waiting_for(&self) -> Vec<String> {
-        self.lock().waiting_for()
+        self.view().waiting_for()
     }
 }
 
-impl Controller {
+impl View {
     /// What this agent still waits for before it is ready (`/ready`): the data plane is
     /// installed and the config applied before anything serves, so only gossip remains. With
     /// `[gossip]` and a seed other than itself, the agent is ready once it has heard one
     /// authentic datagram from the mesh (its catalog then holds what the mesh says, not only
     /// what it kept on disk).
     pub fn waiting_for(&self) -> Vec<String> {
-        let Some(gossip) = &self.gossip_config else {
+        let Some(gossip) = &self.gossip else {
             return Vec::new();
         };
         let has_peers = gossip.seeds.iter().any(|seed| *seed != gossip.advertise);
@@ -134,21 +236,21 @@ impl Controller {
             version: crate::VERSION.to_owned(),
             uptime_s: agent.started.elapsed().as_secs(),
             address: agent
-                .gossip_config
+                .gossip
                 .as_ref()
                 .map(|g| g.advertise.to_string())
                 .unwrap_or_default(),
             state: "alive".to_owned(),
-            endpoints: gossip::endpoint_names(&agent.sources.announcement()),
+            endpoints: gossip::endpoint_names(&agent.local),
             rejected: Vec::new(),
         };
         // Peers kept from the state file that gossip has not delivered yet.
         let restored = agent
-            .peers
-            .restored()
-            .filter(|name| !agent.members.iter().any(|m| m.name == *name))
+            .restored
+            .iter()
+            .filter(|name| !agent.members.iter().any(|m| m.name == **name))
             .map(|name| NodeStatus {
-                name: name.to_owned(),
+                name: name.clone(),
                 role: "peer".to_owned(),
                 state: "restored".to_owned(),
                 ..NodeStatus::default()
@@ -161,7 +263,7 @@ impl Controller {
 
     pub fn status(&self) -> anyhow::Result<StatusReport> {
         let counters = self
-            .maps
+            .counters
             .counters()?
             .into_iter()
             .map(|(counter, value)| (counter.name().to_owned(), value))
@@ -205,7 +307,7 @@ impl Controller {
     /// The kernel backend id of each (service name, backend address) installed now.
     fn installed_backends(&self) -> impl Iterator<Item = (u32, &str, SocketAddr)> + '_ {
         self.kernel.backends.iter().filter_map(|(&id, backend)| {
-            let name = self.service_names.get(&backend.service_id)?;
+            let name = self.names.get(&backend.service_id)?;
             let addr = crate::reconcile::addr::decode_backend(backend).ok()?;
             Some((id, name.as_str(), addr))
         })
@@ -217,9 +319,8 @@ impl Controller {
             .map(|(id, name, addr)| ((name, addr), id))
             .collect();
         let mut announcers: HashMap<(&str, SocketAddr), Vec<String>> = HashMap::new();
-        let local = self.sources.announcement();
-        let members = std::iter::once((self.node.as_str(), &local))
-            .chain(self.sources.peers.iter().map(|(n, a)| (n.as_str(), a)));
+        let members = std::iter::once((self.node.as_str(), &self.local))
+            .chain(self.peers.iter().map(|(n, a)| (n.as_str(), a)));
         for (node, announcement) in members {
             for e in &announcement.endpoints {
                 announcers
@@ -255,7 +356,7 @@ impl Controller {
                             address: backend.addr.to_string(),
                             weight: backend.weight,
                             state: state.to_owned(),
-                            connections: id.map_or(0, |&id| self.maps.backend_count(id)),
+                            connections: id.map_or(0, |&id| self.counters.backend_count(id)),
                             announced_by: announcers
                                 .get(&(service.name.as_str(), backend.addr))
                                 .cloned()
@@ -274,13 +375,13 @@ impl Controller {
     pub fn snapshot(&self) -> Snapshot {
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         Snapshot {
-            counters: self.maps.counters().unwrap_or_default(),
+            counters: self.counters.counters().unwrap_or_default(),
             backends: self
                 .installed_backends()
                 .map(|(id, service, addr)| BackendSample {
                     service: service.to_owned(),
                     backend: addr.to_string(),
-                    connections: self.maps.backend_count(id),
+                    connections: self.counters.backend_count(id),
                 })
                 .collect(),
             maps: vec![

@@ -157,7 +157,7 @@ fn invalid(span: Range<usize>, field: &str, message: String) -> Invalid {
 }
 
 /// A number in `range`, or `default` when absent.
-fn number<T>(
+pub(super) fn number<T>(
     value: &Option<Spanned<i64>>,
     field: &str,
     range: Range<T>,

@@ -22,6 +22,10 @@ use mesh_common::redirect::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 /// Seconds a pooled tunnel connection lives unused, by default.
 pub const DEFAULT_IDLE_TIMEOUT_S: u32 = 60;
 
+/// Threads of the data-plane runtime (tunnel listeners and relays), by default: ztunnel's
+/// default too; the control work has a thread of its own besides.
+pub const DEFAULT_WORKERS: u32 = 2;
+
 /// `mtls = "off" | "strict"` on a service, and `[mtls] default`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +49,8 @@ pub struct MtlsConfig {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub idle_timeout_s: u32,
+    /// Threads of the data-plane runtime that runs the tunnel's listeners and relays.
+    pub workers: u32,
     /// Whether the loopback hop between applications and the outbound listener skips TCP
     /// through a sockmap (`sk_msg` redirect); off by default: it helps small request/response
     /// messages a little, costs bulk throughput, and the kernel's redirect has no backpressure
@@ -138,6 +144,7 @@ pub(super) struct RawMtls {
     outbound_port: Option<Spanned<i64>>,
     inbound_port: Option<Spanned<i64>>,
     idle_timeout_s: Option<Spanned<i64>>,
+    workers: Option<Spanned<i64>>,
     loopback_sockmap: Option<bool>,
     #[serde(default)]
     identities: Vec<Spanned<RawIdentity>>,
@@ -190,6 +197,18 @@ impl Source<'_> {
             })
     }
 
+    /// A number in `range` (in `unit`s), the default when absent.
+    fn number(
+        &self,
+        value: &Option<Spanned<i64>>,
+        field: &str,
+        (default, range): (u32, std::ops::Range<u32>),
+        unit: &str,
+    ) -> Result<u32, super::ConfigError> {
+        super::health::number(value, field, range, default, unit)
+            .map_err(|bad| self.invalid(bad.span, &bad.field, bad.message))
+    }
+
     pub(super) fn mtls(&self, raw: RawMtls) -> Result<MtlsConfig, super::ConfigError> {
         let trust_domain = raw.trust_domain.get_ref().clone();
         if !check_trust_domain(&trust_domain) {
@@ -206,19 +225,18 @@ impl Source<'_> {
         )?;
         let inbound_port =
             self.port(raw.inbound_port, "mtls.inbound_port", DEFAULT_INBOUND_PORT)?;
-        let idle_timeout_s = match raw.idle_timeout_s {
-            None => DEFAULT_IDLE_TIMEOUT_S,
-            Some(t) => u32::try_from(*t.get_ref())
-                .ok()
-                .filter(|s| (1..=86_400).contains(s))
-                .ok_or_else(|| {
-                    self.invalid(
-                        t.span(),
-                        "mtls.idle_timeout_s",
-                        format!("{} seconds is out of range 1..=86400", t.get_ref()),
-                    )
-                })?,
-        };
+        let idle_timeout_s = self.number(
+            &raw.idle_timeout_s,
+            "mtls.idle_timeout_s",
+            (DEFAULT_IDLE_TIMEOUT_S, 1..86_401),
+            " seconds",
+        )?;
+        let workers = self.number(
+            &raw.workers,
+            "mtls.workers",
+            (DEFAULT_WORKERS, 1..65),
+            " threads",
+        )?;
         let mut identities = Vec::with_capacity(raw.identities.len());
         let mut cgroups = HashSet::new();
         for (i, raw_id) in raw.identities.into_iter().enumerate() {
@@ -262,6 +280,7 @@ impl Source<'_> {
             outbound_port,
             inbound_port,
             idle_timeout_s,
+            workers,
             loopback_sockmap: raw.loopback_sockmap.unwrap_or(false),
             identities,
         })
@@ -409,6 +428,7 @@ mod tests {
             (MTLS.replace("mesh.test", "Mesh"), "mesh.toml:2: mtls.trust_domain: \"Mesh\" is not a trust domain"),
             (format!("{MTLS}inbound_port = 0\n"), "mesh.toml:6: mtls.inbound_port: 0 is not a port number"),
             (format!("{MTLS}idle_timeout_s = 0\n"), "mesh.toml:6: mtls.idle_timeout_s: 0 seconds is out of range"),
+            (format!("{MTLS}workers = 65\n"), "mesh.toml:6: mtls.workers: 65 threads is out of range 1..=64"),
             (format!("{MTLS}loopback_sockmap = 'yes'\n"), "mesh.toml:6: mtls.loopback_sockmap: invalid type: string \"yes\", expected a boolean"),
             (format!("{MTLS}[[mtls.identities]]\ncgroup = 'a'\nspiffe_id = 'spiffe://other/ns/a/sa/b'\ncert = 'c'\nkey = 'k'\n"),
              "mesh.toml:8: mtls.identities[0].spiffe_id: spiffe://other/ns/a/sa/b is not in the trust domain mesh.test"),

@@ -1,8 +1,10 @@
-//! Typed handles on the pinned maps: the reconciler writes through them, `status` reads them.
+//! Typed handles on the pinned maps: the reconciler writes through [`KernelMaps`], the views
+//! read the programs' counts through [`KernelCounters`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use aya::{
@@ -19,7 +21,7 @@ use mesh_common::{
 
 use super::{take_map as take, DataPlaneError};
 use crate::reconcile::{
-    kernel::{Kernel, KernelReadError},
+    kernel::{Counters, Kernel, KernelReadError},
     KernelState, MapOp, MapWriteError, MapWriter,
 };
 
@@ -28,8 +30,7 @@ pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, Service>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
-    backend_counts: PerCpuHashMap<MapData, u32, u64>,
-    counters: PerCpuArray<MapData, u64>,
+    counts: Arc<KernelCounters>,
     strict_inbound: HashMap<MapData, SockKey, u32>,
     connect_outcomes: PerCpuHashMap<MapData, SockKey, ConnectOutcomes>,
 }
@@ -40,8 +41,10 @@ impl KernelMaps {
             services: take(ebpf, maps::SERVICES)?,
             slots: take(ebpf, maps::SLOTS)?,
             backends: take(ebpf, maps::BACKENDS)?,
-            backend_counts: take(ebpf, maps::BACKEND_COUNTS)?,
-            counters: take(ebpf, maps::COUNTERS)?,
+            counts: Arc::new(KernelCounters {
+                backend_counts: Mutex::new(take(ebpf, maps::BACKEND_COUNTS)?),
+                counters: take(ebpf, maps::COUNTERS)?,
+            }),
             strict_inbound: take(ebpf, maps::STRICT_INBOUND)?,
             connect_outcomes: take(ebpf, maps::CONNECT_OUTCOMES)?,
         })
@@ -62,29 +65,6 @@ impl KernelMaps {
             slots: collect(&self.slots, maps::SLOTS)?,
             backends: collect(&self.backends, maps::BACKENDS)?,
         })
-    }
-
-    /// Connections (and UDP datagrams) sent to backend `id` since it was added.
-    fn count_of_backend(&self, id: u32) -> u64 {
-        self.backend_counts
-            .get(&id, 0)
-            .map_or(0, |per_cpu| per_cpu.iter().sum())
-    }
-
-    /// Every counter, summed over CPUs.
-    fn read_counters(&self) -> Result<Vec<(Counter, u64)>, DataPlaneError> {
-        Counter::ALL
-            .iter()
-            .map(|&counter| {
-                let per_cpu = self.counters.get(&(counter as u32), 0).map_err(|cause| {
-                    DataPlaneError::Map {
-                        name: maps::COUNTERS,
-                        cause,
-                    }
-                })?;
-                Ok((counter, per_cpu.iter().sum()))
-            })
-            .collect()
     }
 }
 
@@ -137,6 +117,49 @@ impl KernelMaps {
     }
 }
 
+/// The programs' counts: per-backend connections and the global counters. Shared by the
+/// writer (a deleted backend's count goes with it) and the views' reader.
+pub struct KernelCounters {
+    backend_counts: Mutex<PerCpuHashMap<MapData, u32, u64>>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    fn backend_counts(&self) -> MutexGuard<'_, PerCpuHashMap<MapData, u32, u64>> {
+        self.backend_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every counter, summed over CPUs.
+    fn read_counters(&self) -> Result<Vec<(Counter, u64)>, DataPlaneError> {
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let per_cpu = self.counters.get(&(counter as u32), 0).map_err(|cause| {
+                    DataPlaneError::Map {
+                        name: maps::COUNTERS,
+                        cause,
+                    }
+                })?;
+                Ok((counter, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+impl Counters for KernelCounters {
+    fn backend_count(&self, id: u32) -> u64 {
+        self.backend_counts()
+            .get(&id, 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
+    fn counters(&self) -> Result<Vec<(Counter, u64)>, KernelReadError> {
+        self.read_counters().map_err(read_error)
+    }
+}
+
 /// Deleting what is already gone is success: the goal state holds.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
@@ -163,7 +186,7 @@ impl MapWriter for KernelMaps {
             MapOp::DeleteBackend(id) => {
                 // The count goes with the backend, so a reused id starts from zero. A count
                 // that cannot be removed only overstates a backend that no longer exists.
-                let _ = ignore_missing(self.backend_counts.remove(id));
+                let _ = ignore_missing(self.counts.backend_counts().remove(id));
                 (maps::BACKENDS, ignore_missing(self.backends.remove(id)))
             }
         };
@@ -180,12 +203,8 @@ impl Kernel for KernelMaps {
         self.read_state_of_maps().map_err(read_error)
     }
 
-    fn backend_count(&self, id: u32) -> u64 {
-        self.count_of_backend(id)
-    }
-
-    fn counters(&self) -> Result<Vec<(Counter, u64)>, KernelReadError> {
-        self.read_counters().map_err(read_error)
+    fn counters(&self) -> Arc<dyn Counters> {
+        Arc::clone(&self.counts) as Arc<dyn Counters>
     }
 
     fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError> {

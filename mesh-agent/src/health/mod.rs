@@ -49,12 +49,12 @@ use outlier::{Event, Outlier};
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The health of every backend of every service the agent serves.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Health {
     services: BTreeMap<String, ServiceHealth>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ServiceHealth {
     settings: HealthSettings,
     /// A strict mTLS service: its backends are probed through the tunnel.
@@ -67,7 +67,7 @@ struct ServiceHealth {
     ejections: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct BackendHealth {
     /// Present when the service has an active check.
     active: Option<ActiveState>,

@@ -23,14 +23,22 @@ pub struct KernelReadError(pub String);
 pub trait Kernel: MapWriter + Send {
     /// Everything the load-balancing maps hold now.
     fn read_state(&self) -> Result<KernelState, KernelReadError>;
-    /// Connections (and UDP datagrams) sent to backend `id` since it was added.
-    fn backend_count(&self, id: u32) -> u64;
-    /// Every counter, summed over CPUs.
-    fn counters(&self) -> Result<Vec<(Counter, u64)>, KernelReadError>;
+    /// A reader of what the programs count, for the views: it reads from any thread while
+    /// the controller writes.
+    fn counters(&self) -> Arc<dyn Counters>;
     /// Connect outcomes of balanced TCP sockets per backend address; they only grow.
     fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError>;
     /// Makes the strict-inbound map hold exactly `backends` (address → service id).
     fn sync_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), KernelReadError>;
+}
+
+/// What the programs count, read without the controller (the admin API and the metrics read
+/// it from their own threads).
+pub trait Counters: Send + Sync {
+    /// Connections (and UDP datagrams) sent to backend `id` since it was added.
+    fn backend_count(&self, id: u32) -> u64;
+    /// Every counter, summed over CPUs.
+    fn counters(&self) -> Result<Vec<(Counter, u64)>, KernelReadError>;
 }
 
 /// An in-memory kernel for tests: a handle on [`MemoryMaps`], cloned to keep one while the
@@ -82,6 +90,21 @@ impl Kernel for MemoryKernel {
         Ok(self.maps().state.clone())
     }
 
+    fn counters(&self) -> Arc<dyn Counters> {
+        Arc::new(self.clone())
+    }
+
+    fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError> {
+        Ok(self.maps().outcomes.iter().map(|(a, o)| (*a, *o)).collect())
+    }
+
+    fn sync_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), KernelReadError> {
+        self.maps().strict = backends.clone();
+        Ok(())
+    }
+}
+
+impl Counters for MemoryKernel {
     fn backend_count(&self, id: u32) -> u64 {
         self.maps().backend_counts.get(&id).copied().unwrap_or(0)
     }
@@ -92,14 +115,5 @@ impl Kernel for MemoryKernel {
             .iter()
             .map(|c| (*c, maps.counters.get(c).copied().unwrap_or(0)))
             .collect())
-    }
-
-    fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError> {
-        Ok(self.maps().outcomes.iter().map(|(a, o)| (*a, *o)).collect())
-    }
-
-    fn sync_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), KernelReadError> {
-        self.maps().strict = backends.clone();
-        Ok(())
     }
 }

@@ -17,6 +17,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use aya::maps::{MapData, RingBuf};
 
 use mesh_common::{
@@ -138,10 +139,27 @@ impl FlowLog {
     }
 }
 
-/// What the decoder needs to name services and clients.
-pub trait Names {
+/// Kernel service id → name, as the controller last applied them: published by the
+/// controller after every write of the kernel, read by the flow decoder and the tunnel's data
+/// path without a lock.
+#[derive(Default)]
+pub struct ServiceNames(ArcSwap<HashMap<u32, String>>);
+
+impl ServiceNames {
     /// Name of the service with kernel id `id`.
-    fn service_name(&self, id: u32) -> Option<String>;
+    pub fn service_name(&self, id: u32) -> Option<String> {
+        self.0.load().get(&id).cloned()
+    }
+
+    /// Every name in force.
+    pub fn current(&self) -> Arc<HashMap<u32, String>> {
+        self.0.load_full()
+    }
+
+    /// Puts `names` in force.
+    pub fn publish(&self, names: HashMap<u32, String>) {
+        self.0.store(Arc::new(names));
+    }
 }
 
 /// Turns kernel records into [`Flow`]s.
@@ -164,7 +182,7 @@ impl Decoder {
         }
     }
 
-    pub fn decode(&mut self, event: &FlowEvent, names: &dyn Names) -> Flow {
+    pub fn decode(&mut self, event: &FlowEvent, names: &ServiceNames) -> Flow {
         let verdict = match Counter::from_index(event.verdict) {
             Some(counter) => counter.name().to_owned(),
             None => format!("unknown({})", event.verdict),
@@ -208,7 +226,7 @@ impl Decoder {
 pub async fn follow_kernel(
     events: RingBuf<MapData>,
     mut decoder: Decoder,
-    names: Arc<dyn Names + Send + Sync>,
+    names: Arc<ServiceNames>,
     log: Arc<FlowLog>,
 ) {
     let mut ring = match crate::dataplane::poll_readable(events) {
@@ -237,7 +255,12 @@ pub async fn follow_kernel(
 }
 
 /// Moves every event waiting in the ring into the log.
-fn drain(events: &mut RingBuf<MapData>, decoder: &mut Decoder, names: &dyn Names, log: &FlowLog) {
+fn drain(
+    events: &mut RingBuf<MapData>,
+    decoder: &mut Decoder,
+    names: &ServiceNames,
+    log: &FlowLog,
+) {
     while let Some(item) = events.next() {
         let Some(event) = parse(&item) else {
             tracing::warn!(len = item.len(), "flow event of unexpected size skipped");

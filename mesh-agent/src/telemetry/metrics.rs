@@ -141,8 +141,21 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn SnapshotSource>) {
         let probes = Arc::clone(&probes);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = route(&request, &registry, &*probes);
-                async move { Ok::<_, Infallible>(response) }
+                let registry = Arc::clone(&registry);
+                let probes = Arc::clone(&probes);
+                // A scrape reads the published view and encodes every series: on a blocking
+                // thread, not the one gossip and the admin API share.
+                let answer =
+                    tokio::task::spawn_blocking(move || route(&request, &registry, &*probes));
+                async move {
+                    Ok::<_, Infallible>(answer.await.unwrap_or_else(|_| {
+                        respond(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain",
+                            "the scrape failed inside the agent\n",
+                        )
+                    }))
+                }
             });
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

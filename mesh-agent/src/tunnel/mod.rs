@@ -24,11 +24,12 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
-use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+use arc_swap::ArcSwap;
+use tokio::{net::TcpListener, runtime::Handle, sync::mpsc, task::JoinSet};
 
 pub use self::proxy::outbound::OriginalDestinations;
 use self::{
@@ -146,18 +147,26 @@ impl Listeners {
 pub struct Tunnel {
     credentials: Arc<Credentials>,
     stats: Arc<TunnelStats>,
-    authz: RwLock<Arc<Authz>>,
+    /// What the inbound side may reach, swapped whole by [`Tunnel::update`].
+    authz: ArcSwap<Authz>,
     identities: Identities,
     pool: Arc<Pool>,
     inbound_port: u16,
     drain: drain::Drain,
     /// Bounds on the inbound connections.
     limits: Arc<limits::ConnectionLimits>,
+    /// The data-plane runtime: the listeners, the relays, the pooled connections and the
+    /// probes through them run there, never on the control runtime's thread.
+    runtime: Handle,
 }
 
 impl Tunnel {
-    /// Loads the credentials; nothing listens yet.
-    pub fn new(config: &TunnelConfig, cgroup_root: PathBuf) -> Result<Arc<Tunnel>, TunnelError> {
+    /// Loads the credentials; nothing listens yet. The tunnel's work will run on `runtime`.
+    pub fn new(
+        config: &TunnelConfig,
+        cgroup_root: PathBuf,
+        runtime: Handle,
+    ) -> Result<Arc<Tunnel>, TunnelError> {
         let credentials = Arc::new(Credentials::load(config.sources.clone())?);
         let stats = Arc::new(TunnelStats::default());
         Ok(Arc::new(Tunnel {
@@ -168,30 +177,22 @@ impl Tunnel {
             ),
             credentials,
             stats,
-            authz: RwLock::new(Arc::default()),
+            authz: ArcSwap::default(),
             identities: Identities::new(cgroup_root, config.identities.clone()),
             inbound_port: config.inbound_port,
             drain: drain::Drain::default(),
             limits: limits::ConnectionLimits::new(limits::MAX_CONNECTIONS, limits::MAX_PER_PEER),
+            runtime,
         }))
     }
 
     /// Puts a new catalog and policy in force (flows already open keep going).
     pub fn update(&self, services: &[MtlsService], policies: Policies) {
-        let authz = Arc::new(Authz::new(services, policies));
-        *self
-            .authz
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = authz;
+        self.authz.store(Arc::new(Authz::new(services, policies)));
     }
 
     fn authz(&self) -> Arc<Authz> {
-        Arc::clone(
-            &self
-                .authz
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        self.authz.load_full()
     }
 
     /// The rules in force (`mesh-agent policies`).
@@ -214,7 +215,14 @@ impl Tunnel {
     pub async fn probe(&self, backend: SocketAddr, service: &str) -> Result<(), pool::OpenError> {
         let node = self.credentials.current().node.clone();
         let peer = SocketAddr::new(backend.ip(), self.inbound_port);
-        self.pool.probe(&node, peer, backend, service).await
+        let pool = Arc::clone(&self.pool);
+        let service = service.to_owned();
+        let probe = async move { pool.probe(&node, peer, backend, &service).await };
+        match self.runtime.spawn(probe).await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Err(pool::OpenError::Stopped),
+        }
     }
 
     /// The tunnel's metrics now.
@@ -232,8 +240,8 @@ impl Tunnel {
 
     /// Spawns the credential watcher and the pool's idle expiry.
     pub fn spawn(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
-        tasks.spawn(Arc::clone(&self.pool).expire_idle());
-        tasks.spawn(Arc::clone(self).follow_credentials());
+        tasks.spawn_on(Arc::clone(&self.pool).expire_idle(), &self.runtime);
+        tasks.spawn_on(Arc::clone(self).follow_credentials(), &self.runtime);
     }
 
     /// Spawns the accept loops on `listeners` into `accepting`.
@@ -241,7 +249,7 @@ impl Tunnel {
         self: &Arc<Self>,
         listeners: Listeners,
         destinations: &Arc<dyn OriginalDestinations>,
-        names: &Arc<dyn crate::telemetry::flows::Names + Send + Sync>,
+        names: &Arc<crate::telemetry::flows::ServiceNames>,
         accepting: &mut JoinSet<()>,
     ) -> Result<(), TunnelError> {
         let tokio_listener = |listener: std::net::TcpListener| {
@@ -262,14 +270,15 @@ impl Tunnel {
             node = %self.credentials.current().node,
             "mTLS tunnel listening"
         );
-        accepting.spawn(inbound::serve(Arc::clone(self), inbound));
+        accepting.spawn_on(inbound::serve(Arc::clone(self), inbound), &self.runtime);
         for listener in outbound {
-            accepting.spawn(outbound::serve(
+            let serve = outbound::serve(
                 Arc::clone(self),
                 listener,
                 Arc::clone(destinations),
                 Arc::clone(names),
-            ));
+            );
+            accepting.spawn_on(serve, &self.runtime);
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
-use crate::{dataplane::Redirect, telemetry::flows::Names};
+use crate::{dataplane::Redirect, telemetry::flows::ServiceNames};
 use crate::{
     tunnel::authz::policy::{Action, Policies, Rule},
     tunnel::authz::MtlsService,
@@ -44,12 +44,10 @@ impl OriginalDestinations for FakeKernel {
     }
 }
 
-struct FakeNames;
-
-impl Names for FakeNames {
-    fn service_name(&self, id: u32) -> Option<String> {
-        (id == SERVICE_ID).then(|| "payments".to_owned())
-    }
+fn names() -> Arc<ServiceNames> {
+    let names = ServiceNames::default();
+    names.publish([(SERVICE_ID, "payments".to_owned())].into());
+    Arc::new(names)
 }
 
 /// Echoes until end of stream, then closes its side.
@@ -123,7 +121,12 @@ async fn agent(fixture: &Fixture, cgroups: &Cgroups, peer_port: u16, backend: So
         },
         idle_timeout: Duration::from_secs(60),
     };
-    let tunnel = Tunnel::new(&config, cgroups.root.clone()).unwrap();
+    let tunnel = Tunnel::new(
+        &config,
+        cgroups.root.clone(),
+        tokio::runtime::Handle::current(),
+    )
+    .unwrap();
     tunnel.update(
         &[MtlsService {
             name: "payments".into(),
@@ -146,7 +149,7 @@ async fn agent(fixture: &Fixture, cgroups: &Cgroups, peer_port: u16, backend: So
         Arc::clone(&tunnel),
         outbound_listener,
         Arc::clone(&kernel) as Arc<dyn OriginalDestinations>,
-        Arc::new(FakeNames),
+        names(),
     ));
     Agent {
         tunnel,

@@ -11,7 +11,7 @@
 //! | `tcp-many --connect ADDR:PORT --count N [--timeout-ms T] [--hold-ms H]` | N connections open at once (each reads its name line), then each sends its own line and checks the echo; prints `echoed E` with all still open, keeps them H ms, closes them and prints a JSON [`ManyReport`]. Raises its RLIMIT_NOFILE soft limit to fit N |
 //! | `udp-client --target ADDR:PORT --count N [--connected] [--timeout-ms T]` | one datagram at a time, waiting for each reply; prints a JSON [`UdpClientReport`] |
 //! | `echo-server --listen ADDR:PORT` | per connection (one thread each): echoes bytes as they come; at EOF shuts its write side down and closes; prints `ready` once listening |
-//! | `pingpong --target ADDR:PORT --size N [--duration-ms D] [--timeout-ms T]` | one connection to an echo server: writes N bytes, reads the N bytes back and checks them, repeated for D ms; prints a JSON [`PingPongReport`] (messages/s, p50/p99 round trip) |
+//! | `pingpong --target ADDR:PORT --size N [--duration-ms D] [--interval-ms I] [--timeout-ms T]` | one connection to an echo server: writes N bytes, reads the N bytes back and checks them, repeated for D ms (a round every I ms, back to back by default); prints a JSON [`PingPongReport`] (messages/s, p50/p99/max round trip) |
 //! | `echo-stream --target ADDR:PORT --total N --write-size W [--read-after-shutdown] [--timeout-ms T]` | one connection to an echo server: writes N bytes in W-byte writes, shuts the write side down, reads the echo until EOF (concurrently, or only after the shutdown) and checks it; prints a JSON [`StreamReport`] |
 //!
 //! Every loop and wait is bounded: clients by count and timeouts, servers exit by themselves
@@ -650,6 +650,7 @@ fn pingpong(args: &Args) -> Result<ExitCode> {
     anyhow::ensure!((1..=16 << 20).contains(&size), "--size must be 1..=16 MiB");
     let duration = args.ms("duration-ms", 5000)?;
     let timeout = args.ms("timeout-ms", 5000)?;
+    let pace = args.ms("interval-ms", 0)?;
     let mut report = PingPongReport {
         size: size as u64,
         ..PingPongReport::default()
@@ -691,6 +692,7 @@ fn pingpong(args: &Args) -> Result<ExitCode> {
             break;
         }
         report.messages += 1;
+        std::thread::sleep(pace.saturating_sub(t.elapsed()));
     }
     let elapsed = start.elapsed().as_secs_f64();
     report.bytes = report.messages * size as u64;
@@ -698,6 +700,7 @@ fn pingpong(args: &Args) -> Result<ExitCode> {
     rtts_ns.sort_unstable();
     report.p50_us = percentile_us(&rtts_ns, 0.50);
     report.p99_us = percentile_us(&rtts_ns, 0.99);
+    report.max_us = percentile_us(&rtts_ns, 1.0);
     print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,7 @@
 //! | [`bpfstats`] | the kernel's per-program run time of the agent's hooks |
 //! | [`msgsize`] | message-size sweeps over one path (ping-pong and iperf3 per size), for the loopback sockmap decision |
 //! | [`sockmap`] | the loopback sockmap suite: mTLS path with `loopback_sockmap` off vs on, per message size |
+//! | [`reload`] | the reload suite: the admin API's and a tunneled flow's round trips while a 20,000-service config is applied |
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
 //! bench: it notes the interrupt, finishes the run in progress (each is bounded) and returns
@@ -40,6 +41,7 @@ pub mod lb;
 pub mod msgsize;
 pub mod mtls;
 pub mod procstat;
+pub mod reload;
 pub mod servers;
 pub mod sockmap;
 pub mod stats;
@@ -85,6 +87,9 @@ pub enum Suite {
     /// The loopback sockmap on the mTLS path: ping-pong and iperf3 per message size (64 B to
     /// 64 KB), `[mtls] loopback_sockmap` off vs on.
     Sockmap(sockmap::Args),
+    /// What a large reload costs the rest of the agent: the admin API's and a tunneled flow's
+    /// round trips while 20,000 services come and go (optionally vs a baseline binary).
+    Reload(reload::Args),
 }
 
 /// The binaries under test.
@@ -127,6 +132,7 @@ fn run(suite: Suite) -> Result<()> {
         Suite::Gossip(args) => gossip::run(&built, &args),
         Suite::Mtls(args) => mtls::run(&built, &args),
         Suite::Sockmap(args) => sockmap::run(&built, &args),
+        Suite::Reload(args) => reload::run(&built, &args),
     }
 }
 

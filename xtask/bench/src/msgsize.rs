@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mesh_tests::Node;
+use mesh_tests::{workload::PingPong, Node};
 use serde_json::Value;
 
 use crate::check_interrupted;
@@ -67,7 +67,12 @@ pub fn sweep(
         .iter()
         .map(|&size| {
             check_interrupted()?;
-            let r = client.pingpong_with(workload_bin, CLIENT_CGROUP, target, size, duration)?;
+            let run = PingPong {
+                size,
+                duration,
+                pace: Duration::ZERO,
+            };
+            let r = client.pingpong_with(workload_bin, CLIENT_CGROUP, target, &run)?;
             if !r.errors.is_empty() || r.messages == 0 {
                 bail!(
                     "ping-pong of {size} B from {} to {target} failed: {r:?}",

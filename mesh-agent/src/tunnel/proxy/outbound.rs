@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     dataplane::{Redirect, Redirects},
-    telemetry::flows::Names,
+    telemetry::flows::ServiceNames,
     telemetry::log_limit::LogLimit,
 };
 use crate::{
@@ -38,7 +38,7 @@ pub async fn serve(
     tunnel: Arc<Tunnel>,
     listener: TcpListener,
     destinations: Arc<dyn OriginalDestinations>,
-    names: Arc<dyn Names + Send + Sync>,
+    names: Arc<ServiceNames>,
 ) {
     loop {
         let (client, addr) = match listener.accept().await {
@@ -56,7 +56,7 @@ pub async fn serve(
         let tracked = tunnel.drain.track();
         tokio::spawn(async move {
             let _tracked = tracked;
-            flow(&tunnel, client, addr, &*destinations, &*names).await;
+            flow(&tunnel, client, addr, &*destinations, &names).await;
         });
     }
 }
@@ -66,7 +66,7 @@ async fn flow(
     client: TcpStream,
     addr: SocketAddr,
     destinations: &dyn OriginalDestinations,
-    names: &(dyn Names + Send + Sync),
+    names: &ServiceNames,
 ) {
     let _ = client.set_nodelay(true);
     let stats = &tunnel.stats;

@@ -57,6 +57,8 @@ pub enum OpenError {
         /// The peer's [`connect::PROBE_ERROR_HEADER`], if any.
         reason: Option<String>,
     },
+    #[error("the tunnel's runtime has stopped")]
+    Stopped,
 }
 
 type Key = (SpiffeId, SocketAddr);
