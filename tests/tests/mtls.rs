@@ -315,6 +315,38 @@ fn policy_admits_the_allowed_identity_and_refuses_another() {
         0.0,
         "{text}"
     );
+
+    // The access log has a line per flow on each side: who, which service and backend, the
+    // bytes, how it ended.
+    let backend = p.backend().to_string();
+    for (agent, side) in [(&p.agent_a, "outbound"), (&p.agent_b, "inbound")] {
+        let words = [" access: ", side, CLIENT_ID, "pay", &backend, "closed"];
+        wait_log(agent, &words).or_fail();
+        let lines = log_lines(agent, &words);
+        assert_eq!(lines.len(), 3, "one line per allowed flow: {lines:#?}");
+        for line in &lines {
+            // The client only reads: the server's marker line came back, nothing went out.
+            let (sent, received) = (field(line, "sent"), field(line, "received"));
+            assert!(
+                sent == 0 && received > marker.len() as u64,
+                "bytes each way: {line}"
+            );
+        }
+    }
+    wait_log(&p.agent_b, &[" access: ", "inbound", INTRUDER_ID, "denied"]).or_fail();
+    wait_log(
+        &p.agent_a,
+        &[" access: ", "outbound", INTRUDER_ID, "refused"],
+    )
+    .or_fail();
+}
+
+/// The number after `name=` in a log line (0 if absent).
+fn field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(&format!("{name}=")))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]

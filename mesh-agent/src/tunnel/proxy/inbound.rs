@@ -7,7 +7,11 @@
 //! the streams already open finish), so peers' pools dial again and reach the successor
 //! through the same listening socket; each connection and stream counts as open until done.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
@@ -15,7 +19,10 @@ use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::telemetry::log_limit::LogLimit;
+use crate::telemetry::{
+    access_log::{self, FlowEnd, FlowResult},
+    log_limit::LogLimit,
+};
 
 use crate::{
     tunnel::authz::Verdict,
@@ -151,7 +158,7 @@ async fn connection(tunnel: Arc<Tunnel>, tcp: TcpStream, peer: SocketAddr) {
                 let tracked = tunnel.drain.track();
                 tokio::spawn(async move {
                     let _tracked = tracked;
-                    stream(&tunnel, &caller, request, respond).await;
+                    stream(&tunnel, &caller, peer, request, respond).await;
                 });
             }
             Event::Accepted(Some(Err(error))) => {
@@ -206,9 +213,11 @@ fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 async fn stream(
     tunnel: &Tunnel,
     caller: &SpiffeId,
+    peer: SocketAddr,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
+    let started = Instant::now();
     let stats = &tunnel.stats;
     let target = match connect::parse(&request) {
         Ok(target) => target,
@@ -223,6 +232,19 @@ async fn stream(
     if connect::is_probe(&request) {
         return probe(tunnel, caller, &target, respond).await;
     }
+    let ended = |service: Option<&str>, sent, received, result| {
+        access_log::record(&FlowEnd {
+            side: "inbound",
+            source: caller,
+            client: peer,
+            service,
+            backend: target.backend,
+            sent,
+            received,
+            duration: started.elapsed(),
+            result,
+        });
+    };
     let verdict = tunnel.authz().check(&target, caller);
     match &verdict {
         Verdict::UnknownTarget => {
@@ -231,6 +253,12 @@ async fn stream(
                     "refused a flow: the target is no backend of an mTLS service here (this node does not announce it)");
             });
             stats.flow(INBOUND, "unknown_target");
+            ended(
+                target.service.as_deref(),
+                0,
+                0,
+                FlowResult::Refused("unknown_target"),
+            );
             return refuse(&mut respond, StatusCode::NOT_FOUND);
         }
         Verdict::Deny(service, decision) => {
@@ -239,6 +267,7 @@ async fn stream(
             });
             stats.authz(service, decision.label(), &caller.to_string());
             stats.flow(INBOUND, "denied");
+            ended(Some(service), 0, 0, FlowResult::Refused("denied"));
             return refuse(&mut respond, StatusCode::FORBIDDEN);
         }
         Verdict::Allow(decisions) => {
@@ -255,6 +284,12 @@ async fn stream(
                 tracing::warn!(%caller, backend = %target.backend, %error, suppressed, "backend unreachable");
             });
             stats.flow(INBOUND, "backend_unreachable");
+            ended(
+                target.service.as_deref(),
+                0,
+                0,
+                FlowResult::Refused("backend_unreachable"),
+            );
             return refuse(&mut respond, StatusCode::BAD_GATEWAY);
         }
     };
@@ -267,15 +302,26 @@ async fn stream(
     };
     stats.flow(INBOUND, "opened");
     let _active = ActiveStream::new(&stats.streams_active);
-    if let Err(error) = relay(
+    let (totals, result) = relay(
         backend,
         send,
         request.into_body(),
         &stats.bytes_sent,
         &stats.bytes_received,
     )
-    .await
-    {
-        tracing::debug!(%caller, backend = %target.backend, %error, "flow reset");
-    }
+    .await;
+    let result = match result {
+        Ok(()) => FlowResult::Closed,
+        Err(error) => {
+            tracing::debug!(%caller, backend = %target.backend, %error, "flow reset");
+            FlowResult::Reset
+        }
+    };
+    // The relay's TCP side is the backend here: what it sent went back to the client.
+    ended(
+        target.service.as_deref(),
+        totals.received,
+        totals.sent,
+        result,
+    );
 }

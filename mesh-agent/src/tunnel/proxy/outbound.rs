@@ -2,12 +2,18 @@
 //! redirected, finds where each was going and who opened it, and carries it to the agent on
 //! the backend's node as a stream of a pooled tunnel connection.
 
-use std::{error::Error, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    error::Error,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     dataplane::{Redirect, Redirects},
+    telemetry::access_log::{self, FlowEnd, FlowResult},
     telemetry::flows::ServiceNames,
     telemetry::log_limit::LogLimit,
 };
@@ -68,6 +74,7 @@ async fn flow(
     destinations: &dyn OriginalDestinations,
     names: &ServiceNames,
 ) {
+    let started = Instant::now();
     let _ = client.set_nodelay(true);
     let stats = &tunnel.stats;
     let redirect = match destinations.take(addr) {
@@ -95,6 +102,19 @@ async fn flow(
         .unwrap_or_else(|| tunnel.credentials.current().node.clone());
     let service = names.service_name(redirect.service_id);
     let peer = SocketAddr::new(redirect.backend.ip(), tunnel.inbound_port);
+    let ended = |sent, received, result| {
+        access_log::record(&FlowEnd {
+            side: "outbound",
+            source: &source,
+            client: addr,
+            service: service.as_deref(),
+            backend: redirect.backend,
+            sent,
+            received,
+            duration: started.elapsed(),
+            result,
+        });
+    };
     let opened = tunnel
         .pool
         .open(&source, peer, redirect.backend, service.as_deref())
@@ -107,20 +127,26 @@ async fn flow(
             });
             stats.flow(OUTBOUND, "refused");
             reset_on_close(&client);
+            ended(0, 0, FlowResult::Refused("refused"));
             return;
         }
     };
     stats.flow(OUTBOUND, "opened");
     let _active = ActiveStream::new(&stats.streams_active);
-    if let Err(error) = relay(
+    let (totals, result) = relay(
         client,
         stream.send,
         stream.recv,
         &stats.bytes_sent,
         &stats.bytes_received,
     )
-    .await
-    {
-        tracing::debug!(client = %addr, backend = %redirect.backend, %error, "flow reset");
-    }
+    .await;
+    let result = match result {
+        Ok(()) => FlowResult::Closed,
+        Err(error) => {
+            tracing::debug!(client = %addr, backend = %redirect.backend, %error, "flow reset");
+            FlowResult::Reset
+        }
+    };
+    ended(totals.sent, totals.received, result);
 }

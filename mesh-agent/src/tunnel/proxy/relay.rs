@@ -77,14 +77,15 @@ pub struct Transferred {
 }
 
 /// Relays until both directions ended; the totals so far are added to `sent`/`received` as
-/// they go (for the metrics).
+/// they go (for the metrics). Returns the flow's totals, and the error that reset it, if one
+/// did.
 pub async fn relay(
     tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     sent: &AtomicU64,
     received: &AtomicU64,
-) -> io::Result<Transferred> {
+) -> (Transferred, io::Result<()>) {
     let (mut read, mut write) = tcp.into_split();
     let mut totals = Transferred::default();
     let result = tokio::try_join!(
@@ -94,9 +95,9 @@ pub async fn relay(
     if let Err(error) = result {
         send.send_reset(Reason::CANCEL);
         reset_on_close(write.as_ref());
-        return Err(error);
+        return (totals, Err(error));
     }
-    Ok(totals)
+    (totals, Ok(()))
 }
 
 fn h2_error(error: h2::Error) -> io::Error {
