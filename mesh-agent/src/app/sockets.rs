@@ -42,7 +42,14 @@ pub enum SocketsError {
     #[error(transparent)]
     Gossip(#[from] GossipError),
     #[error("cannot copy a listening socket's descriptor: {0}")]
-    Copy(#[from] io::Error),
+    Copy(io::Error),
+}
+
+// The cause is in the message and not a `source`, or `{:#}` would print it twice.
+impl From<io::Error> for SocketsError {
+    fn from(cause: io::Error) -> Self {
+        SocketsError::Copy(cause)
+    }
 }
 
 /// The listening sockets.

@@ -5,6 +5,7 @@
 //! credentials; `uninstall` removes a node's data plane ([`uninstall`]). See the README's CLI
 //! reference.
 
+pub mod check;
 pub mod render;
 pub mod sysdump;
 pub mod tables;
@@ -46,7 +47,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Load the data plane, apply the config and follow it until SIGTERM.
     Run(app::RunOptions),
-    /// Validate a config file and exit.
+    /// Validate a config file and the certificate files it names (they load, the keys match,
+    /// the chains verify); warn about VIPs that are addresses of this host.
     Check {
         /// The config file (TOML) to check.
         #[arg(short, long)]
@@ -280,12 +282,11 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(options) => runtime.block_on(app::run(options)),
         Command::Check { config } => {
-            let parsed = config::Config::load(&config)?;
-            println!(
-                "{}: ok ({} services)",
-                config.display(),
-                parsed.services.len()
-            );
+            let checked = check::check(&config)?;
+            print!("{}", checked.report);
+            for warning in &checked.warnings {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         Command::Status(query) => show(&query, "/v1/status", &|v, wide| {

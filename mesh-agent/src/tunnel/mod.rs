@@ -65,9 +65,16 @@ pub struct TunnelConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("mTLS credentials: {0}")]
-    Credentials(#[from] CertError),
+    Credentials(CertError),
     #[error("cannot listen on {addr}: {cause}")]
     Listen { addr: SocketAddr, cause: io::Error },
+}
+
+// The cause is in the message and not a `source`, or `{:#}` would print it twice.
+impl From<CertError> for TunnelError {
+    fn from(cause: CertError) -> Self {
+        TunnelError::Credentials(cause)
+    }
 }
 
 /// A listener on `[::]:port` that also accepts IPv4 (`IPV6_V6ONLY` off), so peers reach the

@@ -67,13 +67,20 @@ pub enum MessageError {
     #[error("{0} descriptors to send, more than {MAX_FDS}")]
     TooManyFds(usize),
     #[error("unreadable handover header: {0}")]
-    Header(#[from] serde_json::Error),
+    Header(serde_json::Error),
     #[error("handover header version {0}, this agent reads version {VERSION}")]
     Version(u32),
     #[error("the header names {named} descriptors but {received} came")]
     Mismatch { named: usize, received: usize },
     #[error("the kernel cut the descriptors short (MSG_CTRUNC)")]
     ControlTruncated,
+}
+
+// The cause is in the message and not a `source`, or `{:#}` would print it twice.
+impl From<serde_json::Error> for MessageError {
+    fn from(cause: serde_json::Error) -> Self {
+        MessageError::Header(cause)
+    }
 }
 
 /// The control buffer for up to [`MAX_FDS`] descriptors, aligned for `cmsghdr`.

@@ -68,7 +68,7 @@ pub enum TakeoverError {
     #[error("cannot reach the running agent at {path}: {cause}")]
     Connect { path: String, cause: io::Error },
     #[error("takeover request failed: {0}")]
-    Http(#[from] hyper::Error),
+    Http(hyper::Error),
     #[error("the running agent refused the takeover: {status} {body}")]
     Refused { status: StatusCode, body: String },
     #[error("the running agent answered the takeover without switching protocols")]
@@ -83,6 +83,13 @@ pub enum TakeoverError {
     NotCommitted(io::Error),
     #[error("cannot answer the successor: {0}")]
     Answer(io::Error),
+}
+
+// The cause is in the message and not a `source`, or `{:#}` would print it twice.
+impl From<hyper::Error> for TakeoverError {
+    fn from(cause: hyper::Error) -> Self {
+        TakeoverError::Http(cause)
+    }
 }
 
 /// The descriptors a predecessor handed over; what is not taken is closed with it.
