@@ -130,8 +130,8 @@ fn cli_json_answers_field_by_field() {
     assert_eq!(
         endpoints,
         json!([
-            {"service": "web", "address": b_addr.to_string(), "weight": 2, "state": "active", "connections": 20, "health": "healthy", "announced_by": [a.full_name()]},
-            {"service": "web", "address": c_addr.to_string(), "weight": 0, "state": "drained", "connections": 0, "health": "healthy", "announced_by": [a.full_name()]},
+            {"service": "web", "address": b_addr.to_string(), "weight": 2, "state": "active", "connections": 20, "health": "healthy", "health_reason": null, "ejected_until": null, "announced_by": [a.full_name()]},
+            {"service": "web", "address": c_addr.to_string(), "weight": 0, "state": "drained", "connections": 0, "health": "healthy", "health_reason": null, "ejected_until": null, "announced_by": [a.full_name()]},
         ])
     );
 
@@ -153,6 +153,12 @@ fn cli_json_answers_field_by_field() {
         ])
     );
     assert_eq!(node["state"], json!("alive"));
+    // No gossip: no address, null rather than an empty string.
+    assert_eq!(node["address"], Value::Null);
+    assert_eq!(
+        node["cgroup"],
+        json!(a.cgroup().path().display().to_string())
+    );
     assert_eq!(
         node["endpoints"],
         json!([format!("web={b_addr}"), format!("web={c_addr}")])
@@ -357,7 +363,7 @@ fn flows_follow_shows_the_decisions_clients_caused() {
     assert_eq!(flows.len(), 5, "{flows:#?}");
     for flow in &flows {
         assert_eq!(flow["service"], json!("web"), "{flow}");
-        assert_eq!(flow["vip"], json!(vip.to_string()), "{flow}");
+        assert_eq!(flow["frontend"], json!(vip.to_string()), "{flow}");
         assert_eq!(flow["backend"], json!(b_addr.to_string()), "{flow}");
         assert_eq!(flow["verdict"], json!("forwarded"), "{flow}");
         assert_eq!(flow["call"], json!("connect"), "{flow}");
@@ -383,8 +389,9 @@ fn flows_follow_shows_the_decisions_clients_caused() {
     let refusals = follower_lines(&out.stdout);
     assert_eq!(refusals.len(), 2, "{refusals:#?}");
     for flow in &refusals {
-        assert_eq!(flow["vip"], json!("10.96.0.10:81"), "{flow}");
-        assert_eq!(flow["backend"], json!(""), "{flow}");
+        assert_eq!(flow["frontend"], json!("10.96.0.10:81"), "{flow}");
+        assert_eq!(flow["backend"], Value::Null, "{flow}");
+        assert_eq!(flow["service"], Value::Null, "{flow}");
         assert_eq!(flow["identity"], json!(identity), "{flow}");
     }
 }

@@ -1,6 +1,10 @@
 //! The answers of the admin API: the status, service, endpoint and node reports, as the agent
 //! serves them (JSON) and the CLI reads them back.
 //!
+//! One shape per field: a field named `vip` is an IP address (its port is `port`), a
+//! `frontend`, `address` or `backend` is `IP:port` (IPv6 in brackets); what is unknown or absent
+//! is `null`, never an empty string, and every field is always present.
+//!
 //! A report is built from two sources: the desired state (names, weights, as configured) and
 //! the kernel (slot counts actually installed, counters). Showing both lets an operator see a
 //! service whose kernel state lags or failed to apply.
@@ -78,14 +82,15 @@ pub struct EndpointStatus {
     /// The nodes announcing it (this one from its config or a registration, peers by gossip;
     /// any member holding the mesh key may announce endpoints of any service).
     pub announced_by: Vec<String>,
-    /// `healthy`, `unhealthy` (active check) or `ejected` (failed connects).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `healthy`, `unhealthy` (active check) or `ejected` (failed connects); `null` when
+    /// the service has no health checking.
+    #[serde(default)]
     pub health: Option<String>,
     /// Why it is unhealthy or ejected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub health_reason: Option<String>,
     /// When an ejection ends (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ejected_until: Option<String>,
 }
 
@@ -95,13 +100,18 @@ pub struct NodeStatus {
     pub name: String,
     /// `self` for this agent's node.
     pub role: String,
-    pub cgroup: String,
-    pub version: String,
+    /// The cgroup its programs are attached to (`null` for peers: gossip does not say).
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// Its agent's version, commit included; `null` for a peer restored from the state file
+    /// that gossip has not delivered yet.
+    #[serde(default)]
+    pub version: Option<String>,
     /// Seconds since this agent started.
     pub uptime_s: u64,
-    /// Its gossip address (empty without gossip).
+    /// Its gossip address (`null` without gossip).
     #[serde(default)]
-    pub address: String,
+    pub address: Option<String>,
     /// `alive` or `dead`, as the failure detector sees it.
     #[serde(default)]
     pub state: String,

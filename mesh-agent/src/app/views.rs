@@ -232,14 +232,10 @@ impl View {
         let this = NodeStatus {
             name: agent.node.clone(),
             role: "self".to_owned(),
-            cgroup: agent.cgroup.display().to_string(),
-            version: crate::VERSION.to_owned(),
+            cgroup: Some(agent.cgroup.display().to_string()),
+            version: Some(crate::VERSION.to_owned()),
             uptime_s: agent.started.elapsed().as_secs(),
-            address: agent
-                .gossip
-                .as_ref()
-                .map(|g| g.advertise.to_string())
-                .unwrap_or_default(),
+            address: agent.gossip.as_ref().map(|g| g.advertise.to_string()),
             state: "alive".to_owned(),
             endpoints: gossip::endpoint_names(&agent.local),
             rejected: Vec::new(),

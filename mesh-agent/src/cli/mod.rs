@@ -549,7 +549,7 @@ const FLOW_COLUMNS: [render::Column; 9] = [
     render::col("TIME").width(24),
     render::col("SERVICE").width(10),
     render::col("CALL").width(7),
-    render::col("VIP").width(21),
+    render::col("FRONTEND").width(21),
     render::col("BACKEND").width(21),
     render::col("VERDICT").width(15),
     render::col("IDENTITY"),
@@ -560,10 +560,10 @@ const FLOW_COLUMNS: [render::Column; 9] = [
 fn flow_row(flow: &flows::Flow) -> Vec<String> {
     vec![
         flow.time.clone(),
-        flow.service.clone(),
+        flow.service.clone().unwrap_or_default(),
         flow.call.clone(),
-        flow.vip.clone(),
-        flow.backend.clone(),
+        flow.frontend.clone(),
+        flow.backend.clone().unwrap_or_default(),
         flow.verdict.clone(),
         flow.identity.clone(),
         flow.protocol.clone(),

@@ -153,14 +153,14 @@ pub fn render_nodes(nodes: &[NodeStatus], wide_columns: bool) -> String {
                 n.name.clone(),
                 n.role.clone(),
                 n.state.clone(),
-                n.address.clone(),
+                n.address.clone().unwrap_or_default(),
                 if n.role == "self" {
                     age(n.uptime_s)
                 } else {
                     String::new()
                 },
                 n.endpoints.len().to_string(),
-                n.version.clone(),
+                n.version.clone().unwrap_or_default(),
                 n.endpoints.join(","),
             ]
         }),

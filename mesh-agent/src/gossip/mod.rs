@@ -338,10 +338,10 @@ pub fn node_status(member: &Member) -> crate::admin::types::NodeStatus {
     crate::admin::types::NodeStatus {
         name: member.name.clone(),
         role: "peer".to_owned(),
-        cgroup: String::new(),
-        version: member.node.agent.clone(),
+        cgroup: None,
+        version: Some(member.node.agent.clone()),
         uptime_s: now.saturating_sub(member.node.started),
-        address: member.address.to_string(),
+        address: Some(member.address.to_string()),
         state: if member.alive { "alive" } else { "dead" }.to_owned(),
         endpoints: endpoint_names(&member.announcement),
         rejected: member.errors.iter().map(ToString::to_string).collect(),

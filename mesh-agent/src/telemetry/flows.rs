@@ -38,12 +38,12 @@ pub const HISTORY: usize = 4096;
 pub struct Flow {
     /// RFC 3339 wall-clock time of the decision.
     pub time: String,
-    /// Service name, or empty when the VIP has no service on that port.
-    pub service: String,
-    /// What the client asked for.
-    pub vip: String,
-    /// Where the kernel sent it; empty when refused.
-    pub backend: String,
+    /// Service name; `null` when the VIP has no service on that port.
+    pub service: Option<String>,
+    /// What the client asked for: VIP and port.
+    pub frontend: String,
+    /// Where the kernel sent it; `null` when refused.
+    pub backend: Option<String>,
     /// `tcp` or `udp`.
     pub protocol: String,
     /// `connect` or `sendmsg`.
@@ -67,7 +67,9 @@ pub struct FlowFilter {
 
 impl FlowFilter {
     pub fn matches(&self, flow: &Flow) -> bool {
-        self.service.as_ref().is_none_or(|s| *s == flow.service)
+        self.service
+            .as_ref()
+            .is_none_or(|s| flow.service.as_ref() == Some(s))
             && self.verdict.as_ref().is_none_or(|v| *v == flow.verdict)
             && self
                 .identity
@@ -187,16 +189,13 @@ impl Decoder {
             Some(counter) => counter.name().to_owned(),
             None => format!("unknown({})", event.verdict),
         };
-        let backend = if event.backend_id == 0 {
-            String::new()
-        } else {
-            address(event.backend, event.backend_port, event.family)
-        };
+        let backend = (event.backend_id != 0)
+            .then(|| address(event.backend, event.backend_port, event.family));
         let time = self.wall_offset + Duration::from_nanos(event.timestamp_ns);
         Flow {
             time: rfc3339(time),
-            service: names.service_name(event.service_id).unwrap_or_default(),
-            vip: address(event.vip, event.vip_port, event.family),
+            service: names.service_name(event.service_id),
+            frontend: address(event.vip, event.vip_port, event.family),
             backend,
             protocol: if event.proto == PROTO_UDP {
                 "udp"
@@ -369,9 +368,9 @@ mod tests {
     fn flow(service: &str, verdict: &str, identity: &str) -> Flow {
         Flow {
             time: String::new(),
-            service: service.into(),
-            vip: String::new(),
-            backend: String::new(),
+            service: Some(service.into()),
+            frontend: String::new(),
+            backend: None,
             protocol: "tcp".into(),
             call: "connect".into(),
             verdict: verdict.into(),
@@ -400,12 +399,12 @@ mod tests {
         }
         let all = log.recent(&FlowFilter::default(), usize::MAX);
         assert_eq!(all.len(), HISTORY);
-        assert_eq!(all[0].service, "s10");
+        assert_eq!(all[0].service.as_deref(), Some("s10"));
         let last_two = log.recent(&FlowFilter::default(), 2);
         assert_eq!(
             last_two
                 .iter()
-                .map(|f| f.service.as_str())
+                .map(|f| f.service.clone().unwrap_or_default())
                 .collect::<Vec<_>>(),
             [format!("s{}", HISTORY + 8), format!("s{}", HISTORY + 9)]
         );
