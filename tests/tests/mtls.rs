@@ -56,9 +56,24 @@ fn config(
         ca_bundle,
         node_cert,
         workloads,
-        options: "",
+        // More relay threads than the default: the tests run the tunnel multi-threaded.
+        options: &format!("workers = {WORKERS}\n"),
     };
     mtls::config(node, &[pay], &table, policies)
+}
+
+/// The agents' `[mtls] workers`.
+const WORKERS: usize = 3;
+
+/// The threads of `agent`'s data-plane runtime (named `mesh-data`).
+fn data_plane_threads(agent: &Agent) -> Result<usize> {
+    let pid = agent.pid().context("the agent runs")?;
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        threads += usize::from(comm.trim() == "mesh-data");
+    }
+    Ok(threads)
 }
 
 /// Two nodes with agents, the backend server on `b` named `marker`.
@@ -649,6 +664,10 @@ fn a_thousand_concurrent_flows_share_one_tunnel_connection_and_leak_no_descripto
             Duration::from_secs(3),
         )
         .or_fail();
+    // The flows ran on the data-plane runtime's threads, as many as the config says.
+    for agent in [&p.agent_a, &p.agent_b] {
+        assert_eq!(data_plane_threads(agent).or_fail(), WORKERS);
+    }
     // All flows are open now: one tunnel connection carries them, seen from both ends.
     let on_a = established(&p.a, &tunnel_to_b).or_fail();
     let on_b = established(&p.b, &["sport", "=", ":15008"]).or_fail();
