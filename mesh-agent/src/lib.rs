@@ -3,7 +3,7 @@
 //! (`mesh-agent/fuzz/`) all drive the same code. ARCHITECTURE.md maps the rooms and the
 //! import rules between them.
 //!
-//! The pure core: [`config`], [`catalog`], [`balance`], [`health`] (its state),
+//! The pure core: [`model`] (the service vocabulary), [`config`], [`catalog`], [`balance`], [`health`] (its state),
 //! [`reconcile`]. The runtime: [`dataplane`], [`gossip`], [`tunnel`], [`admin`],
 //! [`telemetry`], [`sys`]. [`app`] composes them into the daemon; [`cli`] is every other
 //! command.
@@ -17,6 +17,7 @@ pub mod config;
 pub mod dataplane;
 pub mod gossip;
 pub mod health;
+pub mod model;
 pub mod reconcile;
 pub mod sys;
 pub mod telemetry;

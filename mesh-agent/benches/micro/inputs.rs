@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use mesh_agent::balance::Desired;
 use mesh_agent::catalog::{Announcement, Registrations, Sources};
-use mesh_agent::config::{Config, ServiceConfig};
+use mesh_agent::config::Config;
+use mesh_agent::model::Service;
 use mesh_agent::reconcile::{self, KernelState, MapOp, MapWriteError, MapWriter};
 
 /// The design's large catalog: 20,000 services with 200,000 backends.
@@ -17,7 +18,7 @@ pub const MEMBERS: usize = 16;
 
 /// The validated config of [`SERVICES`] TCP services, each on a VIP of its own with
 /// [`BACKENDS_PER_SERVICE`] backends of its own (random balancing).
-pub fn services() -> &'static [ServiceConfig] {
+pub fn services() -> &'static [Service] {
     static CONFIG: OnceLock<Config> = OnceLock::new();
     &CONFIG
         .get_or_init(|| {
@@ -46,7 +47,7 @@ pub fn mesh() -> &'static Sources {
 }
 
 fn mesh_of(members: usize) -> Sources {
-    let share = |member: usize| -> Vec<ServiceConfig> {
+    let share = |member: usize| -> Vec<Service> {
         services()
             .iter()
             .map(|s| {

@@ -15,9 +15,10 @@
 //! | `GET /v1/flows?service=&verdict=&identity=&limit=&follow=` | recent flows as NDJSON; with `follow=true` the response stays open and streams new flows |
 //! | `GET /v1/applied` | [`Applied`] as NDJSON, the latest first, then one line per write of the kernel maps (stays open) |
 //! | `POST /v1/log-level?filter=` | [`Changed`]: the log filter (`RUST_LOG` syntax) from now on |
-//! | `POST /v1/takeover` with `Upgrade: mesh-takeover/1` | root only: `101`, then the connection carries the [`crate::app::takeover`] protocol |
+//! | `POST /v1/takeover` with `Upgrade: mesh-takeover/1` | root only: `101`, then the connection carries the [`takeover`] protocol |
 
 pub mod client;
+pub mod takeover;
 pub mod types;
 
 use std::{convert::Infallible, io, net::SocketAddr, path::Path, sync::Arc};
@@ -36,9 +37,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
+use self::takeover::Successor;
+
 use crate::{
     admin::types::{EndpointStatus, NodeStatus, StatusReport},
-    app::takeover::{self, Successor},
     catalog::Endpoint,
     telemetry::{
         applied::{Applied, AppliedFeed},

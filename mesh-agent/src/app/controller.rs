@@ -15,17 +15,18 @@ use anyhow::Context as _;
 
 use crate::{
     balance::Desired,
-    catalog::{
+    catalog::{registry::Registry, Announcement, Conflict, Endpoint, Registrations, Sources},
+    config::Config,
+    gossip::{
+        self,
         peers::{Peers, RestoreGrace},
-        registry::Registry,
-        Announcement, Conflict, Endpoint, Registrations, Sources,
+        Member,
     },
-    config::{gossip::GossipConfig, Config},
-    gossip::{self, Member},
     health::{
         checker::{Checker, ProbeReport},
         Health,
     },
+    model::{settings::GossipSettings, Service},
     reconcile::{self, kernel::Kernel, KernelState},
     telemetry::{applied::AppliedFeed, flows::ServiceNames},
     tunnel::Tunnel,
@@ -66,6 +67,8 @@ pub struct Controller {
     pub(super) config: Config,
     /// The services as the catalog gives them, before health.
     pub(super) catalog: Desired,
+    /// The catalog's services (with the health settings this node gives them).
+    pub(super) services: Vec<Service>,
     /// What the kernel was last brought to: the catalog with health applied.
     pub(super) desired: Arc<Desired>,
     pub(super) health: Health,
@@ -87,7 +90,7 @@ pub struct Controller {
     /// The conflicts of the catalog in force.
     pub(super) conflicts: Vec<Conflict>,
     /// The `[gossip]` table the agent started with (a change needs a restart).
-    pub(super) gossip_config: Option<GossipConfig>,
+    pub(super) gossip_config: Option<GossipSettings>,
     /// Every other gossip member, alive or dead.
     pub(super) members: Arc<Vec<Member>>,
     /// The peers' announcements in force (kept across restarts).
@@ -132,6 +135,7 @@ impl Controller {
             gossip_config: parts.config.gossip.clone(),
             config: parts.config,
             catalog: Desired::default(),
+            services: Vec::new(),
             desired: Arc::default(),
             health: Health::default(),
             checker: parts.checker,
@@ -326,11 +330,11 @@ impl Controller {
     fn recompute(&mut self) -> anyhow::Result<()> {
         let merged = self.sources.catalog();
         let catalog = merged.desired();
-        self.health.sync(&catalog, &self.config);
+        self.health.sync(&merged.services);
         let mut desired = catalog.clone();
         self.health.apply(&mut desired);
         if let Err(error) = self.apply(desired) {
-            self.health.sync(&self.catalog, &self.config);
+            self.health.sync(&self.services);
             return Err(error);
         }
         for conflict in &merged.conflicts {
@@ -350,6 +354,7 @@ impl Controller {
         self.conflicts = merged.conflicts;
         self.checker.sync(self.health.targets());
         self.catalog = catalog;
+        self.services = merged.services;
         Ok(())
     }
 

@@ -11,8 +11,8 @@ use crate::{
     admin::{self, AgentView},
     app::sockets::Sockets,
     catalog::Announcement,
-    config::gossip::GossipConfig,
     gossip::{self, Gossip, Member},
+    model::settings::GossipSettings,
     telemetry::flows::ServiceNames,
     telemetry::metrics::{self, SnapshotSource},
     tunnel::{OriginalDestinations, Tunnel},
@@ -25,7 +25,7 @@ pub struct Serve {
     pub metrics: Arc<dyn SnapshotSource>,
     /// With `[mtls]`.
     pub tunnel: Option<TunnelServe>,
-    pub gossip: Option<GossipConfig>,
+    pub gossip: Option<GossipSettings>,
 }
 
 /// What the tunnel's accept loops need.

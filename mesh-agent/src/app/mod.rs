@@ -5,14 +5,13 @@
 //! data plane stays in place (pinned) unless `--cleanup-on-exit` was given, so established and
 //! new connections keep flowing while the agent restarts or upgrades.
 //!
-//! With `--takeover` it replaces the agent running on the admin socket ([`crate::app::takeover`]);
+//! With `--takeover` it replaces the agent running on the admin socket ([`crate::admin::takeover`]);
 //! a replaced agent, or one stopped by a signal, drains its tunneled flows ([`drain`]) before
 //! it exits.
 
 mod drain;
 mod listening;
 pub mod sockets;
-pub mod takeover;
 
 pub mod controller;
 mod probes;
@@ -33,8 +32,8 @@ use tokio::{
 };
 
 use crate::{
+    admin::takeover::{self, Kind},
     app::sockets::{Sockets, Wanted},
-    app::takeover::Kind,
     config::Config,
     dataplane::{DataPlane, PinDir, Settings},
     gossip::{self},
@@ -368,7 +367,7 @@ pub fn node_name(flag: Option<&str>, config: Option<&Config>) -> anyhow::Result<
         Some(name) => name.to_owned(),
         None => host_name()?,
     };
-    crate::config::check_node_name(&name)
+    crate::model::rules::node_name(&name)
         .map_err(|cause| anyhow::anyhow!("node name {name:?}: {cause}"))?;
     Ok(name)
 }

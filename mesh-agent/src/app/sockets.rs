@@ -15,8 +15,8 @@ use std::{
 };
 
 use crate::{
+    admin::takeover::{Inherited, Kind},
     admin::{self, AdminError},
-    app::takeover::{Inherited, Kind},
     gossip::{self, GossipError},
     telemetry::metrics,
     tunnel::{Listeners, TunnelConfig, TunnelError},

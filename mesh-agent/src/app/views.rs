@@ -16,14 +16,14 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::{
+    admin::takeover::Successor,
     admin::types::{EndpointStatus, NodeStatus, StatusReport},
     admin::AgentView,
-    app::takeover::Successor,
     balance::Desired,
     catalog::{Announcement, Conflict, Endpoint},
-    config::gossip::GossipConfig,
     gossip::{self, Member},
     health::Health,
+    model::settings::GossipSettings,
     reconcile::{kernel::Counters, KernelState},
     telemetry::applied::AppliedFeed,
     telemetry::flows::FlowLog,
@@ -59,7 +59,7 @@ pub struct View {
     /// Peers kept from the state file that gossip has not delivered yet.
     pub(super) restored: Vec<String>,
     pub(super) members: Arc<Vec<Member>>,
-    pub(super) gossip: Option<GossipConfig>,
+    pub(super) gossip: Option<GossipSettings>,
     pub(super) gossip_stats: Option<Arc<gossip::Stats>>,
     pub(super) tunnel: Option<Arc<Tunnel>>,
     /// The programs' counts, read when a report is asked for.

@@ -21,26 +21,12 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-/// The table sizes, all prime, smallest first.
-pub const TABLE_SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
-
-/// Entries per backend the table aims for; fewer make shares uneven and disruption larger.
-pub const ENTRIES_PER_BACKEND: u32 = 10;
-
-/// The most backends (with nonzero weight) a table can hold at [`ENTRIES_PER_BACKEND`].
-pub const MAX_BACKENDS: usize = (TABLE_SIZES[TABLE_SIZES.len() - 1] / ENTRIES_PER_BACKEND) as usize;
-
-/// The table size for `backends` backends with nonzero weight: the smallest of
-/// [`TABLE_SIZES`] that gives each at least [`ENTRIES_PER_BACKEND`] entries. Beyond
-/// [`MAX_BACKENDS`] it stays at the largest size (the config refuses that many).
-pub fn table_size(backends: usize) -> u32 {
-    let want = (backends as u64).saturating_mul(u64::from(ENTRIES_PER_BACKEND));
-    TABLE_SIZES
-        .iter()
-        .copied()
-        .find(|&m| u64::from(m) >= want)
-        .unwrap_or(TABLE_SIZES[TABLE_SIZES.len() - 1])
-}
+// The table sizes and the backend limit are limits of the model (the config and the catalog
+// check them without building a table).
+pub use crate::model::limits::{
+    maglev_table_size as table_size, MAGLEV_ENTRIES_PER_BACKEND as ENTRIES_PER_BACKEND,
+    MAGLEV_MAX_BACKENDS as MAX_BACKENDS, MAGLEV_TABLE_SIZES as TABLE_SIZES,
+};
 
 /// One backend offered to [`build`].
 #[derive(Debug, Clone, Copy)]

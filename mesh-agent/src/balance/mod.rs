@@ -28,11 +28,10 @@ use mesh_common::service::{ServiceKey, LB_MAGLEV, LB_RANDOM, SERVICE_FLAG_MTLS};
 use self::maglev::MaglevBackend;
 #[cfg(test)]
 use crate::config::Config;
-use crate::config::{LbPolicy, Protocol, ServiceConfig};
-
-/// Most slots a `weighted` table spreads its weights over (a prime, like a small Maglev table,
-/// though nothing here depends on that).
-pub const WEIGHTED_MAX_SLOTS: usize = 1021;
+use crate::model::limits::gcd;
+// How many slots a table takes is a limit of the model (the config checks capacity with it).
+pub use crate::model::limits::{slot_count, WEIGHTED_MAX_SLOTS};
+use crate::model::{LbPolicy, Protocol, Service};
 
 /// Every service the kernel should serve, by frontend key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -107,7 +106,7 @@ impl Desired {
 
 impl DesiredService {
     /// The desired state of one validated service.
-    pub fn from_config(config: &ServiceConfig) -> DesiredService {
+    pub fn from_config(config: &Service) -> DesiredService {
         let backends: Vec<DesiredBackend> = config
             .backends
             .iter()
@@ -127,7 +126,7 @@ impl DesiredService {
                 LbPolicy::Random | LbPolicy::Weighted => LB_RANDOM,
                 LbPolicy::Maglev => LB_MAGLEV,
             },
-            flags: config.affinity.flags()
+            flags: crate::reconcile::addr::affinity_flags(config.affinity)
                 | if config.mtls {
                     mesh_common::service::SERVICE_FLAG_MTLS
                 } else {
@@ -141,7 +140,11 @@ impl DesiredService {
 
     /// The frontend key of this service.
     pub fn key(&self) -> ServiceKey {
-        crate::reconcile::addr::service_key(self.vip, self.port, self.protocol.number())
+        crate::reconcile::addr::frontend_key(crate::model::Frontend {
+            vip: self.vip,
+            port: self.port,
+            protocol: self.protocol,
+        })
     }
 
     /// The backend each slot names, in slot order (what a test expects the kernel to resolve).
@@ -182,21 +185,6 @@ pub fn build_table(policy: LbPolicy, backends: &[DesiredBackend]) -> Vec<u32> {
                 .collect();
             maglev::build(&input)
         }
-    }
-}
-
-/// How many slots [`build_table`] makes for backends of these weights (for capacity checks).
-pub fn slot_count(policy: LbPolicy, weights: impl IntoIterator<Item = u32>) -> usize {
-    let weights: Vec<u32> = weights.into_iter().collect();
-    let active = weights.iter().filter(|&&w| w > 0).count();
-    match policy {
-        LbPolicy::Random => active,
-        LbPolicy::Weighted => apportion(&weights, WEIGHTED_MAX_SLOTS)
-            .iter()
-            .map(|&c| c as usize)
-            .sum(),
-        LbPolicy::Maglev if active == 0 => 0,
-        LbPolicy::Maglev => maglev::table_size(active) as usize,
     }
 }
 
@@ -275,13 +263,6 @@ pub fn apportion(weights: &[u32], budget: usize) -> Vec<u32> {
         counts[i] += 1;
     }
     counts
-}
-
-fn gcd(mut a: u32, mut b: u32) -> u32 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Each node announces an [`Announcement`]: the service definitions of its config and the
 //! endpoints it hosts (its config's backends, then endpoints registered at run time with
 //! `mesh-agent register`). [`merge`] turns the announcements of every live member (this node
-//! included) into a [`Catalog`]: validated [`ServiceConfig`]s, in name order, that
+//! included) into a [`Catalog`]: validated [`Service`]s, in name order, that
 //! [`Catalog::desired`] turns into the kernel's [`Desired`] state. A transform between the two
 //! (health checks dropping unhealthy backends) works on `Catalog::services`.
 //!
@@ -21,7 +21,6 @@
 //!
 //! This module knows nothing of gossip or of the kernel.
 
-pub mod peers;
 pub mod registry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -30,11 +29,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::balance::maglev;
-use crate::balance::{Desired, DesiredService, WEIGHTED_MAX_SLOTS};
-use crate::config::{
-    self, Affinity, BackendConfig, LbPolicy, Protocol, ServiceConfig, MAX_AFFINITY_TIMEOUT_S,
-    MAX_WEIGHT,
+use crate::balance::{Desired, DesiredService};
+use crate::model::{
+    rules, Affinity, Backend, Frontend, HealthSettings, LbPolicy, Protocol, Service,
 };
 
 /// A service as defined, without its backends.
@@ -51,8 +48,8 @@ pub struct ServiceDef {
 }
 
 impl ServiceDef {
-    /// The definition part of a config service.
-    pub fn of(service: &ServiceConfig) -> ServiceDef {
+    /// The definition part of a service.
+    pub fn of(service: &Service) -> ServiceDef {
         ServiceDef {
             vip: service.vip,
             port: service.port,
@@ -66,27 +63,21 @@ impl ServiceDef {
 
     /// Why this definition (from a peer) is unusable, or `Ok`; the checks of the config file.
     pub fn check(&self) -> Result<(), String> {
-        let bad_vip = match self.vip {
-            IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
-            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
-        };
-        if bad_vip {
-            return Err(format!("{} cannot be a VIP", self.vip));
-        }
+        rules::vip(self.vip).map_err(|e| e.to_string())?;
         if self.port == 0 {
             return Err("port 0 is not a service port".into());
         }
-        if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&self.affinity_timeout_s) {
-            return Err(format!(
-                "affinity timeout {} s is out of range 1..={MAX_AFFINITY_TIMEOUT_S}",
-                self.affinity_timeout_s
-            ));
-        }
+        rules::affinity_timeout(i64::from(self.affinity_timeout_s))
+            .map_err(|e| format!("affinity timeout: {e}"))?;
         Ok(())
     }
 
-    fn frontend(&self) -> String {
-        format!("{}/{}", SocketAddr::new(self.vip, self.port), self.protocol)
+    fn frontend(&self) -> Frontend {
+        Frontend {
+            vip: self.vip,
+            port: self.port,
+            protocol: self.protocol,
+        }
     }
 }
 
@@ -95,7 +86,7 @@ impl ServiceDef {
 pub struct Endpoint {
     pub service: String,
     pub address: SocketAddr,
-    /// 0..=[`MAX_WEIGHT`]; 0: drained.
+    /// 0..=[`MAX_WEIGHT`](crate::model::limits::MAX_WEIGHT); 0: drained.
     pub weight: u32,
 }
 
@@ -104,42 +95,11 @@ impl Endpoint {
     /// port, an address other hosts can reach (not loopback, unspecified, broadcast, multicast
     /// or link-local: another host would dial its own), a weight in range.
     pub fn check(&self) -> Result<(), String> {
-        config::check_service_name(&self.service).map_err(|e| format!("service: {e}"))?;
-        let addr = self.address;
-        if addr.port() == 0 {
-            return Err(format!("{addr}: port 0 is not an endpoint"));
-        }
-        if let Some(kind) = unannounceable(addr.ip()) {
-            return Err(format!(
-                "{addr}: {kind} address cannot be announced (another host would reach its own)"
-            ));
-        }
-        if self.weight > MAX_WEIGHT {
-            return Err(format!(
-                "weight {} is out of range 0..={MAX_WEIGHT}",
-                self.weight
-            ));
-        }
+        rules::service_name(&self.service).map_err(|e| format!("service: {e}"))?;
+        rules::announceable(self.address).map_err(|e| e.to_string())?;
+        rules::weight(i64::from(self.weight)).map_err(|e| format!("weight {e}"))?;
         Ok(())
     }
-}
-
-/// The kind of address that names no particular host of the mesh, if `ip` is one.
-fn unannounceable(ip: IpAddr) -> Option<&'static str> {
-    let link_local = match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_unicast_link_local(),
-    };
-    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    [
-        (ip.is_loopback(), "a loopback"),
-        (ip.is_unspecified(), "an unspecified"),
-        (broadcast, "a broadcast"),
-        (ip.is_multicast(), "a multicast"),
-        (link_local, "a link-local"),
-    ]
-    .into_iter()
-    .find_map(|(is, kind)| is.then_some(kind))
 }
 
 /// Why `endpoint` cannot be registered on this node against `catalog`, or `Ok`: it must be
@@ -159,7 +119,7 @@ pub fn check_registration(catalog: &Catalog, endpoint: &Endpoint) -> Result<(), 
                 endpoint.service
             )
         })?;
-    if service.vip.is_ipv4() != addr.is_ipv4() {
+    if !rules::same_family(addr, service.vip) {
         return Err(format!(
             "{addr}: service {} has VIP {}, an endpoint must be of the same address family",
             service.name, service.vip
@@ -186,7 +146,7 @@ pub struct Announcement {
 
 impl Announcement {
     /// This node's announcement: its config's services and backends, then `registered`.
-    pub fn local(services: &[ServiceConfig], registered: &Registrations) -> Announcement {
+    pub fn local(services: &[Service], registered: &Registrations) -> Announcement {
         let mut announcement = Announcement {
             services: services
                 .iter()
@@ -230,7 +190,7 @@ pub struct Sources {
     /// This node's name.
     pub node: String,
     /// The services of the config in force.
-    pub config: Vec<ServiceConfig>,
+    pub config: Vec<Service>,
     /// Endpoints registered at run time.
     pub registered: Registrations,
     /// The announcements of the live peers, by node name.
@@ -243,12 +203,25 @@ impl Sources {
         Announcement::local(&self.config, &self.registered)
     }
 
-    /// The catalog of this node and its live peers.
+    /// The catalog of this node and its live peers. Each service carries the health
+    /// settings this node's config gives it (they are each agent's own, never gossiped), the
+    /// defaults where the config does not define it.
     pub fn catalog(&self) -> Catalog {
         let local = self.announcement();
         let mut members: Vec<(&str, &Announcement)> = vec![(&self.node, &local)];
         members.extend(self.peers.iter().map(|(n, a)| (n.as_str(), a)));
-        merge(&self.node, &members)
+        let mut catalog = merge(&self.node, &members);
+        let settings: HashMap<&str, &HealthSettings> = self
+            .config
+            .iter()
+            .map(|s| (s.name.as_str(), &s.health))
+            .collect();
+        for service in &mut catalog.services {
+            if let Some(health) = settings.get(service.name.as_str()) {
+                service.health = (*health).clone();
+            }
+        }
+        catalog
     }
 }
 
@@ -350,7 +323,7 @@ impl fmt::Display for Conflict {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Catalog {
     /// Every service with its backends, by name.
-    pub services: Vec<ServiceConfig>,
+    pub services: Vec<Service>,
     /// Every disagreement found, sorted.
     pub conflicts: Vec<Conflict>,
 }
@@ -409,26 +382,24 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
     }
 
     // Frontends: the lowest name wins.
-    let mut frontends: HashMap<(IpAddr, u16, Protocol), &str> = HashMap::new();
-    winners.retain(
-        |name, def| match frontends.get(&(def.vip, def.port, def.protocol)) {
-            Some(owner) => {
-                conflicts.push(Conflict {
-                    service: (*name).to_owned(),
-                    kind: ConflictKind::Frontend,
-                    detail: format!(
-                        "{} is already served by {owner}; {name} is left out",
-                        def.frontend()
-                    ),
-                });
-                false
-            }
-            None => {
-                frontends.insert((def.vip, def.port, def.protocol), name);
-                true
-            }
-        },
-    );
+    let mut frontends: HashMap<Frontend, &str> = HashMap::new();
+    winners.retain(|name, def| match frontends.get(&def.frontend()) {
+        Some(owner) => {
+            conflicts.push(Conflict {
+                service: (*name).to_owned(),
+                kind: ConflictKind::Frontend,
+                detail: format!(
+                    "{} is already served by {owner}; {name} is left out",
+                    def.frontend()
+                ),
+            });
+            false
+        }
+        None => {
+            frontends.insert(def.frontend(), name);
+            true
+        }
+    });
 
     // Endpoints: weight from the lowest node; this node's first, in its order.
     let mut endpoints: BTreeMap<&str, BTreeMap<SocketAddr, (u32, Order)>> = BTreeMap::new();
@@ -439,7 +410,7 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
                 *undefined.entry(&endpoint.service).or_default() += 1;
                 continue;
             };
-            if endpoint.address.is_ipv4() != def.vip.is_ipv4() {
+            if !rules::same_family(endpoint.address, def.vip) {
                 conflicts.push(Conflict {
                     service: endpoint.service.clone(),
                     kind: ConflictKind::Endpoint,
@@ -477,11 +448,7 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
                 .map(|(addr, (weight, order))| (addr, weight, order))
                 .collect();
             backends.sort_by_key(|&(addr, _, order)| (order, addr));
-            let limit = match def.lb {
-                LbPolicy::Random => usize::MAX,
-                LbPolicy::Weighted => WEIGHTED_MAX_SLOTS,
-                LbPolicy::Maglev => maglev::MAX_BACKENDS,
-            };
+            let limit = def.lb.backend_limit().map_or(usize::MAX, |(max, _)| max);
             let mut active = 0;
             let before = backends.len();
             backends.retain(|&(_, weight, _)| {
@@ -500,7 +467,7 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
                     ),
                 });
             }
-            ServiceConfig {
+            Service {
                 name: name.to_owned(),
                 vip: def.vip,
                 port: def.port,
@@ -510,11 +477,10 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
                 affinity_timeout_s: def.affinity_timeout_s,
                 backends: backends
                     .into_iter()
-                    .map(|(address, weight, _)| BackendConfig { address, weight })
+                    .map(|(address, weight, _)| Backend { address, weight })
                     .collect(),
-                // Health settings are each agent's own (by service name, from its config);
-                // they are not gossiped.
-                health: Default::default(),
+                // Health settings are each agent's own: [`Sources::catalog`] gives them.
+                health: HealthSettings::default(),
                 mtls: def.mtls,
             }
         })
@@ -576,53 +542,6 @@ protocol = "udp"
                     .collect()
             })
             .unwrap_or_default()
-    }
-
-    #[test]
-    fn the_inbound_tunnel_reaches_only_what_this_node_announces_and_never_its_loopback() {
-        use crate::tunnel::{
-            authz::{Authz, Verdict},
-            identity::spiffe::SpiffeId,
-            proxy::connect::Target,
-        };
-        let config = Config::parse(
-            r#"
-[[services]]
-name = "pay"
-vip = "10.96.0.30"
-port = 80
-backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
-"#,
-            "t.toml",
-        )
-        .unwrap();
-        let mut services = config.services.clone();
-        services[0].mtls = true;
-        // A peer announces another port of this host for pay: in the catalog, not hosted here.
-        let mut merged = services.clone();
-        merged[0].backends.push(crate::config::BackendConfig {
-            address: "10.0.0.5:22".parse().unwrap(),
-            weight: 1,
-        });
-        let local = Announcement::local(&services, &Registrations::default()).reachable_by_peers();
-        let hosted = |s: &str, b: SocketAddr| local.contains(&(s.to_owned(), b));
-        let authz = Authz::new(
-            &config::mtls_services(&merged, &services, &hosted),
-            crate::tunnel::authz::policy::Policies::default(),
-        );
-        let peer: SpiffeId = "spiffe://td/ns/mesh/sa/peer".parse().unwrap();
-        let verdict = |backend: &str| {
-            authz.check(
-                &Target {
-                    backend: backend.parse().unwrap(),
-                    service: Some("pay".into()),
-                },
-                &peer,
-            )
-        };
-        assert_eq!(verdict("127.0.0.1:15020"), Verdict::UnknownTarget);
-        assert_eq!(verdict("10.0.0.5:22"), Verdict::UnknownTarget);
-        assert!(matches!(verdict("10.0.0.5:8080"), Verdict::Allow(_)));
     }
 
     #[test]
@@ -758,12 +677,15 @@ backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
         c.services[0].backends.clear();
         let a = Announcement::local(&c.services, &Registrations::default());
         let many = only(
-            (0..WEIGHTED_MAX_SLOTS + 3)
+            (0..crate::model::limits::WEIGHTED_MAX_SLOTS + 3)
                 .map(|i| ep("web", &format!("10.1.{}.{}:80", i / 250, i % 250 + 1), 1))
                 .collect(),
         );
         let catalog = merge("a", &[("a", &a), ("b", &many)]);
-        assert_eq!(backends(&catalog, "web").len(), WEIGHTED_MAX_SLOTS);
+        assert_eq!(
+            backends(&catalog, "web").len(),
+            crate::model::limits::WEIGHTED_MAX_SLOTS
+        );
         assert_eq!(catalog.conflicts[0].kind, ConflictKind::Endpoint);
         let def = ServiceDef {
             vip: "0.0.0.0".parse().unwrap(),

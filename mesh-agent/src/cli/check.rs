@@ -10,9 +10,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::Context as _;
 
 use crate::{
-    config::{Config, ServiceConfig},
-    health::locality::is_local,
-    tunnel::identity::certs::Tls,
+    config::Config, health::locality::is_local, model::Service, tunnel::identity::certs::Tls,
 };
 
 /// What `check` found: the report on stdout, the warnings on stderr; an error fails it.
@@ -47,10 +45,7 @@ pub fn check(path: &Path) -> anyhow::Result<Checked> {
 }
 
 /// A warning for every service whose VIP is an address of this host (`local`).
-fn vip_warnings(
-    services: &[ServiceConfig],
-    local: &dyn Fn(std::net::IpAddr) -> bool,
-) -> Vec<String> {
+fn vip_warnings(services: &[Service], local: &dyn Fn(std::net::IpAddr) -> bool) -> Vec<String> {
     services
         .iter()
         .filter(|s| local(s.vip))

@@ -24,6 +24,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{ConfigError, Source};
+use crate::model::settings::GossipSettings;
 
 /// The gossip port of an address written without one.
 pub const DEFAULT_PORT: u16 = 15010;
@@ -36,25 +37,6 @@ const INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(10), Duratio
 pub const DEFAULT_PHI_THRESHOLD: u32 = 10;
 /// Default cluster name.
 pub const DEFAULT_CLUSTER: &str = "mesh";
-
-/// A validated `[gossip]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GossipConfig {
-    /// Where the gossip socket binds.
-    pub listen: SocketAddr,
-    /// The address peers use to reach this node (a unicast address, never 0.0.0.0).
-    pub advertise: SocketAddr,
-    /// Peers to join through.
-    pub seeds: Vec<SocketAddr>,
-    /// The mesh key's file (absolute).
-    pub key_file: PathBuf,
-    /// Peers must use the same cluster name.
-    pub cluster: String,
-    /// Gossip round period.
-    pub interval: Duration,
-    /// The phi-accrual failure detector's threshold.
-    pub phi_threshold: u32,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,7 +52,7 @@ pub(super) struct RawGossip {
 }
 
 impl Source<'_> {
-    pub(super) fn gossip(&self, raw: RawGossip) -> Result<GossipConfig, ConfigError> {
+    pub(super) fn gossip(&self, raw: RawGossip) -> Result<GossipSettings, ConfigError> {
         let addr = |value: &Spanned<String>, field: &str| -> Result<SocketAddr, ConfigError> {
             let text = value.get_ref().trim();
             text.parse()
@@ -177,7 +159,7 @@ impl Source<'_> {
                     )
                 })?,
         };
-        Ok(GossipConfig {
+        Ok(GossipSettings {
             listen,
             advertise,
             seeds,
@@ -195,7 +177,7 @@ mod tests {
 
     use super::*;
 
-    fn parse(gossip: &str) -> Result<Option<GossipConfig>, String> {
+    fn parse(gossip: &str) -> Result<Option<GossipSettings>, String> {
         Config::parse(&format!("[gossip]\n{gossip}"), "mesh.toml")
             .map(|c| c.gossip)
             .map_err(|e| e.to_string())

@@ -18,7 +18,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::Protocol;
+use crate::model::settings::{
+    DEFAULT_BASE_EJECTION_MS, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_MAX_EJECTION_MS,
+};
+use crate::model::{ActiveCheck, HealthSettings, HttpCheck, Locality, OutlierSettings, Protocol};
 
 /// Active check defaults (those of a `health = {}` table).
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
@@ -26,88 +29,28 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
 pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
 pub const DEFAULT_EXPECT_STATUS: u16 = 200;
-/// Passive detection defaults (Envoy's outlier detection uses the same three).
-pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
-pub const DEFAULT_BASE_EJECTION_MS: u64 = 30_000;
-pub const DEFAULT_MAX_EJECTION_MS: u64 = 300_000;
 
 /// Bounds of the durations and counts accepted.
 const INTERVAL_MS: Range<u64> = 100..3_600_001;
 const EJECTION_MS: Range<u64> = 100..86_400_001;
 const THRESHOLD: Range<u32> = 1..1_001;
 
-/// Everything a service says about the health of its backends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthSettings {
-    /// The active check, if the service has a `health` table.
-    pub check: Option<ActiveCheck>,
-    /// Passive outlier detection from the kernel's connect outcomes.
-    pub outlier: Option<OutlierSettings>,
-    pub locality: Locality,
-}
-
-impl Default for HealthSettings {
-    fn default() -> Self {
-        HealthSettings {
-            check: None,
-            outlier: Some(OutlierSettings::default()),
-            locality: Locality::Any,
-        }
-    }
-}
-
-/// A probe of every backend every `interval`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ActiveCheck {
-    pub interval: Duration,
-    /// Less than `interval`.
-    pub timeout: Duration,
-    /// Consecutive successes that make an unhealthy backend healthy.
-    pub healthy_threshold: u32,
-    /// Consecutive failures that make a healthy backend unhealthy.
-    pub unhealthy_threshold: u32,
-    /// An HTTP/1.1 GET after the connect; `None`: the TCP connect is the check.
-    pub http: Option<HttpCheck>,
-}
-
-/// `http_path` and `expect_status`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct HttpCheck {
-    /// Starts with `/`; printable ASCII without spaces.
-    pub path: String,
-    pub expect_status: u16,
-}
-
-/// Ejection after `consecutive_failures` failed connects in a row, for `base_ejection × 2^k`
-/// (k: ejections in a row), at most `max_ejection`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutlierSettings {
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    /// At least `base_ejection`.
-    pub max_ejection: Duration,
-}
-
-impl Default for OutlierSettings {
-    fn default() -> Self {
-        OutlierSettings {
-            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
-            base_ejection: Duration::from_millis(DEFAULT_BASE_EJECTION_MS),
-            max_ejection: Duration::from_millis(DEFAULT_MAX_EJECTION_MS),
-        }
-    }
-}
-
 /// `locality = "any" | "prefer-local"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Locality {
-    /// Every healthy backend alike.
+pub(super) enum RawLocality {
     #[default]
     Any,
-    /// Only the healthy backends on this node (their address is one of the node's) while there
-    /// is one; all healthy backends otherwise.
     PreferLocal,
+}
+
+impl From<RawLocality> for Locality {
+    fn from(raw: RawLocality) -> Locality {
+        match raw {
+            RawLocality::Any => Locality::Any,
+            RawLocality::PreferLocal => Locality::PreferLocal,
+        }
+    }
 }
 
 /// The `health` table as written.
@@ -136,7 +79,7 @@ pub(super) struct RawOutlier {
 pub(super) struct RawSettings {
     pub health: Option<Spanned<RawHealth>>,
     pub outlier: Option<Spanned<RawOutlier>>,
-    pub locality: Option<Spanned<Locality>>,
+    pub locality: Option<Spanned<RawLocality>>,
 }
 
 /// A value that is out of range: where, which field (relative to the service), why.
@@ -209,7 +152,11 @@ pub(super) fn settings(raw: RawSettings, protocol: Protocol) -> Result<HealthSet
     Ok(HealthSettings {
         check,
         outlier,
-        locality: raw.locality.map(Spanned::into_inner).unwrap_or_default(),
+        locality: raw
+            .locality
+            .map(Spanned::into_inner)
+            .unwrap_or_default()
+            .into(),
     })
 }
 

@@ -1,10 +1,11 @@
 //! The TOML config file: its format, its defaults, and every check made before it is used.
 //!
-//! This module owns turning text into a [`Config`] that is known to fit the kernel maps, or
+//! This module owns turning text into a [`Config`] of [`model`] values known to fit the kernel maps, or
 //! into one [`ConfigError`] that names the file, the line and the field path
 //! (`mesh.toml:14: services[1].backends[0].address: "10.0.0.x:80" is not an IP:port`). It does
 //! not resolve the node name from the host, compute slot tables or touch the kernel; a config
-//! that passes here always builds a [`crate::balance::Desired`] that fits the maps.
+//! that passes here always fits the maps. It speaks [`crate::model`]'s types and imports
+//! nothing else of the crate (but the tunnel's policy and SPIFFE types, see `mtls.rs`).
 //!
 //! Parsing goes through serde with `deny_unknown_fields` (so a misspelt key is an error, not a
 //! silently ignored line) and keeps each value's byte span with [`toml::Spanned`], so checks
@@ -18,29 +19,18 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use mesh_common::maps;
-use mesh_common::service::{
-    PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS,
-};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::balance::maglev;
+use crate::model::limits::{self, DEFAULT_AFFINITY_TIMEOUT_S};
+use crate::model::settings::GossipSettings;
+use crate::model::{rules, Affinity, Backend, LbPolicy, Protocol, Service};
 
 pub mod gossip;
 pub mod health;
 mod mtls;
 pub use mtls::{mtls_services, MtlsConfig};
-
-/// Seconds an affinity entry lives without use when the config says nothing (3 hours, as
-/// Kubernetes' `sessionAffinityConfig` default).
-pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
-/// The longest affinity timeout accepted: one week.
-pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400 * 7;
-/// The largest backend weight.
-pub const MAX_WEIGHT: u32 = 10_000;
-/// Longest service name (a DNS label).
-pub const MAX_NAME_LEN: usize = 63;
 
 /// A validated config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,13 +38,13 @@ pub struct Config {
     /// The `[node]` table.
     pub node: NodeConfig,
     /// The `[[services]]`, in file order; names and (VIP, port, protocol) are unique.
-    pub services: Vec<ServiceConfig>,
+    pub services: Vec<Service>,
     /// The `[gossip]` table; `None`: single-host mode.
-    pub gossip: Option<gossip::GossipConfig>,
+    pub gossip: Option<GossipSettings>,
     /// The `[mtls]` table; without it no service is strict and the tunnel is off.
     pub mtls: Option<MtlsConfig>,
     /// The `[[policies]]`, in file order; each names a strict service.
-    pub policies: crate::tunnel::authz::policy::Policies,
+    pub policies: mtls::Policies,
 }
 
 /// The `[node]` table.
@@ -65,139 +55,68 @@ pub struct NodeConfig {
     pub name: Option<String>,
 }
 
-/// One `[[services]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceConfig {
-    /// A DNS label, unique in the file.
-    pub name: String,
-    /// The virtual address clients connect to.
-    pub vip: IpAddr,
-    /// 1..=65535.
-    pub port: u16,
-    pub protocol: Protocol,
-    pub lb: LbPolicy,
-    pub affinity: Affinity,
-    /// 1..=[`MAX_AFFINITY_TIMEOUT_S`]; kept even when `affinity` is off.
-    pub affinity_timeout_s: u32,
-    /// In file order, each address once, all of the VIP's family. May be empty.
-    pub backends: Vec<BackendConfig>,
-    /// Active check, outlier detection and locality ([`health`]).
-    pub health: health::HealthSettings,
-    /// Strict mTLS (`mtls = "strict"`, or the `[mtls]` default): TCP only.
-    pub mtls: bool,
-}
-
-/// One backend of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackendConfig {
-    pub address: SocketAddr,
-    /// 0..=[`MAX_WEIGHT`]; 0 means drained: listed, never picked.
-    pub weight: u32,
-}
-
 /// `protocol = "tcp" | "udp"`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize, Serialize,
-)]
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Protocol {
+enum RawProtocol {
     #[default]
     Tcp,
     Udp,
 }
 
-impl Protocol {
-    /// The IP protocol number the kernel keys services by.
-    pub const fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
+impl From<RawProtocol> for Protocol {
+    fn from(raw: RawProtocol) -> Protocol {
+        match raw {
+            RawProtocol::Tcp => Protocol::Tcp,
+            RawProtocol::Udp => Protocol::Udp,
         }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        })
     }
 }
 
 /// `lb = "random" | "weighted" | "maglev"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LbPolicy {
-    /// Every backend with nonzero weight equally likely, whatever its weight.
-    #[default]
+enum RawLbPolicy {
     Random,
-    /// Random, in proportion to weight.
     Weighted,
-    /// Consistent hashing of the client (or socket) onto a Maglev table, weighted.
     Maglev,
 }
 
-impl fmt::Display for LbPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LbPolicy::Random => "random",
-            LbPolicy::Weighted => "weighted",
-            LbPolicy::Maglev => "maglev",
-        })
-    }
-}
-
-/// `affinity = false | true | "cgroup" | "netns"`: which client keeps its backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Affinity {
-    /// Every connect picks anew (`false`).
-    #[default]
-    None,
-    /// Each cgroup keeps its backend (`true` or `"cgroup"`).
-    Cgroup,
-    /// Each network namespace keeps its backend (`"netns"`).
-    Netns,
-}
-
-impl Affinity {
-    /// The `SERVICE_FLAG_AFFINITY_*` bits of this choice.
-    pub const fn flags(self) -> u32 {
-        match self {
-            Affinity::None => 0,
-            Affinity::Cgroup => SERVICE_FLAG_AFFINITY_CGROUP,
-            Affinity::Netns => SERVICE_FLAG_AFFINITY_NETNS,
+impl From<RawLbPolicy> for LbPolicy {
+    fn from(raw: RawLbPolicy) -> LbPolicy {
+        match raw {
+            RawLbPolicy::Random => LbPolicy::Random,
+            RawLbPolicy::Weighted => LbPolicy::Weighted,
+            RawLbPolicy::Maglev => LbPolicy::Maglev,
         }
     }
 }
 
-impl fmt::Display for Affinity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Affinity::None => "none",
-            Affinity::Cgroup => "cgroup",
-            Affinity::Netns => "netns",
-        })
-    }
-}
+/// `affinity = false | true | "cgroup" | "netns"`: which client keeps its backend.
+#[derive(Debug, Clone, Copy)]
+struct RawAffinity(Affinity);
 
 const AFFINITY_EXPECTED: &str = r#"false, true, "cgroup" or "netns""#;
 
-impl<'de> Deserialize<'de> for Affinity {
+impl<'de> Deserialize<'de> for RawAffinity {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl serde::de::Visitor<'_> for Visitor {
-            type Value = Affinity;
+            type Value = RawAffinity;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(AFFINITY_EXPECTED)
             }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Affinity, E> {
-                Ok(if v { Affinity::Cgroup } else { Affinity::None })
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawAffinity, E> {
+                Ok(RawAffinity(if v {
+                    Affinity::Cgroup
+                } else {
+                    Affinity::None
+                }))
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Affinity, E> {
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawAffinity, E> {
                 match v {
-                    "cgroup" => Ok(Affinity::Cgroup),
-                    "netns" => Ok(Affinity::Netns),
+                    "cgroup" => Ok(RawAffinity(Affinity::Cgroup)),
+                    "netns" => Ok(RawAffinity(Affinity::Netns)),
                     _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
                 }
             }
@@ -254,51 +173,6 @@ impl Config {
     }
 }
 
-/// Why a node name is unusable, or `Ok`. The name becomes a directory under
-/// `/sys/fs/bpf/mesh/`, so it is 1..=64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
-pub fn check_node_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(format!("{name:?} must be 1 to 64 characters long"));
-    }
-    if name.starts_with(['.', '-']) {
-        return Err(format!("{name:?} must not start with '.' or '-'"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
-        ));
-    }
-    Ok(())
-}
-
-/// Why a service name is unusable: it must be a DNS label (1..=63 of `[a-z0-9-]`, starting and
-/// ending with a letter or digit), since it names metrics, logs and later DNS records.
-pub(crate) fn check_service_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!("{name:?} is longer than {MAX_NAME_LEN} characters"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-    {
-        return Err(format!(
-            "{name:?} contains {c:?}; a service name is a DNS label: lowercase letters, digits and '-'"
-        ));
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return Err(format!(
-            "{name:?} must start and end with a letter or digit"
-        ));
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // The file as serde sees it.
 
@@ -326,14 +200,14 @@ struct RawService {
     name: Spanned<String>,
     vip: Spanned<String>,
     port: Spanned<i64>,
-    protocol: Option<Spanned<Protocol>>,
-    lb: Option<Spanned<LbPolicy>>,
-    affinity: Option<Spanned<Affinity>>,
+    protocol: Option<Spanned<RawProtocol>>,
+    lb: Option<Spanned<RawLbPolicy>>,
+    affinity: Option<Spanned<RawAffinity>>,
     affinity_timeout: Option<Spanned<i64>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     health: Option<Spanned<health::RawHealth>>,
     outlier: Option<Spanned<health::RawOutlier>>,
-    locality: Option<Spanned<health::Locality>>,
+    locality: Option<Spanned<health::RawLocality>>,
     mtls: Option<Spanned<mtls::MtlsMode>>,
 }
 
@@ -414,8 +288,8 @@ impl<'a> Source<'a> {
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let mut node = NodeConfig::default();
         if let Some(name) = raw.node.and_then(|n| n.name) {
-            check_node_name(name.get_ref())
-                .map_err(|m| self.invalid(name.span(), "node.name", m))?;
+            rules::node_name(name.get_ref())
+                .map_err(|m| self.invalid(name.span(), "node.name", m.to_string()))?;
             node.name = Some(name.into_inner());
         }
 
@@ -468,9 +342,7 @@ impl<'a> Source<'a> {
                         "{}/{} is already served by services[{j}] {:?} (line {other_line})",
                         SocketAddr::new(c.vip, c.port),
                         c.protocol,
-                        services
-                            .get(j)
-                            .map_or("", |s: &ServiceConfig| s.name.as_str()),
+                        services.get(j).map_or("", |s: &Service| s.name.as_str()),
                     ),
                 ));
             }
@@ -503,7 +375,7 @@ impl<'a> Source<'a> {
                     ),
                 ));
             }
-            slots_total += crate::balance::slot_count(c.lb, c.backends.iter().map(|b| b.weight));
+            slots_total += limits::slot_count(c.lb, c.backends.iter().map(|b| b.weight));
             if slots_total > slots_max {
                 return Err(self.invalid(
                     svc.backends_span,
@@ -534,8 +406,8 @@ impl<'a> Source<'a> {
         raw: RawService,
         mtls_default: mtls::MtlsMode,
     ) -> Result<CheckedService, ConfigError> {
-        check_service_name(raw.name.get_ref())
-            .map_err(|m| self.invalid(raw.name.span(), format!("{path}.name"), m))?;
+        rules::service_name(raw.name.get_ref())
+            .map_err(|m| self.invalid(raw.name.span(), format!("{path}.name"), m.to_string()))?;
 
         let vip_field = format!("{path}.vip");
         let vip: IpAddr = raw.vip.get_ref().trim().parse().map_err(|_| {
@@ -545,19 +417,7 @@ impl<'a> Source<'a> {
                 format!("{:?} is not an IP address", raw.vip.get_ref()),
             )
         })?;
-        let bad_vip = match vip {
-            IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
-            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
-        };
-        if bad_vip {
-            return Err(self.invalid(
-                raw.vip.span(),
-                vip_field,
-                format!(
-                    "{vip} cannot be a VIP: it is an unspecified, multicast or broadcast address"
-                ),
-            ));
-        }
+        rules::vip(vip).map_err(|e| self.invalid(raw.vip.span(), vip_field, e.to_string()))?;
 
         let port = *raw.port.get_ref();
         let port = u16::try_from(port)
@@ -571,29 +431,23 @@ impl<'a> Source<'a> {
                 )
             })?;
 
-        let protocol = raw.protocol.map(Spanned::into_inner).unwrap_or_default();
+        let protocol: Protocol = raw
+            .protocol
+            .map(Spanned::into_inner)
+            .unwrap_or_default()
+            .into();
         let mtls_span = raw.mtls.as_ref().map(Spanned::span);
         let mtls = self.service_mtls(path, raw.mtls, protocol, mtls_default)?;
         let (lb, lb_span) = match raw.lb {
-            Some(lb) => (*lb.get_ref(), lb.span()),
+            Some(lb) => (LbPolicy::from(*lb.get_ref()), lb.span()),
             None => (LbPolicy::default(), raw.name.span()),
         };
-        let affinity = raw.affinity.map(Spanned::into_inner).unwrap_or_default();
+        let affinity = raw.affinity.map_or(Affinity::None, |a| a.get_ref().0);
         let affinity_timeout_s = match raw.affinity_timeout {
             None => DEFAULT_AFFINITY_TIMEOUT_S,
-            Some(t) => u32::try_from(*t.get_ref())
-                .ok()
-                .filter(|s| (1..=MAX_AFFINITY_TIMEOUT_S).contains(s))
-                .ok_or_else(|| {
-                    self.invalid(
-                        t.span(),
-                        format!("{path}.affinity_timeout"),
-                        format!(
-                            "{} seconds is out of range 1..={MAX_AFFINITY_TIMEOUT_S} (one week)",
-                            t.get_ref()
-                        ),
-                    )
-                })?,
+            Some(t) => rules::affinity_timeout(*t.get_ref()).map_err(|e| {
+                self.invalid(t.span(), format!("{path}.affinity_timeout"), e.to_string())
+            })?,
         };
 
         let (raw_backends, backends_span) = match raw.backends {
@@ -603,7 +457,7 @@ impl<'a> Source<'a> {
             }
             None => (Vec::new(), raw.name.span()),
         };
-        let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw_backends.len());
+        let mut backends: Vec<Backend> = Vec::with_capacity(raw_backends.len());
         let mut seen: HashMap<SocketAddr, usize> = HashMap::with_capacity(raw_backends.len());
         for (j, raw_be) in raw_backends.into_iter().enumerate() {
             let be_path = format!("{path}.backends[{j}]");
@@ -629,32 +483,8 @@ impl<'a> Source<'a> {
                     format!("{text:?} is not an IP:port{hint}"),
                 )
             })?;
-            if address.port() == 0 {
-                return Err(self.invalid(
-                    span,
-                    addr_field,
-                    format!("{address}: port 0 is not a port to connect to"),
-                ));
-            }
-            let ip = address.ip();
-            if ip.is_unspecified() || ip.is_multicast() {
-                return Err(self.invalid(
-                    span,
-                    addr_field,
-                    format!("{address}: a backend needs a unicast address"),
-                ));
-            }
-            if ip.is_ipv4() != vip.is_ipv4() {
-                return Err(self.invalid(
-                    span,
-                    addr_field,
-                    format!(
-                        "{address} is {} but the VIP {vip} is {}; a socket cannot be redirected across families",
-                        family_name(ip),
-                        family_name(vip)
-                    ),
-                ));
-            }
+            rules::backend_address(address, vip)
+                .map_err(|e| self.invalid(span.clone(), &addr_field, e.to_string()))?;
             if let Some(k) = seen.insert(address, j) {
                 return Err(self.invalid(
                     span,
@@ -664,41 +494,16 @@ impl<'a> Source<'a> {
             }
             let weight = match raw_be.weight {
                 None => 1,
-                Some(w) => u32::try_from(*w.get_ref())
-                    .ok()
-                    .filter(|w| *w <= MAX_WEIGHT)
-                    .ok_or_else(|| {
-                        self.invalid(
-                            w.span(),
-                            format!("{be_path}.weight"),
-                            format!("{} is out of range 0..={MAX_WEIGHT}", w.get_ref()),
-                        )
-                    })?,
+                Some(w) => rules::weight(*w.get_ref()).map_err(|e| {
+                    self.invalid(w.span(), format!("{be_path}.weight"), e.to_string())
+                })?,
             };
-            backends.push(BackendConfig { address, weight });
+            backends.push(Backend { address, weight });
         }
 
         let active = backends.iter().filter(|b| b.weight > 0).count();
-        let limit = match lb {
-            LbPolicy::Random => None,
-            LbPolicy::Weighted => Some((
-                crate::balance::WEIGHTED_MAX_SLOTS,
-                r#"lb = "weighted" spreads at most that many slots; use "maglev" or "random""#,
-            )),
-            LbPolicy::Maglev => Some((
-                maglev::MAX_BACKENDS,
-                "a Maglev table holds at most 65521 entries, 10 per backend; use \"random\"",
-            )),
-        };
-        if let Some((max, why)) = limit {
-            if active > max {
-                return Err(self.invalid(
-                    lb_span,
-                    format!("{path}.lb"),
-                    format!("{active} backends with nonzero weight exceed the {max} that lb = \"{lb}\" supports ({why})"),
-                ));
-            }
-        }
+        rules::backend_limit(lb, active)
+            .map_err(|e| self.invalid(lb_span, format!("{path}.lb"), e.to_string()))?;
 
         let health = health::settings(
             health::RawSettings {
@@ -715,7 +520,7 @@ impl<'a> Source<'a> {
             name_span: raw.name.span(),
             vip_span: raw.vip.span(),
             backends_span,
-            config: ServiceConfig {
+            config: Service {
                 name: raw.name.into_inner(),
                 vip,
                 port,
@@ -737,15 +542,7 @@ struct CheckedService {
     name_span: Range<usize>,
     vip_span: Range<usize>,
     backends_span: Range<usize>,
-    config: ServiceConfig,
-}
-
-fn family_name(ip: IpAddr) -> &'static str {
-    if ip.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
-    }
+    config: Service,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1061,16 +858,16 @@ backends = [{ address = "10.200.0.4:5353" }]
                 backends(n)
             )
         };
-        parse(&svc("maglev", maglev::MAX_BACKENDS)).unwrap();
-        let e = error(&svc("maglev", maglev::MAX_BACKENDS + 1));
+        parse(&svc("maglev", limits::MAGLEV_MAX_BACKENDS)).unwrap();
+        let e = error(&svc("maglev", limits::MAGLEV_MAX_BACKENDS + 1));
         assert!(
             e.starts_with(
                 "mesh.toml:5: services[0].lb: 6553 backends with nonzero weight exceed the 6552"
             ),
             "{e}"
         );
-        parse(&svc("weighted", crate::balance::WEIGHTED_MAX_SLOTS)).unwrap();
-        let e = error(&svc("weighted", crate::balance::WEIGHTED_MAX_SLOTS + 1));
+        parse(&svc("weighted", limits::WEIGHTED_MAX_SLOTS)).unwrap();
+        let e = error(&svc("weighted", limits::WEIGHTED_MAX_SLOTS + 1));
         assert!(
             e.contains("exceed the 1021 that lb = \"weighted\" supports"),
             "{e}"
@@ -1108,16 +905,6 @@ backends = [{ address = "10.200.0.4:5353" }]
         }
         let e = error(&text);
         assert!(e.contains(&format!("services[{}]: too many services: {n} services and {n} VIP markers exceed the 65536 entries of MESH_SVC_V1", n - 1)), "{e}");
-    }
-
-    #[test]
-    fn node_names() {
-        assert!(check_node_name("node-a").is_ok());
-        assert!(check_node_name("ip-10-0-0-1.eu-west-1.compute.internal").is_ok());
-        assert!(check_node_name("").is_err());
-        assert!(check_node_name("a/b").is_err());
-        assert!(check_node_name("..").is_err());
-        assert!(check_node_name(&"a".repeat(65)).is_err());
     }
 
     #[test]

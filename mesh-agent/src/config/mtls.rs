@@ -9,9 +9,11 @@ use std::{collections::HashSet, path::PathBuf, time::Duration};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Protocol, ServiceConfig, Source};
+use super::Source;
+use crate::model::{Protocol, Service};
+pub use crate::tunnel::authz::policy::Policies;
 use crate::tunnel::{
-    authz::policy::{Action, Policies, Principal, Rule},
+    authz::policy::{Action, Principal, Rule},
     authz::MtlsService,
     identity::certs::{IdentityFiles, Sources},
     identity::spiffe::{check_trust_domain, SpiffeId},
@@ -109,8 +111,8 @@ impl MtlsConfig {
 /// nodes announce), and with the active check the local config (`local`) gives it, the one a
 /// peer's health probe of its backends runs here.
 pub fn mtls_services(
-    services: &[ServiceConfig],
-    local: &[ServiceConfig],
+    services: &[Service],
+    local: &[Service],
     hosted: &dyn Fn(&str, SocketAddr) -> bool,
 ) -> Vec<MtlsService> {
     services
@@ -311,7 +313,7 @@ impl Source<'_> {
     pub(super) fn policies(
         &self,
         raw: Vec<Spanned<RawPolicy>>,
-        services: &[ServiceConfig],
+        services: &[Service],
     ) -> Result<Policies, super::ConfigError> {
         let mut rules = Vec::with_capacity(raw.len());
         for (i, raw_rule) in raw.into_iter().enumerate() {

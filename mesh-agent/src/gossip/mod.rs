@@ -8,7 +8,7 @@
 //! its decoded announcement — a new value whenever a member joins, dies, returns or changes
 //! what it announces.
 //!
-//! Failure detection: heartbeats travel in every gossip round (each [`GossipConfig::interval`],
+//! Failure detection: heartbeats travel in every gossip round (each [`GossipSettings::interval`],
 //! to up to three peers), and a member is dead once the time since its last heartbeat exceeds
 //! `phi_threshold` times the mean gap between its heartbeats (with 100 ms rounds and the default
 //! threshold, 1-2 s). A restarted agent joins with a new generation; the old one dies and is
@@ -21,6 +21,7 @@
 //! This module does not merge announcements (that is [`crate::catalog`]) or touch the kernel.
 
 pub mod auth;
+pub mod peers;
 pub mod record;
 
 use std::collections::{BTreeMap, HashSet};
@@ -35,7 +36,7 @@ use chitchat::{
 use tokio::sync::{watch, Mutex};
 
 use crate::catalog::Announcement;
-use crate::config::gossip::GossipConfig;
+use crate::model::settings::GossipSettings;
 
 pub use auth::{KeyError, MeshKey, Stats};
 pub use record::{NodeRecord, RecordError};
@@ -107,7 +108,7 @@ pub fn bind(listen: SocketAddr) -> Result<std::net::UdpSocket, GossipError> {
 /// `announcement`.
 pub async fn start(
     node: &str,
-    config: &GossipConfig,
+    config: &GossipSettings,
     announcement: &Announcement,
     socket: std::net::UdpSocket,
 ) -> Result<Gossip, GossipError> {

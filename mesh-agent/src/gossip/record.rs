@@ -11,6 +11,11 @@
 //! versions coexist: unknown fields are ignored, missing optional fields take their defaults,
 //! keys of unknown kinds are skipped. A record that does not decode or fails validation is
 //! left out and reported ([`RecordError`]); the node's other records still count.
+//!
+//! The records have their own types ([`WireProtocol`], [`WireLb`], [`WireAffinity`]), each
+//! name spelt out, converted to and from [`crate::model`]'s: renaming a model or config type
+//! cannot change what goes on the wire. `testdata/` holds records as agents wrote them; the
+//! tests decode and re-encode them byte for byte.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +23,8 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Announcement, Endpoint, ServiceDef};
-use crate::config::{Affinity, LbPolicy, Protocol, DEFAULT_AFFINITY_TIMEOUT_S};
+use crate::model::limits::DEFAULT_AFFINITY_TIMEOUT_S;
+use crate::model::{rules, Affinity, LbPolicy, Protocol};
 
 /// The record format this agent writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -58,9 +64,9 @@ pub struct ServiceRecord {
     pub vip: IpAddr,
     pub port: u16,
     #[serde(default)]
-    pub protocol: Protocol,
+    pub protocol: WireProtocol,
     #[serde(default)]
-    pub lb: LbPolicy,
+    pub lb: WireLb,
     #[serde(default)]
     pub affinity: WireAffinity,
     #[serde(default = "default_affinity_timeout")]
@@ -75,14 +81,96 @@ fn default_affinity_timeout() -> u32 {
     DEFAULT_AFFINITY_TIMEOUT_S
 }
 
+/// The protocol as written on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireProtocol {
+    #[default]
+    #[serde(rename = "tcp")]
+    Tcp,
+    #[serde(rename = "udp")]
+    Udp,
+}
+
+/// The balancing policy as written on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireLb {
+    #[default]
+    #[serde(rename = "random")]
+    Random,
+    #[serde(rename = "weighted")]
+    Weighted,
+    #[serde(rename = "maglev")]
+    Maglev,
+}
+
 /// Affinity as written on the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum WireAffinity {
     #[default]
+    #[serde(rename = "none")]
     None,
+    #[serde(rename = "cgroup")]
     Cgroup,
+    #[serde(rename = "netns")]
     Netns,
+}
+
+impl From<Protocol> for WireProtocol {
+    fn from(protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Tcp => WireProtocol::Tcp,
+            Protocol::Udp => WireProtocol::Udp,
+        }
+    }
+}
+
+impl From<WireProtocol> for Protocol {
+    fn from(wire: WireProtocol) -> Self {
+        match wire {
+            WireProtocol::Tcp => Protocol::Tcp,
+            WireProtocol::Udp => Protocol::Udp,
+        }
+    }
+}
+
+impl From<LbPolicy> for WireLb {
+    fn from(lb: LbPolicy) -> Self {
+        match lb {
+            LbPolicy::Random => WireLb::Random,
+            LbPolicy::Weighted => WireLb::Weighted,
+            LbPolicy::Maglev => WireLb::Maglev,
+        }
+    }
+}
+
+impl From<WireLb> for LbPolicy {
+    fn from(wire: WireLb) -> Self {
+        match wire {
+            WireLb::Random => LbPolicy::Random,
+            WireLb::Weighted => LbPolicy::Weighted,
+            WireLb::Maglev => LbPolicy::Maglev,
+        }
+    }
+}
+
+impl From<Affinity> for WireAffinity {
+    fn from(affinity: Affinity) -> Self {
+        match affinity {
+            Affinity::None => WireAffinity::None,
+            Affinity::Cgroup => WireAffinity::Cgroup,
+            Affinity::Netns => WireAffinity::Netns,
+        }
+    }
+}
+
+impl From<WireAffinity> for Affinity {
+    fn from(wire: WireAffinity) -> Self {
+        match wire {
+            WireAffinity::None => Affinity::None,
+            WireAffinity::Cgroup => Affinity::Cgroup,
+            WireAffinity::Netns => Affinity::Netns,
+        }
+    }
 }
 
 /// `ep:<service>:<address>`: a hosted endpoint.
@@ -138,13 +226,9 @@ pub fn encode(node: &NodeRecord, announcement: &Announcement) -> BTreeMap<String
             v: FORMAT_VERSION,
             vip: def.vip,
             port: def.port,
-            protocol: def.protocol,
-            lb: def.lb,
-            affinity: match def.affinity {
-                Affinity::None => WireAffinity::None,
-                Affinity::Cgroup => WireAffinity::Cgroup,
-                Affinity::Netns => WireAffinity::Netns,
-            },
+            protocol: def.protocol.into(),
+            lb: def.lb.into(),
+            affinity: def.affinity.into(),
             affinity_timeout_s: def.affinity_timeout_s,
             mtls: def.mtls,
         };
@@ -196,18 +280,14 @@ fn decode_one(decoded: &mut Decoded, key: &str, value: &str) -> Result<(), Strin
     if key == NODE_KEY {
         decoded.node = serde_json::from_str(value).map_err(|e| e.to_string())?;
     } else if let Some(name) = key.strip_prefix(SERVICE_PREFIX) {
-        crate::config::check_service_name(name)?;
+        rules::service_name(name).map_err(|e| e.to_string())?;
         let r: ServiceRecord = serde_json::from_str(value).map_err(|e| e.to_string())?;
         let def = ServiceDef {
             vip: r.vip,
             port: r.port,
-            protocol: r.protocol,
-            lb: r.lb,
-            affinity: match r.affinity {
-                WireAffinity::None => Affinity::None,
-                WireAffinity::Cgroup => Affinity::Cgroup,
-                WireAffinity::Netns => Affinity::Netns,
-            },
+            protocol: r.protocol.into(),
+            lb: r.lb.into(),
+            affinity: r.affinity.into(),
             affinity_timeout_s: r.affinity_timeout_s,
             mtls: r.mtls,
         };
@@ -295,6 +375,58 @@ mod tests {
         assert_eq!(decoded.announcement, announcement());
     }
 
+    /// Today's records, decoded and written again, are the same bytes (a rolling upgrade
+    /// mixes agents of both sides).
+    #[test]
+    fn v1_fixtures_decode_and_re_encode_byte_for_byte() {
+        let decoded = decode([
+            ("svc:web", V1_SERVICE),
+            ("ep:web:[fd00::2]:8080", V1_ENDPOINT),
+        ]);
+        assert_eq!(decoded.errors, []);
+        let records = encode(&NodeRecord::default(), &decoded.announcement);
+        assert_eq!(records["svc:web"], V1_SERVICE.trim_end());
+        assert_eq!(records["ep:web:[fd00::2]:8080"], V1_ENDPOINT.trim_end());
+        assert_eq!(records.len(), 3, "the node record and the two");
+    }
+
+    /// Every value of every wire enum, as format-1 agents spell it, both ways.
+    #[test]
+    fn every_wire_name_is_spelt_as_format_1_writes_it() {
+        let def = |protocol, lb, affinity, mtls| ServiceDef {
+            vip: "fd00::10".parse().unwrap(),
+            port: 53,
+            protocol,
+            lb,
+            affinity,
+            affinity_timeout_s: 10_800,
+            mtls,
+        };
+        let cases = [
+            (
+                def(Protocol::Udp, LbPolicy::Weighted, Affinity::Cgroup, true),
+                r#"{"v":1,"vip":"fd00::10","port":53,"protocol":"udp","lb":"weighted","affinity":"cgroup","affinity_timeout_s":10800,"mtls":true}"#,
+            ),
+            (
+                def(Protocol::Tcp, LbPolicy::Random, Affinity::None, false),
+                r#"{"v":1,"vip":"fd00::10","port":53,"protocol":"tcp","lb":"random","affinity":"none","affinity_timeout_s":10800}"#,
+            ),
+            (
+                def(Protocol::Tcp, LbPolicy::Maglev, Affinity::Netns, false),
+                r#"{"v":1,"vip":"fd00::10","port":53,"protocol":"tcp","lb":"maglev","affinity":"netns","affinity_timeout_s":10800}"#,
+            ),
+        ];
+        for (def, json) in cases {
+            let mut a = Announcement::default();
+            a.services.insert("dns".into(), def);
+            let records = encode(&NodeRecord::default(), &a);
+            assert_eq!(records["svc:dns"], json);
+            let decoded = decode([("svc:dns", json)]);
+            assert_eq!(decoded.errors, []);
+            assert_eq!(decoded.announcement.services["dns"], def);
+        }
+    }
+
     #[test]
     fn a_node_caught_mid_delivery_is_incomplete_and_the_node_record_is_written_last() {
         let node = NodeRecord::default();
@@ -350,7 +482,7 @@ mod tests {
         let r: ServiceRecordV2 = serde_json::from_str(V1_SERVICE).unwrap();
         assert_eq!(r.mirror, None);
         assert_eq!(r.v1.v, 1);
-        assert_eq!(r.v1.lb, LbPolicy::Maglev);
+        assert_eq!(r.v1.lb, WireLb::Maglev);
         let r: ServiceRecordV2 = serde_json::from_str(V2_SERVICE).unwrap();
         assert_eq!(r.mirror.as_deref(), Some("shadow"));
         assert_eq!(r.v1.v, 2);

@@ -5,7 +5,7 @@
 //! `healthy_threshold` successful probes in a row make it healthy again. The probes themselves
 //! are [`super::probe`]'s; this module is pure.
 
-use crate::config::health::ActiveCheck;
+use crate::model::ActiveCheck;
 
 /// The active-check state of one backend of one service.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use tokio::{
 };
 
 use super::probe::{ProbeError, Prober};
-use crate::config::health::ActiveCheck;
+use crate::model::ActiveCheck;
 
 /// Probes in flight at once, whatever the number of backends.
 pub const MAX_IN_FLIGHT: usize = 256;

@@ -36,10 +36,7 @@ use mesh_common::health::ConnectOutcomes;
 
 use crate::{
     balance::{Desired, DesiredBackend},
-    config::{
-        health::{HealthSettings, Locality},
-        Config,
-    },
+    model::{HealthSettings, Locality, Service},
 };
 use active::ActiveState;
 use checker::Target;
@@ -107,20 +104,12 @@ pub struct ServiceSample {
 }
 
 impl Health {
-    /// Follows the services of `catalog` (before health is applied), with the health settings
-    /// the config gives them by name (defaults for others). Kept backends keep their state;
-    /// a changed active check starts over.
-    pub fn sync(&mut self, catalog: &Desired, config: &Config) {
-        let settings: BTreeMap<&str, &HealthSettings> = config
-            .services
-            .iter()
-            .map(|s| (s.name.as_str(), &s.health))
-            .collect();
+    /// Follows the catalog's `services`, each with the health settings it carries. Kept
+    /// backends keep their state; a changed active check starts over.
+    pub fn sync(&mut self, services: &[Service]) {
         let mut old = std::mem::take(&mut self.services);
-        for service in catalog.services.values() {
-            let wanted = settings
-                .get(service.name.as_str())
-                .map_or_else(HealthSettings::default, |s| (*s).clone());
+        for service in services {
+            let wanted = service.health.clone();
             let mut entry = old.remove(&service.name).unwrap_or_default();
             if entry.settings.check != wanted.check {
                 for b in entry.backends.values_mut() {
@@ -130,19 +119,19 @@ impl Health {
             let prefer_local = wanted.locality == Locality::PreferLocal;
             let mut backends = BTreeMap::new();
             for b in &service.backends {
-                let mut state = entry.backends.remove(&b.addr).unwrap_or_default();
+                let mut state = entry.backends.remove(&b.address).unwrap_or_default();
                 if wanted.check.is_some() && state.active.is_none() {
                     state.active = Some(ActiveState::default());
                 }
                 if wanted.check.is_none() {
                     state.active = None;
                 }
-                state.local = prefer_local && locality::is_local(b.addr.ip());
-                backends.insert(b.addr, state);
+                state.local = prefer_local && locality::is_local(b.address.ip());
+                backends.insert(b.address, state);
             }
             entry.backends = backends;
             entry.settings = wanted;
-            entry.strict = service.flags & mesh_common::service::SERVICE_FLAG_MTLS != 0;
+            entry.strict = service.mtls;
             self.services.insert(service.name.clone(), entry);
         }
     }
@@ -374,6 +363,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+    use crate::config::Config;
 
     fn config(extra: &str, lb: &str, backends: &[(&str, u32)]) -> Config {
         let backends: Vec<String> = backends
@@ -396,7 +386,7 @@ mod tests {
         let c = config(extra, lb, backends);
         let catalog = Desired::from_config(&c);
         let mut h = Health::default();
-        h.sync(&catalog, &c);
+        h.sync(&c.services);
         (h, catalog)
     }
 
@@ -556,15 +546,14 @@ mod tests {
     #[test]
     fn sync_keeps_state_and_restarts_changed_checks() {
         let c = config(CHECK, "random", &[(B[0], 1), (B[1], 1)]);
-        let catalog = Desired::from_config(&c);
         let mut h = Health::default();
-        h.sync(&catalog, &c);
+        h.sync(&c.services);
         h.record_probe("web", a(B[0]), Err("refused".into()));
         h.record_probe("web", a(B[0]), Err("refused".into()));
         // Same settings, one more backend: the unhealthy one stays unhealthy.
         let c2 = config(CHECK, "random", &[(B[0], 1), (B[1], 1), (B[2], 1)]);
         let catalog2 = Desired::from_config(&c2);
-        h.sync(&catalog2, &c2);
+        h.sync(&c2.services);
         assert_eq!(table_of(&mut h, &catalog2), set(&[B[1], B[2]]));
         // A different check starts over (healthy).
         let c3 = config(
@@ -573,11 +562,11 @@ mod tests {
             &[(B[0], 1), (B[1], 1)],
         );
         let catalog3 = Desired::from_config(&c3);
-        h.sync(&catalog3, &c3);
+        h.sync(&c3.services);
         assert_eq!(table_of(&mut h, &catalog3), set(&[B[0], B[1]]));
         assert_eq!(h.targets().len(), 2);
         // A service that left the catalog leaves the health state.
-        h.sync(&Desired::default(), &c3);
+        h.sync(&[]);
         assert!(h.samples().is_empty());
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mesh_common::health::ConnectOutcomes;
 
-use crate::config::health::OutlierSettings;
+use crate::model::OutlierSettings;
 
 /// The passive state of one backend of one service.
 #[derive(Debug, Clone, Default)]

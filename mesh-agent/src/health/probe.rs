@@ -17,7 +17,7 @@ use mesh_common::redirect::AGENT_MARK;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::checker::Target;
-use crate::config::health::{ActiveCheck, HttpCheck};
+use crate::model::{ActiveCheck, HttpCheck};
 
 /// Runs one probe of a target; the checker schedules them.
 #[async_trait::async_trait]

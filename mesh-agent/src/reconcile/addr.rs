@@ -4,13 +4,19 @@
 //! words of [`mesh_common::service`] (and where the status table turns them back into text). The
 //! words hold the address octets in their in-memory bytes, exactly as `cgroup/connect*` sees
 //! `user_ip4`/`user_ip6`: IPv4 in word 0 (the rest zero), IPv6 as four words of four octets.
-//! Ports are stored with `u16::to_be`. Nothing here knows about services or reconciling.
+//! Ports are stored with `u16::to_be`. Protocols and affinities become their numbers and flag
+//! bits here too. Nothing here knows about services or reconciling.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mesh_common::redirect::SockKey;
-use mesh_common::service::{Backend, ServiceKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use mesh_common::service::{
+    Backend, ServiceKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SERVICE_FLAG_AFFINITY_CGROUP,
+    SERVICE_FLAG_AFFINITY_NETNS,
+};
+
+use crate::model::{Affinity, Frontend, Protocol};
 
 /// A map entry carried an address family that is neither [`FAMILY_V4`] nor [`FAMILY_V6`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +58,32 @@ pub const fn encode_port(port: u16) -> u16 {
 /// A port from the maps (network byte order) in host order.
 pub const fn decode_port(port: u16) -> u16 {
     u16::from_be(port)
+}
+
+/// The IP protocol number the kernel keys services by.
+pub const fn protocol_number(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
+}
+
+/// The `SERVICE_FLAG_AFFINITY_*` bits of an affinity.
+pub const fn affinity_flags(affinity: Affinity) -> u32 {
+    match affinity {
+        Affinity::None => 0,
+        Affinity::Cgroup => SERVICE_FLAG_AFFINITY_CGROUP,
+        Affinity::Netns => SERVICE_FLAG_AFFINITY_NETNS,
+    }
+}
+
+/// The map key of a frontend.
+pub fn frontend_key(frontend: Frontend) -> ServiceKey {
+    service_key(
+        frontend.vip,
+        frontend.port,
+        protocol_number(frontend.protocol),
+    )
 }
 
 /// The frontend key of a service at `vip:port` speaking `proto` ([`PROTO_TCP`]/[`PROTO_UDP`]).

@@ -12,7 +12,7 @@ use super::apply::ApplyReport;
 use super::plan::{GroupKind, Plan};
 use super::*;
 use crate::balance::{Desired, DesiredService};
-use crate::config::{Affinity, BackendConfig, LbPolicy, Protocol, ServiceConfig};
+use crate::model::{self, Affinity, LbPolicy, Protocol};
 use crate::reconcile::addr;
 
 // ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ fn be(s: &str) -> SocketAddr {
 }
 
 fn svc(name: &str, vip: &str, port: u16, lb: LbPolicy, backends: &[(&str, u32)]) -> DesiredService {
-    DesiredService::from_config(&ServiceConfig {
+    DesiredService::from_config(&model::Service {
         name: name.into(),
         vip: ip(vip),
         port,
@@ -203,7 +203,7 @@ fn svc(name: &str, vip: &str, port: u16, lb: LbPolicy, backends: &[(&str, u32)])
         mtls: false,
         backends: backends
             .iter()
-            .map(|&(a, weight)| BackendConfig {
+            .map(|&(a, weight)| model::Backend {
                 address: be(a),
                 weight,
             })
@@ -270,13 +270,13 @@ fn random_desired(rng: &mut Rng, maglev: bool) -> Desired {
                     } else {
                         SocketAddr::new(ip(&format!("10.200.0.{b}")), 8080)
                     };
-                    backends.push(BackendConfig {
+                    backends.push(model::Backend {
                         address: addr,
                         weight,
                     });
                 }
             }
-            let mut s = DesiredService::from_config(&ServiceConfig {
+            let mut s = DesiredService::from_config(&model::Service {
                 name: format!("s{v}-{port}"),
                 vip: ip(vip),
                 port,

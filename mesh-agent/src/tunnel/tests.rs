@@ -534,3 +534,57 @@ async fn a_draining_peer_finishes_its_streams_while_new_flows_reach_its_successo
         .await
         .expect("the old peer is idle once its flows ended");
 }
+
+/// Moved from the catalog (the pure core tests no runtime room): the catalog says what this
+/// node announces, the inbound side's authorization reaches only that.
+#[test]
+fn the_inbound_tunnel_reaches_only_what_this_node_announces_and_never_its_loopback() {
+    use crate::{
+        catalog::{Announcement, Registrations},
+        config::Config,
+        model::Backend,
+        tunnel::{
+            authz::{Authz, Verdict},
+            identity::spiffe::SpiffeId,
+            proxy::connect::Target,
+        },
+    };
+    let config = Config::parse(
+        r#"
+[[services]]
+name = "pay"
+vip = "10.96.0.30"
+port = 80
+backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
+"#,
+        "t.toml",
+    )
+    .unwrap();
+    let mut services = config.services.clone();
+    services[0].mtls = true;
+    // A peer announces another port of this host for pay: in the catalog, not hosted here.
+    let mut merged = services.clone();
+    merged[0].backends.push(Backend {
+        address: "10.0.0.5:22".parse().unwrap(),
+        weight: 1,
+    });
+    let local = Announcement::local(&services, &Registrations::default()).reachable_by_peers();
+    let hosted = |s: &str, b: SocketAddr| local.contains(&(s.to_owned(), b));
+    let authz = Authz::new(
+        &crate::config::mtls_services(&merged, &services, &hosted),
+        crate::tunnel::authz::policy::Policies::default(),
+    );
+    let peer: SpiffeId = "spiffe://td/ns/mesh/sa/peer".parse().unwrap();
+    let verdict = |backend: &str| {
+        authz.check(
+            &Target {
+                backend: backend.parse().unwrap(),
+                service: Some("pay".into()),
+            },
+            &peer,
+        )
+    };
+    assert_eq!(verdict("127.0.0.1:15020"), Verdict::UnknownTarget);
+    assert_eq!(verdict("10.0.0.5:22"), Verdict::UnknownTarget);
+    assert!(matches!(verdict("10.0.0.5:8080"), Verdict::Allow(_)));
+}

@@ -6,7 +6,7 @@ pub mod policy;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use crate::config::health::ActiveCheck;
+use crate::model::ActiveCheck;
 
 use crate::{
     tunnel::authz::policy::{Decision, Policies},
@@ -168,7 +168,7 @@ mod tests {
             timeout: Duration::from_millis(300),
             healthy_threshold: 2,
             unhealthy_threshold: 3,
-            http: Some(crate::config::health::HttpCheck {
+            http: Some(crate::model::HttpCheck {
                 path: "/healthz".into(),
                 expect_status: 204,
             }),

@@ -33,10 +33,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    catalog::Announcement,
-    gossip::{record, Member, NodeRecord},
-};
+use super::{record, Member, NodeRecord};
+use crate::catalog::Announcement;
 
 /// The format version of `peers.json`.
 const VERSION: u32 = 1;
@@ -300,7 +298,7 @@ fn read(path: &Path) -> Result<BTreeMap<String, Peer>, RestoreError> {
     Ok(file
         .peers
         .into_iter()
-        .filter(|(name, _)| crate::config::check_node_name(name).is_ok())
+        .filter(|(name, _)| crate::model::rules::node_name(name).is_ok())
         .map(|(name, records)| {
             let decoded = record::decode(records.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             for error in &decoded.errors {
