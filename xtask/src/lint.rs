@@ -1,4 +1,5 @@
-//! `cargo xtask lint`: formatting and clippy, warnings denied.
+//! `cargo xtask lint`: the import rules between the agent's rooms ([`crate::layers`]),
+//! formatting and clippy, warnings denied.
 //!
 //! Host crates are linted with the default (stable) toolchain; the eBPF crate with nightly for
 //! `bpfel-unknown-none` and `-Z build-std=core`, in its own target directory so it does not
@@ -16,6 +17,7 @@ use crate::setup;
 use crate::util::{cmd, run_checked};
 
 pub fn run(root: &Path) -> Result<()> {
+    crate::layers::run(root)?;
     setup::run()?;
     run_checked(
         cmd("cargo")

@@ -18,6 +18,7 @@ mod artifacts;
 mod bench;
 mod fuzz;
 mod install;
+mod layers;
 mod lint;
 mod run;
 mod setup;
@@ -70,7 +71,8 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Check formatting and run clippy on the host crates and the eBPF crate.
+    /// Check the import rules between the agent's rooms, formatting, and run clippy on the
+    /// host crates and the eBPF crate.
     Lint,
     /// Set up, then fuzz the agent's decoders of untrusted input (cargo-fuzz, nightly).
     Fuzz {
