@@ -12,6 +12,7 @@
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
+use mesh_common::service::ServiceKey;
 
 use crate::{
     balance::Desired,
@@ -246,25 +247,23 @@ impl Controller {
             false => reconcile::apply(&plan, &mut *self.maps, Arc::make_mut(&mut self.kernel)),
         };
         // Whatever was applied is in the kernel now; name it for flows either way.
+        let by_key = |d: &Desired| -> HashMap<ServiceKey, String> {
+            (d.services.iter())
+                .map(|(frontend, s)| (reconcile::addr::frontend_key(*frontend), s.name.clone()))
+                .collect()
+        };
+        let (new, old) = (by_key(&desired), by_key(&self.desired));
         let names: HashMap<u32, String> = self
             .kernel
             .services
             .iter()
             .filter_map(|(key, service)| {
-                desired
-                    .services
-                    .get(key)
-                    .or_else(|| self.desired.services.get(key))
-                    .map(|d| (service.id, d.name.clone()))
+                let name = new.get(key).or_else(|| old.get(key))?;
+                Some((service.id, name.clone()))
             })
             .collect();
         self.names.publish(names);
         let report = result?;
-        let strict = desired
-            .strict_backends()
-            .filter_map(|(addr, key)| Some((addr, self.kernel.services.get(&key)?.id)))
-            .collect();
-        self.maps.sync_strict(&strict)?;
         self.desired = Arc::new(desired);
         // Published and logged after the maps were written, with what the kernel holds now
         // (the benches follow `GET /v1/applied` to time changes).

@@ -33,7 +33,6 @@ use crate::{
 
 use super::controller::Controller;
 use crate::admin::types::{BackendStatus, ServiceStatus};
-use mesh_common::service::{SERVICE_FLAG_AFFINITY_CGROUP, SERVICE_FLAG_AFFINITY_NETNS};
 
 /// The controller's state as of one event: what every report is computed from.
 pub struct View {
@@ -437,13 +436,13 @@ fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
     desired
         .services
         .iter()
-        .map(|(key, service)| ServiceStatus {
+        .map(|(frontend, service)| ServiceStatus {
             name: service.name.clone(),
             vip: service.vip.to_string(),
             port: service.port,
             protocol: service.protocol.to_string(),
             lb: service.policy.to_string(),
-            affinity: affinity_name(service.flags).to_owned(),
+            affinity: service.affinity.to_string(),
             backends: service
                 .backends
                 .iter()
@@ -452,7 +451,10 @@ fn services(desired: &Desired, kernel: &KernelState) -> Vec<ServiceStatus> {
                     weight: b.weight,
                 })
                 .collect(),
-            slots: kernel.services.get(key).map_or(0, |s| s.count),
+            slots: (kernel
+                .services
+                .get(&crate::reconcile::addr::frontend_key(*frontend)))
+            .map_or(0, |s| s.count),
             healthy: 0,
             panic: false,
         })
@@ -496,14 +498,4 @@ fn degraded(config_rejected: bool, services: &[ServiceStatus], conflicts: usize)
         reasons.push(plural(conflicts, "catalog conflict", "catalog conflicts"));
     }
     reasons
-}
-
-fn affinity_name(flags: u32) -> &'static str {
-    if flags & SERVICE_FLAG_AFFINITY_NETNS != 0 {
-        "netns"
-    } else if flags & SERVICE_FLAG_AFFINITY_CGROUP != 0 {
-        "cgroup"
-    } else {
-        "none"
-    }
 }

@@ -1,14 +1,14 @@
 //! The kernel state the agent wants, computed from a validated config.
 //!
 //! This module owns the translation from "services with backends and a policy" to what the
-//! maps must hold: each service's frontend key, header fields (kernel `lb`, flags, affinity
-//! timeout) and its slot table, a list of indices into the service's backends that the kernel
-//! picks from. It is pure: it assigns no ids, reads no kernel state and writes nothing — that
-//! is [`crate::reconcile`]'s job.
+//! maps must hold, in the model's terms: each service's frontend, policy, affinity, whether it
+//! is strict, and its slot table, a list of indices into the service's backends that the
+//! kernel picks from. It is pure and knows no kernel encoding: map keys, `LB_*` values and flag
+//! bits are [`crate::reconcile`]'s, which also assigns the ids and writes the maps.
 //!
 //! Tables, by policy:
 //!
-//! * `random`: each backend with nonzero weight once.
+//! * `random`: each backend with nonzero weight once (the kernel's `LB_RANDOM`).
 //! * `weighted`: weights divided by their gcd; if they still sum to more than
 //!   [`WEIGHTED_MAX_SLOTS`], apportioned into that many slots by largest remainder, every
 //!   backend keeping at least one. The kernel picks a slot uniformly (`LB_RANDOM`), so a
@@ -23,20 +23,18 @@ pub mod maglev;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_common::service::{ServiceKey, LB_MAGLEV, LB_RANDOM, SERVICE_FLAG_MTLS};
-
 use self::maglev::MaglevBackend;
 #[cfg(test)]
 use crate::config::Config;
 use crate::model::limits::gcd;
 // How many slots a table takes is a limit of the model (the config checks capacity with it).
 pub use crate::model::limits::{slot_count, WEIGHTED_MAX_SLOTS};
-use crate::model::{LbPolicy, Protocol, Service};
+use crate::model::{Affinity, Frontend, LbPolicy, Protocol, Service};
 
-/// Every service the kernel should serve, by frontend key.
+/// Every service the kernel should serve, by frontend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub services: BTreeMap<ServiceKey, DesiredService>,
+    pub services: BTreeMap<Frontend, DesiredService>,
 }
 
 /// One service as the kernel should see it.
@@ -46,13 +44,13 @@ pub struct DesiredService {
     pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
-    /// The configured policy (for display; the kernel only knows [`Self::lb`]).
+    /// The policy the table was built for.
     pub policy: LbPolicy,
-    /// Kernel policy: `LB_RANDOM` (random and weighted) or `LB_MAGLEV`.
-    pub lb: u32,
-    /// `SERVICE_FLAG_AFFINITY_*` bits.
-    pub flags: u32,
+    pub affinity: Affinity,
     pub affinity_timeout_s: u32,
+    /// Strict mTLS: clients are sent to the agent's tunnel, and only the agent may open
+    /// connections to the backends.
+    pub strict: bool,
     /// Every configured backend, drained ones (weight 0) included.
     pub backends: Vec<DesiredBackend>,
     /// The slot table: indices into [`Self::backends`]. Never names a drained backend; empty
@@ -89,18 +87,9 @@ impl Desired {
         desired
     }
 
-    /// The backends of every mTLS service, with that service's frontend key. Only the local
-    /// agent may open connections to them (see `mesh_common::redirect`).
-    pub fn strict_backends(&self) -> impl Iterator<Item = (SocketAddr, ServiceKey)> + '_ {
-        self.services
-            .iter()
-            .filter(|(_, service)| service.flags & SERVICE_FLAG_MTLS != 0)
-            .flat_map(|(key, service)| service.backends.iter().map(|b| (b.addr, *key)))
-    }
-
-    /// Add or replace the service at `service.key()`; returns the one it replaced.
+    /// Add or replace the service at `service.frontend()`; returns the one it replaced.
     pub fn insert(&mut self, service: DesiredService) -> Option<DesiredService> {
-        self.services.insert(service.key(), service)
+        self.services.insert(service.frontend(), service)
     }
 }
 
@@ -122,29 +111,21 @@ impl DesiredService {
             port: config.port,
             protocol: config.protocol,
             policy: config.lb,
-            lb: match config.lb {
-                LbPolicy::Random | LbPolicy::Weighted => LB_RANDOM,
-                LbPolicy::Maglev => LB_MAGLEV,
-            },
-            flags: crate::reconcile::addr::affinity_flags(config.affinity)
-                | if config.mtls {
-                    mesh_common::service::SERVICE_FLAG_MTLS
-                } else {
-                    0
-                },
+            affinity: config.affinity,
             affinity_timeout_s: config.affinity_timeout_s,
+            strict: config.mtls,
             backends,
             table,
         }
     }
 
-    /// The frontend key of this service.
-    pub fn key(&self) -> ServiceKey {
-        crate::reconcile::addr::frontend_key(crate::model::Frontend {
+    /// What clients connect to.
+    pub fn frontend(&self) -> Frontend {
+        Frontend {
             vip: self.vip,
             port: self.port,
             protocol: self.protocol,
-        })
+        }
     }
 
     /// The backend each slot names, in slot order (what a test expects the kernel to resolve).
@@ -269,7 +250,6 @@ pub fn apportion(weights: &[u32], budget: usize) -> Vec<u32> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use mesh_common::service::{FAMILY_V4, PROTO_UDP, SERVICE_FLAG_AFFINITY_CGROUP};
 
     fn backends(weights: &[u32]) -> Vec<DesiredBackend> {
         weights
@@ -319,18 +299,17 @@ backends = [{ address = "10.0.0.5:53" }]
         let d = Desired::from_config(&c);
         assert_eq!(d.services.len(), 2);
         let web = d.services.values().find(|s| s.name == "web").unwrap();
-        assert_eq!(web.lb, LB_RANDOM);
-        assert_eq!(web.flags, SERVICE_FLAG_AFFINITY_CGROUP);
+        assert_eq!(web.policy, LbPolicy::Weighted);
+        assert_eq!(web.affinity, Affinity::Cgroup);
+        assert!(!web.strict);
         assert_eq!(web.affinity_timeout_s, 10_800);
         // gcd 100: 2:1, address order (10.0.0.2 first), drained one absent.
         assert_eq!(web.table, vec![1, 0, 0]);
-        let key = web.key();
-        assert_eq!(key.family, FAMILY_V4);
-        assert_eq!(key.port, 80u16.to_be());
-        assert_eq!(key.addr[0].to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(web.frontend().to_string(), "10.96.0.10:80/tcp");
+        // (Its kernel encoding: reconcile's tests, `kernel_encoding_of_a_desired_service`.)
         let dns = d.services.values().find(|s| s.name == "dns").unwrap();
-        assert_eq!(dns.key().proto, PROTO_UDP);
-        assert_eq!(dns.lb, LB_MAGLEV);
+        assert_eq!(dns.protocol, Protocol::Udp);
+        assert_eq!(dns.policy, LbPolicy::Maglev);
         assert_eq!(dns.table.len(), 251);
         assert!(dns.table.iter().all(|&i| i == 0));
     }

@@ -2,7 +2,7 @@
 //! read the programs' counts through [`KernelCounters`].
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -64,35 +64,12 @@ impl KernelMaps {
             services: collect(&self.services, maps::SERVICES)?,
             slots: collect(&self.slots, maps::SLOTS)?,
             backends: collect(&self.backends, maps::BACKENDS)?,
+            strict: collect(&self.strict_inbound, maps::STRICT_INBOUND)?,
         })
     }
 }
 
 impl KernelMaps {
-    /// Makes the strict-inbound map hold exactly `backends` (address → service id): the
-    /// backends only the agent may open connections to. Entries are added before stale ones
-    /// are removed, and a failure leaves every entry written so far in place.
-    fn write_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), DataPlaneError> {
-        let name = maps::STRICT_INBOUND;
-        let err = |cause| DataPlaneError::Map { name, cause };
-        let present: BTreeSet<SockKey> = self
-            .strict_inbound
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
-        let wanted: BTreeMap<SockKey, u32> = backends
-            .iter()
-            .map(|(&addr, &service)| (crate::reconcile::addr::sock_key(addr), service))
-            .collect();
-        for (key, service) in &wanted {
-            self.strict_inbound.insert(key, service, 0).map_err(err)?;
-        }
-        for stale in present.iter().filter(|key| !wanted.contains_key(key)) {
-            ignore_missing(self.strict_inbound.remove(stale)).map_err(err)?;
-        }
-        Ok(())
-    }
-
     /// Connect outcomes of balanced TCP sockets per backend address, summed over CPUs; the
     /// counts only grow while the entry lives.
     fn read_connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, DataPlaneError> {
@@ -183,6 +160,13 @@ impl MapWriter for KernelMaps {
                 (maps::SERVICES, ignore_missing(self.services.remove(key)))
             }
             MapOp::DeleteSlot(key) => (maps::SLOTS, ignore_missing(self.slots.remove(key))),
+            MapOp::PutStrict(key, id) => {
+                (maps::STRICT_INBOUND, self.strict_inbound.insert(key, id, 0))
+            }
+            MapOp::DeleteStrict(key) => (
+                maps::STRICT_INBOUND,
+                ignore_missing(self.strict_inbound.remove(key)),
+            ),
             MapOp::DeleteBackend(id) => {
                 // The count goes with the backend, so a reused id starts from zero. A count
                 // that cannot be removed only overstates a backend that no longer exists.
@@ -209,9 +193,5 @@ impl Kernel for KernelMaps {
 
     fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError> {
         self.read_connect_outcomes().map_err(read_error)
-    }
-
-    fn sync_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), KernelReadError> {
-        self.write_strict(backends).map_err(read_error)
     }
 }

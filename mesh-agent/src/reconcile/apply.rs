@@ -27,7 +27,7 @@ impl ApplyReport {
             GroupKind::AddService => self.services_added += 1,
             GroupKind::ChangeService => self.services_changed += 1,
             GroupKind::RemoveService => self.services_removed += 1,
-            GroupKind::VipMarker | GroupKind::Cleanup => {}
+            GroupKind::VipMarker | GroupKind::Cleanup | GroupKind::StrictBackends => {}
         }
     }
 }
@@ -155,7 +155,7 @@ fn apply_group(
                     (false, GroupKind::VipMarker) => {
                         "other ports of this VIP still reach the network"
                     }
-                    (false, GroupKind::Cleanup) => "nothing changed",
+                    (false, GroupKind::Cleanup | GroupKind::StrictBackends) => "nothing changed",
                 };
                 return Err(Box::new(ApplyError {
                     subject: group.subject.clone(),

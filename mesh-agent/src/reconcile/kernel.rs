@@ -21,15 +21,13 @@ pub struct KernelReadError(pub String);
 
 /// What the controller needs of the kernel.
 pub trait Kernel: MapWriter + Send {
-    /// Everything the load-balancing maps hold now.
+    /// Everything the maps the plan writes hold now.
     fn read_state(&self) -> Result<KernelState, KernelReadError>;
     /// A reader of what the programs count, for the views: it reads from any thread while
     /// the controller writes.
     fn counters(&self) -> Arc<dyn Counters>;
     /// Connect outcomes of balanced TCP sockets per backend address; they only grow.
     fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError>;
-    /// Makes the strict-inbound map hold exactly `backends` (address → service id).
-    fn sync_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), KernelReadError>;
 }
 
 /// What the programs count, read without the controller (the admin API and the metrics read
@@ -46,12 +44,12 @@ pub trait Counters: Send + Sync {
 #[derive(Clone, Debug, Default)]
 pub struct MemoryKernel(Arc<Mutex<MemoryMaps>>);
 
-/// The in-memory maps: the load-balancing ones as a [`KernelState`], the strict map, and the
-/// outcomes, counters and backend counts a test sets; writes can be made to fail.
+/// The in-memory maps: the ones the plan writes as a [`KernelState`] (the strict map
+/// included), and the outcomes, counters and backend counts a test sets; writes can be made
+/// to fail.
 #[derive(Debug, Default)]
 pub struct MemoryMaps {
     pub state: KernelState,
-    pub strict: BTreeMap<SocketAddr, u32>,
     pub outcomes: BTreeMap<SocketAddr, ConnectOutcomes>,
     pub counters: BTreeMap<Counter, u64>,
     pub backend_counts: BTreeMap<u32, u64>,
@@ -96,11 +94,6 @@ impl Kernel for MemoryKernel {
 
     fn connect_outcomes(&self) -> Result<Vec<(SocketAddr, ConnectOutcomes)>, KernelReadError> {
         Ok(self.maps().outcomes.iter().map(|(a, o)| (*a, *o)).collect())
-    }
-
-    fn sync_strict(&mut self, backends: &BTreeMap<SocketAddr, u32>) -> Result<(), KernelReadError> {
-        self.maps().strict = backends.clone();
-        Ok(())
     }
 }
 

@@ -16,6 +16,13 @@
 //! marker. A removed service's header goes first, then its slots, backends and, when no other
 //! service uses the address, its VIP marker.
 //!
+//! The strict-inbound map (backends of strict mTLS services → service id, read by the
+//! `cgroup_skb` program) is planned here too, as the last group: puts, then deletes of what
+//! no strict service names any more. It only keeps plaintext out, so nothing of it is taken
+//! back on failure; a failed delete is a warning, retried by the next plan. The kernel
+//! encodings of a desired service (its map key, `LB_*` and flag bits) are made here and in
+//! [`addr`], not in `balance`.
+//!
 //! # Failure
 //!
 //! The plan is a list of groups, one per service (plus VIP markers and garbage). [`apply()`]
@@ -38,6 +45,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
+use mesh_common::redirect::SockKey;
 use mesh_common::service::{Backend, Service, ServiceKey, SlotKey};
 
 use self::addr::DisplayKey;
@@ -47,8 +55,9 @@ use self::addr::DisplayKey;
 pub use apply::apply;
 pub use plan::plan;
 
-/// What the pinned maps hold (the load-balancing ones). The loader reads it back when the agent
-/// starts, so a restarted agent adopts the ids already in use instead of rewriting everything.
+/// What the pinned maps the agent writes hold (the load-balancing ones and the strict-inbound
+/// map). The loader reads it back when the agent starts, so a restarted agent adopts the ids
+/// already in use instead of rewriting everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelState {
     /// Services and VIP markers.
@@ -57,6 +66,8 @@ pub struct KernelState {
     pub slots: BTreeMap<SlotKey, u32>,
     /// Backend id → backend.
     pub backends: BTreeMap<u32, Backend>,
+    /// The strict-inbound map: backend address of a strict service → service id.
+    pub strict: BTreeMap<SockKey, u32>,
 }
 
 impl KernelState {
@@ -113,6 +124,12 @@ impl KernelState {
             MapOp::DeleteBackend(id) => {
                 self.backends.remove(&id);
             }
+            MapOp::PutStrict(key, id) => {
+                self.strict.insert(key, id);
+            }
+            MapOp::DeleteStrict(key) => {
+                self.strict.remove(&key);
+            }
         }
     }
 }
@@ -126,14 +143,20 @@ pub enum MapOp {
     DeleteService(ServiceKey),
     DeleteSlot(SlotKey),
     DeleteBackend(u32),
+    /// A backend of a strict service (its address) → the service id.
+    PutStrict(SockKey, u32),
+    DeleteStrict(SockKey),
 }
 
 impl MapOp {
-    /// True for the three deletes.
+    /// True for the deletes.
     pub fn is_delete(&self) -> bool {
         matches!(
             self,
-            MapOp::DeleteService(_) | MapOp::DeleteSlot(_) | MapOp::DeleteBackend(_)
+            MapOp::DeleteService(_)
+                | MapOp::DeleteSlot(_)
+                | MapOp::DeleteBackend(_)
+                | MapOp::DeleteStrict(_)
         )
     }
 
@@ -143,6 +166,7 @@ impl MapOp {
             MapOp::PutBackend(id, _) => Some(MapOp::DeleteBackend(id)),
             MapOp::PutSlot(key, _) => Some(MapOp::DeleteSlot(key)),
             MapOp::PutService(key, _) => Some(MapOp::DeleteService(key)),
+            MapOp::PutStrict(key, _) => Some(MapOp::DeleteStrict(key)),
             _ => None,
         }
     }
@@ -187,6 +211,14 @@ impl fmt::Display for MapOp {
                 k.service_id, k.generation, k.slot
             ),
             MapOp::DeleteBackend(id) => write!(f, "delete backend {id}"),
+            MapOp::PutStrict(key, id) => match addr::decode_sock_key(key) {
+                Ok(addr) => write!(f, "put strict backend {addr} = service id {id}"),
+                Err(e) => write!(f, "put strict backend <{e}>"),
+            },
+            MapOp::DeleteStrict(key) => match addr::decode_sock_key(key) {
+                Ok(addr) => write!(f, "delete strict backend {addr}"),
+                Err(e) => write!(f, "delete strict backend <{e}>"),
+            },
         }
     }
 }

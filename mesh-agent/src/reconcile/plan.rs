@@ -6,10 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use mesh_common::service::{Service, ServiceKey, SlotKey, SERVICE_FLAG_VIP_MARKER};
+use mesh_common::redirect::SockKey;
+use mesh_common::service::{
+    Service, ServiceKey, SlotKey, LB_MAGLEV, LB_RANDOM, SERVICE_FLAG_MTLS, SERVICE_FLAG_VIP_MARKER,
+};
 
 use super::{KernelState, MapOp};
 use crate::balance::{Desired, DesiredService};
+use crate::model::LbPolicy;
 use crate::reconcile::addr::{self, DisplayKey};
 
 /// The ops of one reconcile, grouped so each group can be applied all-or-nothing. No groups:
@@ -42,6 +46,9 @@ pub enum GroupKind {
     VipMarker,
     /// Deletes entries nothing reads: leftovers of an interrupted update or a failed delete.
     Cleanup,
+    /// Brings the strict-inbound map to the backends of the strict services: puts first,
+    /// then deletes; nothing is taken back on failure (an entry only keeps plaintext out).
+    StrictBackends,
 }
 
 impl fmt::Display for GroupKind {
@@ -52,6 +59,7 @@ impl fmt::Display for GroupKind {
             GroupKind::RemoveService => "remove",
             GroupKind::VipMarker => "VIP marker",
             GroupKind::Cleanup => "cleanup",
+            GroupKind::StrictBackends => "strict backends",
         })
     }
 }
@@ -66,17 +74,20 @@ impl fmt::Display for GroupKind {
 pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
     let mut planner = Planner::new(current);
     let mut groups = Vec::new();
+    // The desired services by map key: the maps' order is the plan's.
+    let desired: BTreeMap<ServiceKey, &DesiredService> = desired
+        .services
+        .iter()
+        .map(|(frontend, service)| (addr::frontend_key(*frontend), service))
+        .collect();
 
     // Removed services, and the VIP markers they leave unused.
-    let desired_vips: BTreeSet<([u32; 4], u8)> = desired
-        .services
-        .keys()
-        .map(|k| (k.addr, k.family))
-        .collect();
+    let desired_vips: BTreeSet<([u32; 4], u8)> =
+        desired.keys().map(|k| (k.addr, k.family)).collect();
     let removed: Vec<&ServiceKey> = planner
         .services
         .keys()
-        .filter(|k| !desired.services.contains_key(*k))
+        .filter(|k| !desired.contains_key(*k))
         .collect();
     let mut last_removed_on_vip: BTreeMap<([u32; 4], u8), usize> = BTreeMap::new();
     for (i, key) in removed.iter().enumerate() {
@@ -111,7 +122,7 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
     }
 
     // Desired services, each with its marker.
-    for (key, service) in &desired.services {
+    for (key, &service) in &desired {
         if let Some(group) = planner.service(key, service) {
             groups.push(group);
         }
@@ -162,6 +173,40 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
             commit: None,
         });
     }
+
+    // The strict-inbound map: every backend of a strict service → that service's id. Last,
+    // as when it was written beside the reconciler: the ids are those the groups above gave.
+    let strict: BTreeMap<SockKey, u32> = desired
+        .iter()
+        .filter(|(_, service)| service.strict)
+        .filter_map(|(key, service)| Some((planner.ids.get(key).copied()?, service)))
+        .flat_map(|(sid, service)| {
+            service
+                .backends
+                .iter()
+                .map(move |b| (addr::sock_key(b.addr), sid))
+        })
+        .collect();
+    let mut ops: Vec<MapOp> = strict
+        .iter()
+        .filter(|(key, sid)| current.strict.get(key) != Some(sid))
+        .map(|(&key, &sid)| MapOp::PutStrict(key, sid))
+        .collect();
+    ops.extend(
+        current
+            .strict
+            .keys()
+            .filter(|key| !strict.contains_key(key))
+            .map(|&key| MapOp::DeleteStrict(key)),
+    );
+    if !ops.is_empty() {
+        groups.push(OpGroup {
+            subject: "strict backends".into(),
+            kind: GroupKind::StrictBackends,
+            ops,
+            commit: None,
+        });
+    }
     Plan { groups }
 }
 
@@ -195,6 +240,21 @@ impl<F: Fn(u32) -> bool> RunCache<F> {
     }
 }
 
+/// The kernel's policy for a table built for `policy`: `weighted` tables repeat backends in
+/// proportion to weight, so the kernel picks them like `random` ones.
+pub(crate) const fn kernel_lb(policy: LbPolicy) -> u32 {
+    match policy {
+        LbPolicy::Random | LbPolicy::Weighted => LB_RANDOM,
+        LbPolicy::Maglev => LB_MAGLEV,
+    }
+}
+
+/// The header flags of a desired service: its affinity's bits, and `SERVICE_FLAG_MTLS` when
+/// it is strict.
+pub(crate) const fn service_flags(want: &DesiredService) -> u32 {
+    addr::affinity_flags(want.affinity) | if want.strict { SERVICE_FLAG_MTLS } else { 0 }
+}
+
 /// The header of a VIP marker.
 pub(crate) const fn vip_marker() -> Service {
     Service {
@@ -223,6 +283,8 @@ struct Planner<'a> {
     backends_by_service: Vec<(u32, BackendAddr, u32)>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
+    /// The id of each desired service, once planned.
+    ids: BTreeMap<ServiceKey, u32>,
 }
 
 impl<'a> Planner<'a> {
@@ -253,6 +315,7 @@ impl<'a> Planner<'a> {
             backends_by_service,
             service_ids: IdAllocator::new(),
             backend_ids: IdAllocator::new(),
+            ids: BTreeMap::new(),
         }
     }
 
@@ -295,6 +358,7 @@ impl<'a> Planner<'a> {
             (Some(_), None) => (self.new_service_id(key), GroupKind::ChangeService),
             (None, _) => (self.new_service_id(key), GroupKind::AddService),
         };
+        self.ids.insert(*key, sid);
 
         // Backend ids: reuse this service's entry for the same address (the smallest id if
         // there are several), else a new id. Sorted slices, not maps: this runs for every
@@ -385,8 +449,8 @@ impl<'a> Planner<'a> {
             id: sid,
             count,
             generation,
-            lb: want.lb,
-            flags: want.flags,
+            lb: kernel_lb(want.policy),
+            flags: service_flags(want),
             affinity_timeout_s: want.affinity_timeout_s,
         };
         let commit = if current != Some(header) {

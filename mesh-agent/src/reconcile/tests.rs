@@ -12,8 +12,30 @@ use super::apply::ApplyReport;
 use super::plan::{GroupKind, Plan};
 use super::*;
 use crate::balance::{Desired, DesiredService};
-use crate::model::{self, Affinity, LbPolicy, Protocol};
+use crate::model::{self, Affinity, Frontend, LbPolicy, Protocol};
 use crate::reconcile::addr;
+
+/// The map key of a desired service or frontend (the encoding is reconcile's, not balance's).
+trait MapKey {
+    fn key(&self) -> ServiceKey;
+}
+
+impl MapKey for Frontend {
+    fn key(&self) -> ServiceKey {
+        addr::frontend_key(*self)
+    }
+}
+
+impl MapKey for DesiredService {
+    fn key(&self) -> ServiceKey {
+        self.frontend().key()
+    }
+}
+
+/// The desired service at map key `key`.
+fn at<'a>(desired: &'a Desired, key: &ServiceKey) -> Option<&'a DesiredService> {
+    desired.services.values().find(|s| s.key() == *key)
+}
 
 // ---------------------------------------------------------------------------------------------
 // The model kernel.
@@ -44,7 +66,7 @@ impl FakeKernel {
             .services
             .keys()
             .chain(new.services.keys())
-            .copied()
+            .map(MapKey::key)
             .collect();
         keys.sort();
         keys.dedup();
@@ -52,8 +74,8 @@ impl FakeKernel {
             .into_iter()
             .map(|key| Watch {
                 key,
-                old: old.services.get(&key).map(|s| s.table_addrs().collect()),
-                new: new.services.get(&key).map(|s| s.table_addrs().collect()),
+                old: at(old, &key).map(|s| s.table_addrs().collect()),
+                new: at(new, &key).map(|s| s.table_addrs().collect()),
             })
             .collect();
     }
@@ -119,13 +141,18 @@ fn assert_converged(state: &KernelState, desired: &Desired) {
     let p = plan(state, desired);
     assert!(p.is_empty(), "not converged, plan: {p:#?}");
     let mut markers = BTreeMap::new();
-    for (key, svc) in &desired.services {
+    for svc in desired.services.values() {
+        let key = &svc.key();
         let want: Vec<SocketAddr> = svc.table_addrs().collect();
         assert_eq!(state.resolve(key), Some(Ok(want)), "{}", svc.name);
         let header = state.services[key];
         assert_eq!(
             (header.lb, header.flags, header.affinity_timeout_s),
-            (svc.lb, svc.flags, svc.affinity_timeout_s)
+            (
+                plan::kernel_lb(svc.policy),
+                plan::service_flags(svc),
+                svc.affinity_timeout_s
+            )
         );
         markers.insert(ServiceKey::vip_marker(key.addr, key.family), ());
     }
@@ -138,7 +165,7 @@ fn assert_converged(state: &KernelState, desired: &Desired) {
             );
             assert_eq!(svc.flags, SERVICE_FLAG_VIP_MARKER);
         } else {
-            assert!(desired.services.contains_key(key), "stray service");
+            assert!(at(desired, key).is_some(), "stray service");
         }
     }
     assert_eq!(
@@ -366,7 +393,7 @@ fn changed_service_flips_generation_then_deletes_old() {
     let b = desired([web(&[("10.200.0.3:8080", 1), ("10.200.0.4:8080", 1)])]);
     transition(&mut kernel, &mut agent, &Desired::default(), &a);
     let p = plan(&agent, &b);
-    let key = *b.services.keys().next().unwrap();
+    let key = b.services.keys().next().unwrap().key();
     let slot = |generation, slot| SlotKey {
         service_id: 1,
         generation,
@@ -416,7 +443,7 @@ fn unchanged_service_emits_nothing_and_header_change_is_one_write() {
 
     let mut b = a.clone();
     for s in b.services.values_mut() {
-        s.flags = mesh_common::service::SERVICE_FLAG_AFFINITY_NETNS;
+        s.affinity = Affinity::Netns;
         s.affinity_timeout_s = 5;
     }
     let p = plan(&agent, &b);
@@ -453,7 +480,7 @@ fn service_without_backends_has_count_zero() {
     let empty = desired([web(&[])]);
     let drained = desired([web(&[("10.200.0.2:8080", 0)])]);
     transition(&mut kernel, &mut agent, &Desired::default(), &empty);
-    let key = *empty.services.keys().next().unwrap();
+    let key = empty.services.keys().next().unwrap().key();
     assert_eq!(agent.services[&key].count, 0);
     transition(&mut kernel, &mut agent, &empty, &a);
     assert_eq!(agent.services[&key].count, 1);
@@ -607,7 +634,7 @@ fn garbage_left_by_an_interrupted_agent_is_cleaned_without_touching_live_state()
     let mut agent = KernelState::default();
     let a = desired([web(&[("10.200.0.2:8080", 1), ("10.200.0.3:8080", 1)])]);
     transition(&mut kernel, &mut agent, &Desired::default(), &a);
-    let key = *a.services.keys().next().unwrap();
+    let key = a.services.keys().next().unwrap().key();
     let live = kernel.state.resolve(&key);
 
     // An agent died mid-update: inactive-generation slots and an unreferenced backend of the
@@ -773,7 +800,7 @@ fn maglev_and_weighted_tables_flip_atomically() {
         &[("10.200.0.1:80", 3), ("10.200.0.3:80", 1)],
     )]);
     transition(&mut kernel, &mut agent, &Desired::default(), &a);
-    let key = *a.services.keys().next().unwrap();
+    let key = a.services.keys().next().unwrap().key();
     assert_eq!(agent.services[&key].lb, LB_MAGLEV);
     assert_eq!(agent.services[&key].count, 251);
     transition(&mut kernel, &mut agent, &a, &b);
@@ -841,10 +868,7 @@ fn a_failed_write_leaves_the_service_as_it_was() {
                         .find(|g| g.subject == e.subject)
                         .and_then(|g| g.commit.map(|c| g.ops[c]))
                     {
-                        let old = from
-                            .services
-                            .get(&key)
-                            .map(|s| Ok(s.table_addrs().collect::<Vec<_>>()));
+                        let old = at(&from, &key).map(|s| Ok(s.table_addrs().collect::<Vec<_>>()));
                         if !addr::is_vip_marker_key(&key) {
                             assert_eq!(kernel.state.resolve(&key), old, "{e}");
                         }
@@ -1001,4 +1025,184 @@ fn backend_value_reuse_requires_same_service() {
         },
     );
     assert!(matches!(state.resolve(&key), Some(Err(_))));
+}
+
+/// What balance leaves to reconcile: the map key, `LB_*` and the flag bits of a desired
+/// service (the assertions `balance`'s `from_config` test made when it held them).
+#[test]
+fn kernel_encoding_of_a_desired_service() {
+    use mesh_common::service::{FAMILY_V4, PROTO_UDP, SERVICE_FLAG_AFFINITY_CGROUP};
+    let c = crate::config::Config::parse(
+        r#"
+[[services]]
+name = "web"
+vip = "10.96.0.10"
+port = 80
+lb = "weighted"
+affinity = true
+backends = [{ address = "10.0.0.3:80", weight = 200 }, { address = "10.0.0.2:80", weight = 100 }]
+[[services]]
+name = "dns"
+vip = "10.96.0.53"
+port = 53
+protocol = "udp"
+lb = "maglev"
+backends = [{ address = "10.0.0.5:53" }]
+"#,
+        "t.toml",
+    )
+    .unwrap();
+    let d = Desired::from_config(&c);
+    let web = d.services.values().find(|s| s.name == "web").unwrap();
+    assert_eq!(plan::kernel_lb(web.policy), LB_RANDOM);
+    assert_eq!(plan::service_flags(web), SERVICE_FLAG_AFFINITY_CGROUP);
+    let key = web.key();
+    assert_eq!(key.family, FAMILY_V4);
+    assert_eq!(key.port, 80u16.to_be());
+    assert_eq!(key.addr[0].to_ne_bytes(), [10, 96, 0, 10]);
+    let dns = d.services.values().find(|s| s.name == "dns").unwrap();
+    assert_eq!(dns.key().proto, PROTO_UDP);
+    assert_eq!(plan::kernel_lb(dns.policy), LB_MAGLEV);
+    let mut strict = web.clone();
+    strict.strict = true;
+    assert_eq!(
+        plan::service_flags(&strict),
+        SERVICE_FLAG_AFFINITY_CGROUP | mesh_common::service::SERVICE_FLAG_MTLS
+    );
+}
+
+fn strict(mut s: DesiredService) -> DesiredService {
+    s.strict = true;
+    s
+}
+
+/// The strict map as (address, service id).
+fn strict_map(state: &KernelState) -> Vec<(SocketAddr, u32)> {
+    state
+        .strict
+        .iter()
+        .map(|(k, &id)| (addr::decode_sock_key(k).unwrap(), id))
+        .collect()
+}
+
+/// The strict-inbound map is planned like the others: a strict service's backends (drained
+/// ones too) go in with its id, after the service's own group; a service that stops being
+/// strict, or goes, takes its entries out; nothing else is touched.
+#[test]
+fn the_strict_map_follows_the_strict_services() {
+    let mut kernel = FakeKernel::default();
+    let mut agent = KernelState::default();
+    let plain = desired([
+        web(&[("10.200.0.2:8080", 1), ("10.200.0.3:8080", 0)]),
+        svc(
+            "api",
+            "10.96.0.11",
+            80,
+            LbPolicy::Random,
+            &[("10.200.0.4:80", 1)],
+        ),
+    ]);
+    transition(&mut kernel, &mut agent, &Desired::default(), &plain);
+    assert!(agent.strict.is_empty());
+
+    // Add: web becomes strict.
+    let mut strict_web = plain.clone();
+    for s in strict_web.services.values_mut().filter(|s| s.name == "web") {
+        s.strict = true;
+    }
+    let p = plan(&agent, &strict_web);
+    let last = p.groups.last().unwrap();
+    assert_eq!(last.kind, GroupKind::StrictBackends);
+    assert_eq!(last.commit, None);
+    assert!(last.ops.iter().all(|op| matches!(op, MapOp::PutStrict(..))));
+    transition(&mut kernel, &mut agent, &plain, &strict_web);
+    let web_id = agent.services[&web(&[]).key()].id;
+    assert_eq!(
+        strict_map(&agent),
+        [
+            ("10.200.0.2:8080".parse().unwrap(), web_id),
+            ("10.200.0.3:8080".parse().unwrap(), web_id)
+        ]
+    );
+
+    // A strict service added in the same plan gets the id that plan gives it.
+    let mut with_pay = strict_web.clone();
+    with_pay.insert(strict(svc(
+        "pay",
+        "10.96.0.30",
+        443,
+        LbPolicy::Random,
+        &[("10.200.0.9:8443", 1)],
+    )));
+    transition(&mut kernel, &mut agent, &strict_web, &with_pay);
+    let pay = with_pay
+        .services
+        .values()
+        .find(|s| s.name == "pay")
+        .unwrap();
+    let pay_id = agent.services[&pay.key()].id;
+    assert!(strict_map(&agent).contains(&("10.200.0.9:8443".parse().unwrap(), pay_id)));
+
+    // Remove: pay goes, web is plain again; the entries go, the services' groups first.
+    let p = plan(&agent, &plain);
+    let last = p.groups.last().unwrap();
+    assert_eq!(last.kind, GroupKind::StrictBackends);
+    assert_eq!(last.ops.len(), 3);
+    assert!(last
+        .ops
+        .iter()
+        .all(|op| matches!(op, MapOp::DeleteStrict(_))));
+    transition(&mut kernel, &mut agent, &with_pay, &plain);
+    assert!(agent.strict.is_empty());
+    assert!(kernel.state.strict.is_empty());
+}
+
+/// A restarted agent reads the strict map back with the others and writes nothing.
+#[test]
+fn a_restart_rewrites_nothing_of_the_strict_map() {
+    let mut kernel = FakeKernel::default();
+    let mut agent = KernelState::default();
+    let d = desired([strict(web(&[("10.200.0.2:8080", 1)]))]);
+    transition(&mut kernel, &mut agent, &Desired::default(), &d);
+    assert_eq!(kernel.state.strict.len(), 1);
+    // What the new agent reads is what the kernel holds; its plan is empty.
+    let restarted = kernel.state.clone();
+    assert!(plan(&restarted, &d).is_empty());
+    // A stale entry left by the previous agent (a crash between writes) is deleted, and an
+    // entry naming the wrong id is rewritten.
+    let mut stale = restarted.clone();
+    let orphan = addr::sock_key("10.200.0.77:80".parse().unwrap());
+    stale.strict.insert(orphan, 9);
+    let (&key, _) = stale.strict.iter().next().unwrap();
+    stale.strict.insert(key, 42);
+    let p = plan(&stale, &d);
+    assert_eq!(p.groups.len(), 1);
+    let ops = &p.groups[0].ops;
+    assert!(ops.contains(&MapOp::DeleteStrict(orphan)));
+    assert!(ops
+        .iter()
+        .any(|op| matches!(op, MapOp::PutStrict(k, id) if *k == key && *id != 42)));
+}
+
+/// A strict write that fails is an error naming the map write (the controller keeps the last
+/// good state), and nothing written before it is taken back.
+#[test]
+fn a_failed_strict_write_is_an_error_and_undoes_nothing() {
+    let mut kernel = FakeKernel::default();
+    let mut agent = KernelState::default();
+    let d = desired([strict(web(&[
+        ("10.200.0.2:8080", 1),
+        ("10.200.0.3:8080", 1),
+    ]))]);
+    let p = plan(&agent, &d);
+    let before_strict: usize = p.groups[..p.groups.len() - 1]
+        .iter()
+        .map(|g| g.ops.len())
+        .sum();
+    kernel.fail_at = Some(before_strict + 1);
+    let e = apply(&p, &mut kernel, &mut agent).unwrap_err();
+    assert_eq!(e.kind, GroupKind::StrictBackends);
+    assert!(e.to_string().contains("put strict backend"), "{e}");
+    assert_eq!(agent.strict.len(), 1, "the first entry stays");
+    assert_eq!(agent, kernel.state);
 }
