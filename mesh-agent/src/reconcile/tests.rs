@@ -1032,27 +1032,23 @@ fn backend_value_reuse_requires_same_service() {
 #[test]
 fn kernel_encoding_of_a_desired_service() {
     use mesh_common::service::{FAMILY_V4, PROTO_UDP, SERVICE_FLAG_AFFINITY_CGROUP};
-    let c = crate::config::Config::parse(
-        r#"
-[[services]]
-name = "web"
-vip = "10.96.0.10"
-port = 80
-lb = "weighted"
-affinity = true
-backends = [{ address = "10.0.0.3:80", weight = 200 }, { address = "10.0.0.2:80", weight = 100 }]
-[[services]]
-name = "dns"
-vip = "10.96.0.53"
-port = 53
-protocol = "udp"
-lb = "maglev"
-backends = [{ address = "10.0.0.5:53" }]
-"#,
-        "t.toml",
-    )
-    .unwrap();
-    let d = Desired::from_config(&c);
+    let mut web = svc(
+        "web",
+        "10.96.0.10",
+        80,
+        LbPolicy::Weighted,
+        &[("10.0.0.3:80", 200), ("10.0.0.2:80", 100)],
+    );
+    web.affinity = Affinity::Cgroup;
+    let mut dns = svc(
+        "dns",
+        "10.96.0.53",
+        53,
+        LbPolicy::Maglev,
+        &[("10.0.0.5:53", 1)],
+    );
+    dns.protocol = Protocol::Udp;
+    let d = desired([web, dns]);
     let web = d.services.values().find(|s| s.name == "web").unwrap();
     assert_eq!(plan::kernel_lb(web.policy), LB_RANDOM);
     assert_eq!(plan::service_flags(web), SERVICE_FLAG_AFFINITY_CGROUP);
