@@ -16,7 +16,7 @@
 //! * config imports only model;
 //! * nothing imports app but `main.rs` and `cli/` (which start the daemon).
 //!
-//! Where a rule does not hold yet, [`EXCEPTIONS`] says so, with the reason.
+//! There are no exceptions: a rule that must bend is a design change, argued in review.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -48,15 +48,6 @@ const RUNTIME: &[&str] = &[
 const RUNTIME_CRATES: &[&str] = &["tokio", "aya"];
 /// Who may import `app`: the binary and the CLI, which starts the daemon.
 const APP_IMPORTERS: &[&str] = &["main", "cli"];
-
-/// Imports that break a rule on purpose, for now: (file, imported room, why).
-pub const EXCEPTIONS: &[(&str, &str, &str)] = &[(
-    "config/mtls.rs",
-    "tunnel",
-    "the [mtls] and [[policies]] tables parse into the tunnel's SPIFFE id and policy types \
-     (tunnel::identity::spiffe, tunnel::authz::policy) and build its TunnelConfig; they move \
-     into model once the tunnel's authz re-layout of issue 12 has landed",
-)];
 
 /// One broken rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,11 +88,7 @@ pub fn run(root: &Path) -> Result<()> {
         violations.extend(check_file(&rel, &text));
     }
     if violations.is_empty() {
-        println!(
-            "import rules hold in {} files ({} exception(s) listed in xtask/src/layers.rs)",
-            files.len(),
-            EXCEPTIONS.len()
-        );
+        println!("import rules hold in {} files", files.len());
         return Ok(());
     }
     for v in &violations {
@@ -180,17 +167,12 @@ pub fn check_file(rel: &str, text: &str) -> Vec<Violation> {
         let Some(rule) = broken_rule(rel, &room, &import.target, import.external) else {
             continue;
         };
-        let excepted = EXCEPTIONS
-            .iter()
-            .any(|&(file, target, _)| file == rel && target == import.target);
-        if !excepted {
-            out.push(Violation {
-                file: rel.to_owned(),
-                line: import.line,
-                rule,
-                what: import.what,
-            });
-        }
+        out.push(Violation {
+            file: rel.to_owned(),
+            line: import.line,
+            rule,
+            what: import.what,
+        });
     }
     out
 }
@@ -617,19 +599,15 @@ mod tests {
     }
 
     #[test]
-    fn the_exception_list_excuses_exactly_its_entries() {
+    fn config_may_not_import_the_tunnel() {
         assert_eq!(
-            rules("config/mtls.rs", "use crate::tunnel::TunnelConfig;\n"),
-            []
-        );
-        assert_eq!(rules("config/mtls.rs", "use crate::gossip::X;\n").len(), 1);
-        assert_eq!(
-            rules("config/gossip.rs", "use crate::tunnel::X;\n").len(),
+            rules("config/mtls.rs", "use crate::tunnel::TunnelConfig;\n").len(),
             1
         );
-        for (file, target, why) in EXCEPTIONS {
-            assert!(file.ends_with(".rs") && !target.is_empty() && why.len() > 20);
-        }
+        assert_eq!(
+            rules("config/mtls.rs", "use crate::model::policy::Rule;\n"),
+            []
+        );
     }
 
     #[test]

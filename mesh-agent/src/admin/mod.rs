@@ -75,7 +75,7 @@ pub trait AgentView: Send + Sync + 'static {
     fn register(&self, endpoint: Endpoint) -> Result<bool, String>;
     /// Withdraws a registered endpoint; whether it was registered.
     fn deregister(&self, service: &str, address: SocketAddr) -> Result<bool, String>;
-    fn policies(&self) -> Vec<crate::tunnel::authz::policy::PolicyStatus>;
+    fn policies(&self) -> Vec<crate::admin::types::PolicyStatus>;
     fn certs(&self) -> Vec<crate::tunnel::identity::certs::CertStatus>;
     /// Hands the agent's sockets to `successor` (the agent then drains); an error when a
     /// takeover is already under way.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::Conflict;
+use crate::{catalog::Conflict, model::policy::Rule};
 
 /// The whole status of one agent.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -121,4 +121,25 @@ pub struct NodeStatus {
     /// Its records that were left out, and why.
     #[serde(default)]
     pub rejected: Vec<String>,
+}
+
+/// One authorization rule as `mesh-agent policies` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PolicyStatus {
+    pub service: String,
+    pub port: Option<u16>,
+    /// `allow` or `deny`.
+    pub action: String,
+    pub from: Vec<String>,
+}
+
+impl From<&Rule> for PolicyStatus {
+    fn from(rule: &Rule) -> Self {
+        PolicyStatus {
+            service: rule.service.clone(),
+            port: rule.port,
+            action: rule.action.to_string(),
+            from: rule.from.iter().map(ToString::to_string).collect(),
+        }
+    }
 }

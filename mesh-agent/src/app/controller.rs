@@ -346,7 +346,11 @@ impl Controller {
             let hosted =
                 |service: &str, backend: SocketAddr| local.contains(&(service.to_owned(), backend));
             tunnel.update(
-                &crate::config::mtls_services(&merged.services, &self.config.services, &hosted),
+                &crate::tunnel::authz::mtls_services(
+                    &merged.services,
+                    &self.config.services,
+                    &hosted,
+                ),
                 self.config.policies.clone(),
             );
         }

@@ -45,7 +45,7 @@ use crate::{
     sys::node_lock::NodeLock,
     sys::watch,
     telemetry::flows::{self, FlowLog},
-    tunnel::Tunnel,
+    tunnel::{Tunnel, TunnelConfig},
 };
 
 use self::{
@@ -119,7 +119,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
     let tunnel = match (&config.mtls, &data_plane) {
         (Some(mtls), Some(runtime)) => Some(Tunnel::new(
-            &mtls.tunnel(),
+            &TunnelConfig::from(mtls),
             cgroup_root.clone(),
             runtime.handle(),
         )?),
@@ -188,7 +188,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let sockets = Sockets::open(
         &Wanted {
             admin: &options.admin_socket,
-            tunnel: config.mtls.as_ref().map(|m| m.tunnel()).as_ref(),
+            tunnel: config.mtls.as_ref().map(TunnelConfig::from).as_ref(),
             metrics: options.metrics_addr,
             gossip: config.gossip.as_ref().map(|g| g.listen),
         },

@@ -169,7 +169,7 @@ impl AgentView for SharedAgent {
         Ok(changed)
     }
 
-    fn policies(&self) -> Vec<crate::tunnel::authz::policy::PolicyStatus> {
+    fn policies(&self) -> Vec<crate::admin::types::PolicyStatus> {
         self.view()
             .tunnel
             .as_ref()

@@ -10,7 +10,10 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::Context as _;
 
 use crate::{
-    config::Config, health::locality::is_local, model::Service, tunnel::identity::certs::Tls,
+    config::Config,
+    health::locality::is_local,
+    model::Service,
+    tunnel::{identity::certs::Tls, TunnelConfig},
 };
 
 /// What `check` found: the report on stdout, the warnings on stderr; an error fails it.
@@ -28,7 +31,7 @@ pub fn check(path: &Path) -> anyhow::Result<Checked> {
         config.services.len()
     );
     if let Some(mtls) = &config.mtls {
-        let tls = Tls::load(&mtls.tunnel().sources).context("[mtls] credentials")?;
+        let tls = Tls::load(&TunnelConfig::from(mtls).sources).context("[mtls] credentials")?;
         for cert in &tls.certs {
             let status = cert.status();
             let _ = writeln!(

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::{admin, app, config, dataplane, telemetry::flows, tunnel, VERSION};
+use crate::{admin, app, config, dataplane, model, telemetry::flows, tunnel, VERSION};
 
 #[derive(Parser)]
 #[command(
@@ -314,7 +314,7 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
             runtime.block_on(change_endpoint("deregister", &endpoint, None))
         }
         Command::Policies(query) => show(&query, "/v1/policies", &|v, wide| {
-            typed(v, |p: Vec<tunnel::authz::policy::PolicyStatus>| {
+            typed(v, |p: Vec<admin::types::PolicyStatus>| {
                 tables::render_policies(&p, wide)
             })
         }),
@@ -363,7 +363,7 @@ pub fn execute(command: Command) -> anyhow::Result<()> {
                 cert: read(&ca_cert)?,
                 key: read(&ca_key)?,
             };
-            let id: tunnel::identity::spiffe::SpiffeId = spiffe_id.parse()?;
+            let id: model::identity::SpiffeId = spiffe_id.parse()?;
             let pem = tunnel::identity::ca::issue(
                 &ca,
                 &id,

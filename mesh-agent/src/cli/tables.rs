@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use super::render::{age, col, table, wide, Column};
 use crate::{
-    admin::types::{EndpointStatus, NodeStatus, ServiceStatus, StatusReport},
-    tunnel::{authz::policy::PolicyStatus, identity::certs::CertStatus},
+    admin::types::{EndpointStatus, NodeStatus, PolicyStatus, ServiceStatus, StatusReport},
+    tunnel::identity::certs::CertStatus,
 };
 
 const SERVICE_COLUMNS: [Column; 9] = [

@@ -30,7 +30,6 @@ use crate::model::{rules, Affinity, Backend, LbPolicy, Protocol, Service};
 pub mod gossip;
 pub mod health;
 mod mtls;
-pub use mtls::{mtls_services, MtlsConfig};
 
 /// A validated config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +41,9 @@ pub struct Config {
     /// The `[gossip]` table; `None`: single-host mode.
     pub gossip: Option<GossipSettings>,
     /// The `[mtls]` table; without it no service is strict and the tunnel is off.
-    pub mtls: Option<MtlsConfig>,
+    pub mtls: Option<crate::model::settings::MtlsSettings>,
     /// The `[[policies]]`, in file order; each names a strict service.
-    pub policies: mtls::Policies,
+    pub policies: crate::model::policy::Policies,
 }
 
 /// The `[node]` table.
@@ -295,7 +294,7 @@ impl<'a> Source<'a> {
 
         let gossip = raw.gossip.map(|g| self.gossip(g)).transpose()?;
         let mtls = raw.mtls.map(|m| self.mtls(m)).transpose()?;
-        let mtls_default = mtls.as_ref().map(|m| m.default).unwrap_or_default();
+        let strict_by_default = mtls.as_ref().is_some_and(|m| m.strict_by_default);
         let mut services = Vec::with_capacity(raw.services.len());
         // name → (index, line); (vip, port, protocol) → (index, line)
         let mut names: HashMap<String, (usize, usize)> = HashMap::new();
@@ -309,7 +308,7 @@ impl<'a> Source<'a> {
         for (i, raw_svc) in raw.services.into_iter().enumerate() {
             let path = format!("services[{i}]");
             let svc_span = raw_svc.span();
-            let svc = self.service(&path, raw_svc.into_inner(), mtls_default)?;
+            let svc = self.service(&path, raw_svc.into_inner(), strict_by_default)?;
             if let (true, None, Some(span)) = (svc.config.mtls, &mtls, &svc.mtls_span) {
                 return Err(self.invalid(
                     span.clone(),
@@ -404,7 +403,7 @@ impl<'a> Source<'a> {
         &self,
         path: &str,
         raw: RawService,
-        mtls_default: mtls::MtlsMode,
+        strict_by_default: bool,
     ) -> Result<CheckedService, ConfigError> {
         rules::service_name(raw.name.get_ref())
             .map_err(|m| self.invalid(raw.name.span(), format!("{path}.name"), m.to_string()))?;
@@ -437,7 +436,7 @@ impl<'a> Source<'a> {
             .unwrap_or_default()
             .into();
         let mtls_span = raw.mtls.as_ref().map(Spanned::span);
-        let mtls = self.service_mtls(path, raw.mtls, protocol, mtls_default)?;
+        let mtls = self.service_mtls(path, raw.mtls, protocol, strict_by_default)?;
         let (lb, lb_span) = match raw.lb {
             Some(lb) => (LbPolicy::from(*lb.get_ref()), lb.span()),
             None => (LbPolicy::default(), raw.name.span()),

@@ -1,23 +1,19 @@
 //! The config of path 2: the `[mtls]` table (trust domain, credentials, ports, the mesh-wide
 //! default), `[[mtls.identities]]` (cgroup → SPIFFE identity), each service's `mtls` mode and
 //! the `[[policies]]` rules. Checked here with the same `file:line: field: cause` errors as
-//! the rest of the file; turned into the tunnel's settings by [`MtlsConfig::tunnel`].
+//! the rest of the file, into the model's [`MtlsSettings`] and [`Policies`].
 
-use std::net::SocketAddr;
 use std::{collections::HashSet, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::Source;
-use crate::model::{Protocol, Service};
-pub use crate::tunnel::authz::policy::Policies;
-use crate::tunnel::{
-    authz::policy::{Action, Principal, Rule},
-    authz::MtlsService,
-    identity::certs::{IdentityFiles, Sources},
-    identity::spiffe::{check_trust_domain, SpiffeId},
-    TunnelConfig,
+use crate::model::{
+    identity::{check_trust_domain, SpiffeId},
+    policy::{Action, Policies, Principal, Rule},
+    settings::{IdentitySettings, MtlsSettings},
+    Protocol, Service,
 };
 use mesh_common::redirect::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 
@@ -37,102 +33,6 @@ pub enum MtlsMode {
     /// Between hosts the flow travels only inside mutual TLS; plaintext openings to the
     /// backends are dropped by the kernel.
     Strict,
-}
-
-/// The validated `[mtls]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MtlsConfig {
-    pub trust_domain: String,
-    pub ca_bundle: PathBuf,
-    /// The node's certificate and key (its SPIFFE ID is read from the certificate).
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub default: MtlsMode,
-    pub outbound_port: u16,
-    pub inbound_port: u16,
-    pub idle_timeout_s: u32,
-    /// Threads of the data-plane runtime that runs the tunnel's listeners and relays.
-    pub workers: u32,
-    /// Whether the loopback hop between applications and the outbound listener skips TCP
-    /// through a sockmap (`sk_msg` redirect); off by default: it helps small request/response
-    /// messages a little, costs bulk throughput, and the kernel's redirect has no backpressure
-    /// (a sender outrunning the agent gets `ENOMEM`). See ARCHITECTURE.md.
-    pub loopback_sockmap: bool,
-    pub identities: Vec<IdentityConfig>,
-}
-
-/// One `[[mtls.identities]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityConfig {
-    /// Absolute, or relative to the cgroup2 root.
-    pub cgroup: PathBuf,
-    pub spiffe_id: SpiffeId,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-impl MtlsConfig {
-    /// The tunnel's settings.
-    pub fn tunnel(&self) -> TunnelConfig {
-        TunnelConfig {
-            sources: Sources {
-                trust_domain: self.trust_domain.clone(),
-                ca_bundle: self.ca_bundle.clone(),
-                node: IdentityFiles {
-                    expected: None,
-                    cert: self.cert.clone(),
-                    key: self.key.clone(),
-                },
-                workloads: self
-                    .identities
-                    .iter()
-                    .map(|i| IdentityFiles {
-                        expected: Some(i.spiffe_id.clone()),
-                        cert: i.cert.clone(),
-                        key: i.key.clone(),
-                    })
-                    .collect(),
-            },
-            identities: self
-                .identities
-                .iter()
-                .map(|i| (i.cgroup.clone(), i.spiffe_id.clone()))
-                .collect(),
-            outbound_port: self.outbound_port,
-            inbound_port: self.inbound_port,
-            idle_timeout: Duration::from_secs(u64::from(self.idle_timeout_s)),
-        }
-    }
-}
-
-/// The mTLS services of a catalog, for the inbound side: each with the backends of it this
-/// node hosts (`hosted(service, backend)`: it announces them, from its config or a
-/// registration; the inbound tunnel and the peers' probes reach those only, never what other
-/// nodes announce), and with the active check the local config (`local`) gives it, the one a
-/// peer's health probe of its backends runs here.
-pub fn mtls_services(
-    services: &[Service],
-    local: &[Service],
-    hosted: &dyn Fn(&str, SocketAddr) -> bool,
-) -> Vec<MtlsService> {
-    services
-        .iter()
-        .filter(|s| s.mtls)
-        .map(|s| MtlsService {
-            name: s.name.clone(),
-            port: s.port,
-            backends: s
-                .backends
-                .iter()
-                .map(|b| b.address)
-                .filter(|&b| hosted(&s.name, b))
-                .collect(),
-            check: local
-                .iter()
-                .find(|l| l.name == s.name)
-                .and_then(|l| l.health.check.clone()),
-        })
-        .collect()
 }
 
 #[derive(Deserialize)]
@@ -161,12 +61,29 @@ struct RawIdentity {
     key: Spanned<String>,
 }
 
+/// `action = "allow" | "deny"` as the file spells it.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawAction {
+    Allow,
+    Deny,
+}
+
+impl From<RawAction> for Action {
+    fn from(raw: RawAction) -> Action {
+        match raw {
+            RawAction::Allow => Action::Allow,
+            RawAction::Deny => Action::Deny,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPolicy {
     service: Spanned<String>,
     port: Option<Spanned<i64>>,
-    action: Spanned<Action>,
+    action: Spanned<RawAction>,
     from: Spanned<Vec<Spanned<String>>>,
 }
 
@@ -211,7 +128,7 @@ impl Source<'_> {
             .map_err(|bad| self.invalid(bad.span, &bad.field, bad.message))
     }
 
-    pub(super) fn mtls(&self, raw: RawMtls) -> Result<MtlsConfig, super::ConfigError> {
+    pub(super) fn mtls(&self, raw: RawMtls) -> Result<MtlsSettings, super::ConfigError> {
         let trust_domain = raw.trust_domain.get_ref().clone();
         if !check_trust_domain(&trust_domain) {
             return Err(self.invalid(
@@ -266,22 +183,22 @@ impl Source<'_> {
                     format!("{} is already mapped to an identity", cgroup.display()),
                 ));
             }
-            identities.push(IdentityConfig {
+            identities.push(IdentitySettings {
                 cgroup,
                 spiffe_id,
                 cert: self.path(&raw_id.cert, &format!("{path}.cert"))?,
                 key: self.path(&raw_id.key, &format!("{path}.key"))?,
             });
         }
-        Ok(MtlsConfig {
+        Ok(MtlsSettings {
             ca_bundle: self.path(&raw.ca_bundle, "mtls.ca_bundle")?,
             cert: self.path(&raw.cert, "mtls.cert")?,
             key: self.path(&raw.key, "mtls.key")?,
             trust_domain,
-            default: raw.default.map(Spanned::into_inner).unwrap_or_default(),
+            strict_by_default: raw.default.map(Spanned::into_inner) == Some(MtlsMode::Strict),
             outbound_port,
             inbound_port,
-            idle_timeout_s,
+            idle_timeout: Duration::from_secs(u64::from(idle_timeout_s)),
             workers,
             loopback_sockmap: raw.loopback_sockmap.unwrap_or(false),
             identities,
@@ -295,7 +212,7 @@ impl Source<'_> {
         path: &str,
         raw: Option<Spanned<MtlsMode>>,
         protocol: Protocol,
-        default: MtlsMode,
+        strict_by_default: bool,
     ) -> Result<bool, super::ConfigError> {
         match raw {
             Some(mode) if *mode.get_ref() == MtlsMode::Strict && protocol != Protocol::Tcp => {
@@ -306,7 +223,7 @@ impl Source<'_> {
                 ))
             }
             Some(mode) => Ok(*mode.get_ref() == MtlsMode::Strict),
-            None => Ok(default == MtlsMode::Strict && protocol == Protocol::Tcp),
+            None => Ok(strict_by_default && protocol == Protocol::Tcp),
         }
     }
 
@@ -360,7 +277,7 @@ impl Source<'_> {
             rules.push(Rule {
                 service: name.clone(),
                 port,
-                action: *raw_rule.action.get_ref(),
+                action: (*raw_rule.action.get_ref()).into(),
                 from,
             });
         }
@@ -390,10 +307,10 @@ mod tests {
         );
         let c = parse(&text).unwrap();
         let mtls = c.mtls.as_ref().unwrap();
-        assert_eq!(mtls.default, MtlsMode::Strict);
+        assert!(mtls.strict_by_default);
         assert_eq!(
-            (mtls.outbound_port, mtls.inbound_port, mtls.idle_timeout_s),
-            (15001, 15008, 30)
+            (mtls.outbound_port, mtls.inbound_port, mtls.idle_timeout),
+            (15001, 15008, Duration::from_secs(30))
         );
         assert_eq!(mtls.identities[0].cgroup, PathBuf::from("shop/frontend"));
         let strict: Vec<bool> = c.services.iter().map(|s| s.mtls).collect();
@@ -401,23 +318,13 @@ mod tests {
         assert_eq!(strict, [true, false, false]);
         assert_eq!(c.policies.rules.len(), 1);
         assert_eq!(c.policies.rules[0].port, Some(443));
-        let services = mtls_services(&c.services, &c.services, &|_, _| true);
-        assert_eq!(services[0].backends, ["10.0.0.5:8443".parse().unwrap()]);
-        // payments has no active check in this config; without a local definition none.
-        assert_eq!(services[0].check, None);
-        assert_eq!(mtls_services(&c.services, &[], &|_, _| true)[0].check, None);
-        // A backend another node announces is not this node's to dial.
-        let elsewhere = mtls_services(&c.services, &c.services, &|_, _| false);
-        assert!(elsewhere[0].backends.is_empty());
         assert!(
             !mtls.loopback_sockmap,
             "the loopback sockmap is off by default"
         );
         let on = parse(&format!("{MTLS}loopback_sockmap = true\n")).unwrap();
         assert!(on.mtls.unwrap().loopback_sockmap);
-        let tunnel = mtls.tunnel();
-        assert_eq!(tunnel.sources.workloads.len(), 1);
-        assert_eq!(tunnel.idle_timeout, Duration::from_secs(30));
+        assert_eq!(mtls.identities.len(), 1);
     }
 
     #[test]

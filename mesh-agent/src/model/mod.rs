@@ -12,7 +12,9 @@
 //! This room imports nothing else of the crate (std only; `cargo xtask lint` checks it): no
 //! serde, so renaming a type here can change neither the config's keys nor the gossip wire.
 
+pub mod identity;
 pub mod limits;
+pub mod policy;
 pub mod rules;
 pub mod settings;
 

@@ -1,9 +1,11 @@
 //! Plain settings the runtime rooms are given (health probing, outlier detection, locality,
-//! gossip), made by `config` from the file: a runtime room never reads the config.
+//! gossip, the tunnel), made by `config` from the file: a runtime room never reads the config.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use super::identity::SpiffeId;
 
 /// Passive detection defaults (Envoy's outlier detection uses the same three).
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
@@ -100,4 +102,38 @@ pub struct GossipSettings {
     pub interval: Duration,
     /// The phi-accrual failure detector's threshold.
     pub phi_threshold: u32,
+}
+
+/// The `[mtls]` settings the tunnel is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtlsSettings {
+    pub trust_domain: String,
+    pub ca_bundle: PathBuf,
+    /// The node's certificate and key (its SPIFFE ID is read from the certificate).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Services that say nothing are strict (`[mtls] default = "strict"`).
+    pub strict_by_default: bool,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// How long a pooled tunnel connection lives unused.
+    pub idle_timeout: Duration,
+    /// Threads of the data-plane runtime that runs the tunnel's listeners and relays.
+    pub workers: u32,
+    /// Whether the loopback hop between applications and the outbound listener skips TCP
+    /// through a sockmap (`sk_msg` redirect); off by default: it helps small request/response
+    /// messages a little, costs bulk throughput, and the kernel's redirect has no backpressure
+    /// (a sender outrunning the agent gets `ENOMEM`). See ARCHITECTURE.md.
+    pub loopback_sockmap: bool,
+    pub identities: Vec<IdentitySettings>,
+}
+
+/// A workload identity: the cgroup whose processes have it, and its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentitySettings {
+    /// Absolute, or relative to the cgroup2 root.
+    pub cgroup: PathBuf,
+    pub spiffe_id: SpiffeId,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }

@@ -6,10 +6,10 @@
 //! A connect to a strict service is redirected by the kernel to the [`outbound`] listener,
 //! which carries it as an HTTP/2 `CONNECT` stream ([`proxy::connect`]) over one pooled TLS 1.3
 //! connection per (source identity, peer agent) ([`pool`]) to the peer's [`inbound`] listener;
-//! that side checks the caller's SPIFFE identity ([`identity::spiffe`]) against the catalog and
-//! the policy ([`authz`], [`authz::policy`]) and connects to the backend from a marked socket
-//! ([`proxy::socket`]); [`proxy::relay`] copies the bytes. Credentials come from files
-//! ([`certs`]) made by [`identity::ca`], and are reloaded on change.
+//! that side checks the caller's SPIFFE identity ([`crate::model::identity`]) against the
+//! catalog and the policy ([`authz`], [`crate::model::policy`]) and connects to the backend
+//! from a marked socket ([`proxy::socket`]); [`proxy::relay`] copies the bytes. Credentials
+//! come from files ([`certs`]) made by [`identity::ca`], and are reloaded on change.
 //!
 //! [`Tunnel`] is the state both listeners share; the composition root builds it from the
 //! config, binds (or takes over) the [`Listeners`] and starts [`Tunnel::spawn`] and
@@ -37,20 +37,22 @@ use self::{
     proxy::{drain, inbound, limits, outbound, pool},
 };
 use crate::{
+    admin::types::PolicyStatus,
     health::{
         checker::Target,
         probe::{ProbeError, Prober},
     },
-    tunnel::authz::policy::{Policies, PolicyStatus},
+    model::identity::SpiffeId,
+    model::policy::Policies,
+    model::settings::MtlsSettings,
     tunnel::authz::{Authz, MtlsService},
-    tunnel::identity::certs::{CertError, CertStatus, Credentials, Sources},
-    tunnel::identity::spiffe::SpiffeId,
+    tunnel::identity::certs::{CertError, CertStatus, Credentials, IdentityFiles, Sources},
     tunnel::identity::workload::Identities,
     tunnel::proxy::pool::Pool,
     tunnel::proxy::stats::{TunnelSample, TunnelStats},
 };
 
-/// Everything the tunnel needs from the config.
+/// Everything the tunnel needs from the `[mtls]` settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelConfig {
     pub sources: Sources,
@@ -59,6 +61,39 @@ pub struct TunnelConfig {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub idle_timeout: Duration,
+}
+
+impl From<&MtlsSettings> for TunnelConfig {
+    fn from(mtls: &MtlsSettings) -> Self {
+        TunnelConfig {
+            sources: Sources {
+                trust_domain: mtls.trust_domain.clone(),
+                ca_bundle: mtls.ca_bundle.clone(),
+                node: IdentityFiles {
+                    expected: None,
+                    cert: mtls.cert.clone(),
+                    key: mtls.key.clone(),
+                },
+                workloads: mtls
+                    .identities
+                    .iter()
+                    .map(|i| IdentityFiles {
+                        expected: Some(i.spiffe_id.clone()),
+                        cert: i.cert.clone(),
+                        key: i.key.clone(),
+                    })
+                    .collect(),
+            },
+            identities: mtls
+                .identities
+                .iter()
+                .map(|i| (i.cgroup.clone(), i.spiffe_id.clone()))
+                .collect(),
+            outbound_port: mtls.outbound_port,
+            inbound_port: mtls.inbound_port,
+            idle_timeout: mtls.idle_timeout,
+        }
+    }
 }
 
 /// Why the tunnel could not start.

@@ -18,8 +18,8 @@ use tokio::{
 
 use crate::{dataplane::Redirect, telemetry::flows::ServiceNames};
 use crate::{
-    tunnel::authz::policy::{Action, Policies, Rule},
-    tunnel::authz::MtlsService,
+    model::policy::{Action, Policies, Rule},
+    tunnel::authz::{self, MtlsService},
     tunnel::identity::certs::tests::Fixture,
     tunnel::proxy::inbound,
     tunnel::proxy::outbound,
@@ -542,10 +542,10 @@ fn the_inbound_tunnel_reaches_only_what_this_node_announces_and_never_its_loopba
     use crate::{
         catalog::{Announcement, Registrations},
         config::Config,
+        model::identity::SpiffeId,
         model::Backend,
         tunnel::{
             authz::{Authz, Verdict},
-            identity::spiffe::SpiffeId,
             proxy::connect::Target,
         },
     };
@@ -571,8 +571,8 @@ backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
     let local = Announcement::local(&services, &Registrations::default()).reachable_by_peers();
     let hosted = |s: &str, b: SocketAddr| local.contains(&(s.to_owned(), b));
     let authz = Authz::new(
-        &crate::config::mtls_services(&merged, &services, &hosted),
-        crate::tunnel::authz::policy::Policies::default(),
+        &crate::tunnel::authz::mtls_services(&merged, &services, &hosted),
+        crate::model::policy::Policies::default(),
     );
     let peer: SpiffeId = "spiffe://td/ns/mesh/sa/peer".parse().unwrap();
     let verdict = |backend: &str| {
@@ -587,4 +587,32 @@ backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
     assert_eq!(verdict("127.0.0.1:15020"), Verdict::UnknownTarget);
     assert_eq!(verdict("10.0.0.5:22"), Verdict::UnknownTarget);
     assert!(matches!(verdict("10.0.0.5:8080"), Verdict::Allow(_)));
+}
+
+#[test]
+fn the_mtls_services_are_the_strict_ones_with_the_backends_this_node_hosts() {
+    let config = crate::config::Config::parse(
+        "[mtls]\ntrust_domain = 'mesh.test'\nca_bundle = 'ca.pem'\ncert = 'n.pem'\nkey = 'n.key'\n\
+         [[services]]\nname = 'payments'\nvip = '10.96.0.20'\nport = 443\nmtls = 'strict'\n\
+         backends = [{ address = '10.0.0.5:8443' }]\n\
+         [[services]]\nname = 'web'\nvip = '10.96.0.10'\nport = 80\n\
+         backends = [{ address = '10.0.0.6:8080' }]\n",
+        "mesh.toml",
+    )
+    .unwrap();
+    let services = authz::mtls_services(&config.services, &config.services, &|_, _| true);
+    assert_eq!(services.len(), 1, "only the strict one: {services:?}");
+    assert_eq!(services[0].backends, ["10.0.0.5:8443".parse().unwrap()]);
+    // payments has no active check in this config; without a local definition none.
+    assert_eq!(services[0].check, None);
+    assert_eq!(
+        authz::mtls_services(&config.services, &[], &|_, _| true)[0].check,
+        None
+    );
+    // A backend another node announces is not this node's to dial.
+    let elsewhere = authz::mtls_services(&config.services, &config.services, &|_, _| false);
+    assert!(elsewhere[0].backends.is_empty());
+    let tunnel = TunnelConfig::from(config.mtls.as_ref().unwrap());
+    assert_eq!(tunnel.sources.ca_bundle, std::path::PathBuf::from("ca.pem"));
+    assert_eq!(tunnel.idle_timeout, Duration::from_secs(60));
 }

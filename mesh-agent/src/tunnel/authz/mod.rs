@@ -2,15 +2,13 @@
 //! catalog by backend address (so the agent is never an open proxy), and the policy rules;
 //! and which check a peer's health probe of a backend runs.
 
-pub mod policy;
-
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use crate::model::ActiveCheck;
+use crate::model::{ActiveCheck, Service};
 
 use crate::{
-    tunnel::authz::policy::{Decision, Policies},
-    tunnel::identity::spiffe::SpiffeId,
+    model::identity::SpiffeId,
+    model::policy::{Decision, Policies},
     tunnel::proxy::connect::Target,
 };
 
@@ -23,6 +21,36 @@ pub struct MtlsService {
     pub backends: Vec<SocketAddr>,
     /// The active check this agent's config gives the service (peers' probes run it here).
     pub check: Option<ActiveCheck>,
+}
+
+/// The mTLS services of a catalog, for the inbound side: each with the backends of it this
+/// node hosts (`hosted(service, backend)`: it announces them, from its config or a
+/// registration; the inbound tunnel and the peers' probes reach those only, never what other
+/// nodes announce), and with the active check the local config (`local`) gives it, the one a
+/// peer's health probe of its backends runs here.
+pub fn mtls_services(
+    services: &[Service],
+    local: &[Service],
+    hosted: &dyn Fn(&str, SocketAddr) -> bool,
+) -> Vec<MtlsService> {
+    services
+        .iter()
+        .filter(|s| s.mtls)
+        .map(|s| MtlsService {
+            name: s.name.clone(),
+            port: s.port,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| b.address)
+                .filter(|&b| hosted(&s.name, b))
+                .collect(),
+            check: local
+                .iter()
+                .find(|l| l.name == s.name)
+                .and_then(|l| l.health.check.clone()),
+        })
+        .collect()
 }
 
 /// The catalog's mTLS services and the rules in force; replaced whole on config change.
@@ -116,7 +144,7 @@ impl Authz {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::authz::policy::{Action, Rule};
+    use crate::model::policy::{Action, Rule};
 
     #[test]
     fn only_known_backends_and_policy_per_service() {

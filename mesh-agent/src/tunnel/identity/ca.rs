@@ -10,7 +10,7 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use crate::tunnel::identity::spiffe::{check_trust_domain, SpiffeId};
+use crate::model::identity::{check_trust_domain, SpiffeId};
 
 /// A certificate and its private key, PEM.
 #[derive(Clone, Debug)]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
 
-use crate::tunnel::identity::spiffe::{SpiffeError, SpiffeId};
+use crate::model::identity::{SpiffeError, SpiffeId};
 
 /// The one crypto provider of the tunnel.
 pub fn provider() -> Arc<CryptoProvider> {

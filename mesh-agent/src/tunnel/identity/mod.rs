@@ -1,8 +1,7 @@
-//! Who is who in the tunnel: SPIFFE ids, the trust domain's CA and certificate issuing, the
-//! credentials loaded from files (reloaded on change), and which identity a client cgroup
-//! has.
+//! Who is who in the tunnel: the trust domain's CA and certificate issuing, the credentials
+//! loaded from files (reloaded on change), and which identity a client cgroup has (the
+//! SPIFFE ids themselves are [`crate::model::identity`]).
 
 pub mod ca;
 pub mod certs;
-pub mod spiffe;
 pub mod workload;

@@ -7,8 +7,8 @@ use std::{
     sync::Mutex,
 };
 
+use crate::model::identity::SpiffeId;
 use crate::telemetry::flows::CgroupNames;
-use crate::tunnel::identity::spiffe::SpiffeId;
 
 /// Cgroup → identity, longest prefix first.
 pub struct Identities {

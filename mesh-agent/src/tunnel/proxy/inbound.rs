@@ -25,9 +25,9 @@ use crate::telemetry::{
 };
 
 use crate::{
+    model::identity::SpiffeId,
     tunnel::authz::Verdict,
     tunnel::identity::certs::{handshake_failure_reason, session_peer},
-    tunnel::identity::spiffe::SpiffeId,
     tunnel::proxy::connect,
     tunnel::proxy::relay::relay,
     tunnel::proxy::socket::dial_marked,

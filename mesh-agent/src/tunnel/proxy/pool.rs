@@ -29,8 +29,8 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::{
+    model::identity::SpiffeId,
     tunnel::identity::certs::{handshake_failure_reason, session_peer, Credentials},
-    tunnel::identity::spiffe::SpiffeId,
     tunnel::proxy::connect,
     tunnel::proxy::socket::dial_marked,
     tunnel::proxy::stats::{TunnelStats, OUTBOUND},

@@ -1,7 +1,7 @@
 //! SPIFFE identities of this mesh: `spiffe://<trust-domain>/ns/<namespace>/sa/<account>`.
 //!
-//! This module owns parsing and printing them; where they come from (certificates, config) and
-//! what they may do (policy) live elsewhere.
+//! This module owns parsing and printing them; where they come from (certificates, config)
+//! lives elsewhere, what they may do in [`super::policy`].
 
 use std::{fmt, str::FromStr};
 

@@ -5,9 +5,7 @@
 
 use std::{fmt, str::FromStr};
 
-use serde::{Deserialize, Serialize};
-
-use crate::tunnel::identity::spiffe::{SpiffeError, SpiffeId};
+use super::identity::{SpiffeError, SpiffeId};
 
 /// Who a rule is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,8 +76,7 @@ impl fmt::Display for Principal {
 }
 
 /// `action = "allow" | "deny"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     Allow,
     Deny,
@@ -184,26 +181,6 @@ impl Policies {
         allows
             .find(|(_, r)| r.matches(id))
             .map_or(Decision::DenyNoMatch, |(rule, _)| Decision::Allow { rule })
-    }
-}
-
-/// One rule as `mesh-agent policies` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PolicyStatus {
-    pub service: String,
-    pub port: Option<u16>,
-    pub action: Action,
-    pub from: Vec<String>,
-}
-
-impl From<&Rule> for PolicyStatus {
-    fn from(rule: &Rule) -> Self {
-        PolicyStatus {
-            service: rule.service.clone(),
-            port: rule.port,
-            action: rule.action,
-            from: rule.from.iter().map(ToString::to_string).collect(),
-        }
     }
 }
 
