@@ -27,12 +27,13 @@ use crate::{
     reconcile::{kernel::Counters, KernelState},
     telemetry::applied::AppliedFeed,
     telemetry::flows::FlowLog,
-    telemetry::metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource},
+    telemetry::metrics::{self, BackendSample, MapUsage, Snapshot, SnapshotSource, Transport},
     tunnel::Tunnel,
 };
 
 use super::controller::Controller;
 use crate::admin::types::{BackendStatus, ServiceStatus};
+use mesh_common::counters::Counter;
 
 /// The controller's state as of one event: what every report is computed from.
 pub struct View {
@@ -196,6 +197,7 @@ impl SnapshotSource for SharedAgent {
     fn snapshot(&self) -> Snapshot {
         let mut snapshot = self.view().snapshot();
         snapshot.flows_recorded = self.flows.recorded();
+        snapshot.apply_durations = self.applied.durations();
         snapshot
     }
 
@@ -369,36 +371,117 @@ impl View {
 
     pub fn snapshot(&self) -> Snapshot {
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        // Each backend belongs to one service, of one protocol: TCP counts connections, UDP
+        // datagrams.
+        let transports: HashMap<u32, Transport> = self
+            .kernel
+            .services
+            .iter()
+            .map(|(key, service)| {
+                let transport = match key.proto {
+                    mesh_common::service::PROTO_UDP => Transport::Udp,
+                    _ => Transport::Tcp,
+                };
+                (service.id, transport)
+            })
+            .collect();
+        let backends: Vec<BackendSample> = self
+            .kernel
+            .backends
+            .iter()
+            .filter_map(|(&id, backend)| {
+                let service = self.names.get(&backend.service_id)?;
+                let addr = crate::reconcile::addr::decode_backend(backend).ok()?;
+                Some(BackendSample {
+                    service: service.clone(),
+                    backend: addr.to_string(),
+                    transport: *transports.get(&backend.service_id)?,
+                    count: self.counters.backend_count(id),
+                })
+            })
+            .collect();
+        // The strict map holds each strict backend address whose service is in the kernel.
+        let strict: HashSet<SocketAddr> = self
+            .desired
+            .strict_backends()
+            .filter(|(_, key)| self.kernel.services.contains_key(key))
+            .map(|(addr, _)| addr)
+            .collect();
+        // A backend's count entry is created with its first connection or datagram.
+        let counted = backends.iter().filter(|b| b.count > 0).count();
+        let map = |name, pinned, entries: Option<usize>, capacity: u32| MapUsage {
+            name,
+            pinned,
+            entries: entries.map(count),
+            capacity: u64::from(capacity),
+        };
+        use mesh_common::maps as m;
         Snapshot {
             counters: self.counters.counters().unwrap_or_default(),
-            backends: self
-                .installed_backends()
-                .map(|(id, service, addr)| BackendSample {
-                    service: service.to_owned(),
-                    backend: addr.to_string(),
-                    connections: self.counters.backend_count(id),
-                })
-                .collect(),
             maps: vec![
-                MapUsage {
-                    name: mesh_common::maps::SERVICES,
-                    entries: count(self.kernel.services.len()),
-                    capacity: u64::from(mesh_common::maps::SERVICES_MAX),
-                },
-                MapUsage {
-                    name: mesh_common::maps::SLOTS,
-                    entries: count(self.kernel.slots.len()),
-                    capacity: u64::from(mesh_common::maps::SLOTS_MAX),
-                },
-                MapUsage {
-                    name: mesh_common::maps::BACKENDS,
-                    entries: count(self.kernel.backends.len()),
-                    capacity: u64::from(mesh_common::maps::BACKENDS_MAX),
-                },
+                map(
+                    "services",
+                    m::SERVICES,
+                    Some(self.kernel.services.len()),
+                    m::SERVICES_MAX,
+                ),
+                map(
+                    "slots",
+                    m::SLOTS,
+                    Some(self.kernel.slots.len()),
+                    m::SLOTS_MAX,
+                ),
+                map(
+                    "backends",
+                    m::BACKENDS,
+                    Some(self.kernel.backends.len()),
+                    m::BACKENDS_MAX,
+                ),
+                map(
+                    "backend_counts",
+                    m::BACKEND_COUNTS,
+                    Some(counted),
+                    m::BACKENDS_MAX,
+                ),
+                map(
+                    "strict",
+                    m::STRICT_INBOUND,
+                    Some(strict.len()),
+                    m::STRICT_MAX,
+                ),
+                map(
+                    "counters",
+                    m::COUNTERS,
+                    Some(Counter::ALL.len()),
+                    m::COUNTERS_MAX,
+                ),
+                map("reverse", m::REVERSE, None, m::REVERSE_MAX),
+                map("affinity", m::AFFINITY, None, m::AFFINITY_MAX),
+                map(
+                    "redirect_by_cookie",
+                    m::REDIRECT_BY_COOKIE,
+                    None,
+                    m::REDIRECT_MAX,
+                ),
+                map(
+                    "redirect_by_peer",
+                    m::REDIRECT_BY_PEER,
+                    None,
+                    m::REDIRECT_MAX,
+                ),
+                map("outcomes", m::CONNECT_OUTCOMES, None, m::BACKENDS_MAX),
+                map(
+                    "loopback_sockets",
+                    m::LOOPBACK_SOCKETS,
+                    None,
+                    m::LOOPBACK_SOCKETS_MAX,
+                ),
             ],
+            backends,
             health: self.health.samples(),
             reloads_applied: self.reloads_applied,
             reloads_rejected: self.reloads_rejected,
+            apply_durations: Default::default(),
             flows_recorded: 0,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             tunnel: self.tunnel.as_ref().map(|t| t.sample()),

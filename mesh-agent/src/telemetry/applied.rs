@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use super::histogram::{DurationHistogram, HistogramSample, APPLY_BOUNDS};
 use tokio::sync::broadcast;
 use tokio_stream::{wrappers::errors::BroadcastStreamRecvError, wrappers::BroadcastStream};
 use tokio_stream::{Stream, StreamExt as _};
@@ -42,6 +44,8 @@ pub struct AppliedFeed {
     /// Written under this lock, so a follower's "latest, then what follows" has no gap.
     latest: Mutex<Option<Applied>>,
     live: broadcast::Sender<Applied>,
+    /// Every apply's `elapsed`, for `mesh_kernel_apply_duration_seconds`.
+    durations: DurationHistogram,
 }
 
 impl Default for AppliedFeed {
@@ -49,6 +53,7 @@ impl Default for AppliedFeed {
         AppliedFeed {
             latest: Mutex::new(None),
             live: broadcast::channel(FOLLOW_BUFFER).0,
+            durations: DurationHistogram::new(APPLY_BOUNDS),
         }
     }
 }
@@ -57,6 +62,7 @@ impl AppliedFeed {
     /// Records an apply that took `elapsed` and left `services` and `backends` in the kernel,
     /// stamped with the wall clock now; returns it. Never blocks on followers.
     pub fn publish(&self, elapsed: Duration, services: usize, backends: usize) -> Applied {
+        self.durations.observe(elapsed);
         let mut latest = self.lock();
         let applied = Applied {
             seq: latest.map_or(1, |a| a.seq + 1),
@@ -71,6 +77,11 @@ impl AppliedFeed {
         // No follower is no error.
         let _ = self.live.send(applied);
         applied
+    }
+
+    /// How long every apply took, as a histogram (none is ever lost, unlike a follower).
+    pub fn durations(&self) -> HistogramSample {
+        self.durations.sample()
     }
 
     /// The latest apply, if any.
@@ -141,6 +152,8 @@ mod tests {
         assert_eq!((b.services, b.backends, b.elapsed_us), (4, 40, 7));
         assert!(a.unix_ms >= before && b.unix_ms >= a.unix_ms, "{a:?} {b:?}");
         assert_eq!(feed.latest(), Some(b));
+        let durations = feed.durations();
+        assert_eq!((durations.count, durations.buckets[0]), (2, (0.0001, 2)));
         // Numbers, not strings: what the benches and scripts read.
         assert_eq!(
             serde_json::to_value(b).unwrap(),

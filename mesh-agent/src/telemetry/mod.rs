@@ -5,6 +5,8 @@
 pub mod access_log;
 pub mod applied;
 pub mod flows;
+pub mod histogram;
 pub mod log_level;
 pub mod log_limit;
 pub mod metrics;
+pub mod process;

@@ -7,7 +7,10 @@ use std::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Mutex,
     },
+    time::Instant,
 };
+
+use crate::telemetry::histogram::{DurationHistogram, HistogramSample, FLOW_BOUNDS};
 
 /// Live counters; shared by every task of the tunnel.
 #[derive(Debug, Default)]
@@ -19,7 +22,8 @@ pub struct TunnelStats {
     /// (side, result) → count: `ok`, `no_destination`, `refused`, `failed`, ...; and the
     /// inbound outcomes of peers' health probes, `probe_passed` / `probe_failed`.
     flows: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    pub streams_active: AtomicI64,
+    /// Flows open now, and how long the closed ones lasted.
+    pub streams_active: Streams,
     pub pooled_connections: AtomicI64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -68,7 +72,8 @@ impl TunnelStats {
             handshakes: read(&self.handshakes),
             authz: read(&self.authz),
             flows: read(&self.flows),
-            streams_active: self.streams_active.load(Ordering::Relaxed).max(0) as u64,
+            streams_active: self.streams_active.open.load(Ordering::Relaxed).max(0) as u64,
+            flow_durations: self.streams_active.durations.sample(),
             pooled_connections: self.pooled_connections.load(Ordering::Relaxed).max(0) as u64,
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
@@ -93,20 +98,61 @@ pub struct TunnelSample {
     pub cert_reloads_failed: u64,
     /// (identity, seconds until expiry; negative once expired).
     pub cert_expiry: Vec<(String, i64)>,
+    /// How long the tunneled flows that ended lasted (both sides).
+    pub flow_durations: HistogramSample,
 }
 
-/// Counts a stream as active while it lives.
-pub struct ActiveStream<'a>(&'a AtomicI64);
+/// The tunneled flows open now and the durations of those that ended.
+#[derive(Debug)]
+pub struct Streams {
+    open: AtomicI64,
+    durations: DurationHistogram,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Self {
+            open: AtomicI64::new(0),
+            durations: DurationHistogram::new(FLOW_BOUNDS),
+        }
+    }
+}
+
+/// Counts a stream as active while it lives, and its duration when it ends.
+pub struct ActiveStream<'a> {
+    streams: &'a Streams,
+    opened: Instant,
+}
 
 impl<'a> ActiveStream<'a> {
-    pub fn new(gauge: &'a AtomicI64) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        ActiveStream(gauge)
+    pub fn new(streams: &'a Streams) -> Self {
+        streams.open.fetch_add(1, Ordering::Relaxed);
+        ActiveStream {
+            streams,
+            opened: Instant::now(),
+        }
     }
 }
 
 impl Drop for ActiveStream<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.streams.open.fetch_sub(1, Ordering::Relaxed);
+        self.streams.durations.observe(self.opened.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_counts_while_open_and_its_duration_once_closed() {
+        let stats = TunnelStats::default();
+        let stream = ActiveStream::new(&stats.streams_active);
+        assert_eq!(stats.sample().streams_active, 1);
+        assert_eq!(stats.sample().flow_durations.count, 0);
+        drop(stream);
+        let sample = stats.sample();
+        assert_eq!((sample.streams_active, sample.flow_durations.count), (0, 1));
     }
 }
