@@ -218,7 +218,7 @@ fn scrape_counts_traffic_and_rejected_reloads() {
 
     let before = s.scrape().or_fail();
     let forwarded_before = before
-        .value("mesh_kernel_decisions_total", &[("reason", "forwarded")])
+        .value("mesh_kernel_forwarded_total", &[("path", "kernel")])
         .or_fail();
     let r = s.a.tcp_client("client", vip, N, T).or_fail();
     assert_eq!(r.ok(), u64::from(N), "{r:?}");
@@ -253,7 +253,7 @@ fn scrape_counts_traffic_and_rejected_reloads() {
         m.text
     );
     let forwarded = m
-        .value("mesh_kernel_decisions_total", &[("reason", "forwarded")])
+        .value("mesh_kernel_forwarded_total", &[("path", "kernel")])
         .or_fail();
     assert!(
         forwarded - forwarded_before >= f64::from(N),
@@ -261,18 +261,42 @@ fn scrape_counts_traffic_and_rejected_reloads() {
         forwarded - forwarded_before,
         m.text
     );
-    for reason in [
-        "no_backend",
-        "no_service_port",
-        "slot_missing",
-        "events_dropped",
-    ] {
-        m.value("mesh_kernel_decisions_total", &[("reason", reason)])
+    for reason in ["no_backend", "no_service_port", "mtls_no_agent"] {
+        m.value("mesh_kernel_refused_total", &[("reason", reason)])
             .or_fail();
     }
-    let services = [("map", "MESH_SVC_V1")];
+    for kind in ["slot_missing", "map_update_failed", "event_dropped"] {
+        m.value("mesh_kernel_errors_total", &[("kind", kind)])
+            .or_fail();
+    }
+    m.value("mesh_kernel_passthrough_total", &[("kind", "not_a_vip")])
+        .or_fail();
+    m.value("mesh_kernel_reverse_lookups_total", &[]).or_fail();
+    // No datagram went anywhere: a TCP service's backends count connections only.
+    assert!(
+        m.series("mesh_backend_datagrams_total").is_empty(),
+        "{}",
+        m.text
+    );
+    let services = [("map", "services"), ("pinned", "MESH_SVC_V1")];
     assert!(m.value("mesh_map_entries", &services).or_fail() >= 1.0);
     assert_eq!(m.value("mesh_map_capacity", &services).or_fail(), 65_536.0);
+    let counted = [("map", "backend_counts"), ("pinned", "MESH_BECNT_V1")];
+    assert_eq!(
+        m.value("mesh_map_entries", &counted).or_fail(),
+        s.backends.len() as f64,
+        "every backend was counted at least once:\n{}",
+        m.text
+    );
+    let capacities = m.series("mesh_map_capacity").len();
+    assert_eq!(capacities, 12, "every pinned map:\n{}", m.text);
+    assert!(m.value("process_resident_memory_bytes", &[]).or_fail() > 0.0);
+    assert!(m.value("process_open_fds", &[]).or_fail() >= 3.0);
+    assert!(
+        m.value("mesh_kernel_apply_duration_seconds_count", &[])
+            .or_fail()
+            >= 1.0
+    );
     assert!(m.value("mesh_agent_uptime_seconds", &[]).or_fail() > 0.0);
     let builds = m.series("mesh_build_info");
     assert!(
@@ -432,8 +456,10 @@ fn applied_stream_shows_each_write_of_the_maps() {
     );
 }
 
-/// The Grafana dashboard parses, and every metric its queries use is exported by a running
-/// agent with a service that carried traffic.
+/// The Grafana dashboard parses, provisions from the file (its data source is the
+/// `datasource` variable with a default, no `__inputs` that only a UI import fills), has a
+/// panel for each part of the mesh, and every metric every panel's queries use is exported by a
+/// running agent with mTLS and gossip configured and a service that carried traffic.
 #[test]
 fn dashboard_uses_only_exported_metrics() {
     let path =
@@ -450,46 +476,156 @@ fn dashboard_uses_only_exported_metrics() {
         dashboard["schemaVersion"]
     );
     assert!(
-        dashboard["__inputs"]
-            .as_array()
-            .is_some_and(|inputs| inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS")),
-        "no DS_PROMETHEUS input"
+        dashboard.get("__inputs").is_none() && !text.contains("${DS_"),
+        "an import-only data source input: provisioning from the file would leave it unset"
     );
-    let queries = queries(&dashboard);
-    let panels = dashboard["panels"].as_array().map_or(0, Vec::len);
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("template variables");
+    let datasource = variables
+        .iter()
+        .find(|v| v["name"] == "datasource")
+        .expect("a datasource variable");
+    assert_eq!(datasource["type"], "datasource", "{datasource}");
+    assert_eq!(datasource["query"], "prometheus", "{datasource}");
     assert!(
-        panels >= 7 && queries.len() >= panels,
-        "{panels} panels, {} queries",
-        queries.len()
+        datasource["current"]["value"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
+        "the datasource variable has no default: {datasource}"
     );
+    let mut titles = Vec::new();
+    let mut sources = Vec::new();
+    fn walk<'a>(panel: &'a Value, titles: &mut Vec<&'a str>, sources: &mut Vec<&'a Value>) {
+        titles.extend(panel["title"].as_str());
+        if panel["type"] != "row" {
+            sources.push(&panel["datasource"]);
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                sources.push(&target["datasource"]);
+            }
+        }
+        for inner in panel["panels"].as_array().into_iter().flatten() {
+            walk(inner, titles, sources);
+        }
+    }
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        walk(panel, &mut titles, &mut sources);
+    }
+    for source in &sources {
+        assert_eq!(
+            source["uid"], "${datasource}",
+            "a panel or query without the variable"
+        );
+    }
+    let queries = queries(&dashboard);
+    assert!(queries.len() >= 30, "{} queries", queries.len());
     let used: BTreeSet<String> = queries.iter().flat_map(|q| metric_names(q)).collect();
+    // A panel for every part of the mesh.
     for family in [
         "mesh_backend_connections_total",
-        "mesh_kernel_decisions_total",
+        "mesh_backend_datagrams_total",
+        "mesh_kernel_forwarded_total",
+        "mesh_kernel_refused_total",
+        "mesh_kernel_passthrough_total",
+        "mesh_kernel_reverse_lookups_total",
+        "mesh_kernel_errors_total",
         "mesh_map_entries",
         "mesh_map_capacity",
         "mesh_config_reloads_total",
+        "mesh_kernel_apply_duration_seconds_bucket",
         "mesh_agent_uptime_seconds",
         "mesh_build_info",
+        "mesh_backend_healthy",
+        "mesh_service_panic",
+        "mesh_health_checks_total",
+        "mesh_gossip_members",
+        "mesh_gossip_auth_failures_total",
+        "mesh_mtls_flows_total",
+        "mesh_mtls_handshakes_total",
+        "mesh_mtls_flow_duration_seconds_bucket",
+        "mesh_mtls_cert_expiry_seconds",
+        "mesh_mtls_cert_reloads_total",
+        "mesh_catalog_conflicts",
+        "process_resident_memory_bytes",
     ] {
         assert!(used.contains(family), "the dashboard shows no {family}");
     }
 
+    // One agent with [mtls] (its own certificate) and [gossip] (seeded by itself).
+    let bed = TestBed::new("dashboard_uses_only_exported_metrics").or_fail();
+    let a = bed.add_node("a").or_fail();
+    let backends = Backends::start(&bed, &["b"], Protocol::Tcp, false, BACKEND_PORT).or_fail();
     let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
-    let s = Bed::new("dashboard_uses_only_exported_metrics", &["b"], vip).or_fail();
-    let r = s.a.tcp_client("client", vip, 5, T).or_fail();
+    let web = Service::tcp("web", vip, &backends.addrs());
+    let ca = mesh_tests::mtls::Ca::init(&bed, "ca").or_fail();
+    let node_cert = ca
+        .issue(
+            &bed,
+            &format!("spiffe://{}/ns/mesh/sa/a", mesh_tests::mtls::TRUST_DOMAIN),
+            "node-a",
+        )
+        .or_fail();
+    let key = bed.tmpdir().join("mesh.key");
+    std::fs::write(&key, "a-test-mesh-key-of-32-bytes-long\n").or_fail();
+    let config = mesh_tests::mtls::config(
+        &a,
+        &[web],
+        &mesh_tests::mtls::MtlsTable {
+            ca_bundle: &ca.cert,
+            node_cert: &node_cert,
+            workloads: &[],
+            options: "",
+        },
+        "",
+    )
+    .or_fail()
+        + &mesh_tests::config::gossip_table(a.ipv4().into(), &[a.ipv4().into()], &key, &[]);
+    let agent = a.start_agent(&config).or_fail();
+    agent
+        .wait_status(APPLY, |st| Agent::backends_in(st, "web").len() == 1)
+        .or_fail();
+    let r = a.tcp_client("client", vip, 5, T).or_fail();
     assert_eq!(r.ok(), 5, "{r:?}");
+    let s = Bed {
+        agent,
+        backends,
+        a,
+        _bed: bed,
+    };
     let m = s.scrape().or_fail();
-    let exported = m.names();
-    let missing: Vec<&String> = used
-        .iter()
-        .filter(|n| !exported.contains(n.as_str()))
-        .collect();
+    // A family is exported when the scrape declares it (`# TYPE`, with the `_total` of a
+    // counter), even before its first labelled sample (no tunneled flow ran here), or has a
+    // sample of that name.
+    let mut exported: BTreeSet<String> = m.names().iter().map(|n| n.to_string()).collect();
+    for line in m.text.lines() {
+        if let Some((name, kind)) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_once(' '))
+        {
+            exported.insert(name.to_string());
+            if kind == "counter" {
+                exported.insert(format!("{name}_total"));
+            }
+        }
+    }
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
     assert!(
         missing.is_empty(),
         "the dashboard queries {missing:?}, which the agent does not export:\n{}",
         m.text
     );
+    for family in [
+        "mesh_mtls_cert_expiry_seconds",
+        "mesh_gossip_members",
+        "mesh_mtls_streams_active",
+    ] {
+        assert!(
+            !m.series(family).is_empty(),
+            "{family} has no sample with mTLS and gossip configured:\n{}",
+            m.text
+        );
+    }
+    assert!(titles.len() >= 30, "{titles:?}");
 }
 
 /// Every PromQL text of the dashboard: panel (and nested row panel) target expressions and
@@ -523,21 +659,23 @@ fn queries(dashboard: &Value) -> Vec<String> {
     out
 }
 
-/// The `mesh_[a-z_]+` tokens of a query.
+/// The `mesh_[a-z_]+` and `process_[a-z_]+` tokens of a query.
 fn metric_names(query: &str) -> Vec<String> {
     let bytes = query.as_bytes();
     let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     let mut names = Vec::new();
-    let mut i = 0;
-    while let Some(at) = query[i..].find("mesh_").map(|p| p + i) {
-        let mut end = at + "mesh_".len();
-        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
-            end += 1;
+    for prefix in ["mesh_", "process_"] {
+        let mut i = 0;
+        while let Some(at) = query[i..].find(prefix).map(|p| p + i) {
+            let mut end = at + prefix.len();
+            while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
+                end += 1;
+            }
+            if at == 0 || !word(bytes[at - 1]) {
+                names.push(query[at..end].to_string());
+            }
+            i = end;
         }
-        if at == 0 || !word(bytes[at - 1]) {
-            names.push(query[at..end].to_string());
-        }
-        i = end;
     }
     names
 }
@@ -545,8 +683,8 @@ fn metric_names(query: &str) -> Vec<String> {
 #[test]
 fn metric_names_are_the_mesh_tokens() {
     assert_eq!(
-        metric_names(r#"sum(rate(mesh_a_total{x="mesh_b"}[5m])) / xmesh_c + mesh_d"#),
-        ["mesh_a_total", "mesh_b", "mesh_d"]
+        metric_names(r#"sum(rate(mesh_a_total{x="mesh_b"}[5m])) / xmesh_c + mesh_d + process_e"#),
+        ["mesh_a_total", "mesh_b", "mesh_d", "process_e"]
     );
     let labels = parse_labels(r#"service="web",backend="[fd00:1::3]:8080",q="a\"b""#).unwrap();
     assert_eq!(labels["backend"], "[fd00:1::3]:8080");
