@@ -300,7 +300,10 @@ fn scrape_counts_traffic_and_rejected_reloads() {
     assert!(m.value("mesh_agent_uptime_seconds", &[]).or_fail() > 0.0);
     let builds = m.series("mesh_build_info");
     assert!(
-        builds.len() == 1 && builds[0].1 == 1.0 && builds[0].0.contains_key("version"),
+        builds.len() == 1
+            && builds[0].1 == 1.0
+            && builds[0].0.get("version").is_some_and(|v| !v.contains(' '))
+            && builds[0].0.contains_key("commit"),
         "mesh_build_info: {builds:?}"
     );
     assert_eq!(

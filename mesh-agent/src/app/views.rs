@@ -400,13 +400,6 @@ impl View {
                 })
             })
             .collect();
-        // The strict map holds each strict backend address whose service is in the kernel.
-        let strict: HashSet<SocketAddr> = self
-            .desired
-            .strict_backends()
-            .filter(|(_, key)| self.kernel.services.contains_key(key))
-            .map(|(addr, _)| addr)
-            .collect();
         // A backend's count entry is created with its first connection or datagram.
         let counted = backends.iter().filter(|b| b.count > 0).count();
         let map = |name, pinned, entries: Option<usize>, capacity: u32| MapUsage {
@@ -446,7 +439,7 @@ impl View {
                 map(
                     "strict",
                     m::STRICT_INBOUND,
-                    Some(strict.len()),
+                    Some(self.kernel.strict.len()),
                     m::STRICT_MAX,
                 ),
                 map(

@@ -32,7 +32,7 @@
 //! | `mesh_kernel_apply_duration_seconds` | histogram | (planning and writing the maps, per apply) |
 //! | `mesh_flows_recorded_total` | counter | |
 //! | `mesh_agent_uptime_seconds` | gauge | |
-//! | `mesh_build_info` | info (value 1) | `version` |
+//! | `mesh_build_info` | info (value 1) | `version` (`0.1.0`), `commit` (short hash) |
 //! | `mesh_gossip_members` | gauge | `state` (`alive`, `dead`; this node counts as alive) |
 //! | `mesh_gossip_bytes_total` | counter | `direction` (`sent`, `received`) |
 //! | `mesh_gossip_datagrams_total` | counter | `direction` (`sent`, `received`) |
@@ -597,7 +597,10 @@ fn encode_snapshot(s: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt::Result
     if let Some(tunnel) = &s.tunnel {
         encode_tunnel(tunnel, encoder)?;
     }
-    let build = Info::new([("version", crate::VERSION)]);
+    let build = Info::new([
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("commit", env!("MESH_BUILD_COMMIT")),
+    ]);
     build.encode(encoder.encode_descriptor(
         "build",
         "The agent's version and commit; always 1.",
@@ -1003,7 +1006,11 @@ mod tests {
         for line in expected {
             assert!(lines.contains(&line), "no line {line:?} in:\n{text}");
         }
-        let build = format!("mesh_build_info{{version=\"{}\"}} 1", crate::VERSION);
+        let build = format!(
+            "mesh_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            env!("MESH_BUILD_COMMIT")
+        );
         assert!(lines.contains(&build.as_str()), "no {build:?} in:\n{text}");
         assert!(
             !text.contains("mesh_map_entries{map=\"reverse\""),
