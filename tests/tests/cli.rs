@@ -584,3 +584,64 @@ fn sysdump_archives_every_answer_the_config_and_no_key() {
         }
     }
 }
+
+/// `mesh-agent completion bash|zsh` prints scripts that offer every subcommand: bash loads
+/// its script and registers the completion; zsh's is a `#compdef` function for mesh-agent.
+#[test]
+fn completions_for_bash_and_zsh_offer_every_subcommand() {
+    let script = |shell: &str| {
+        let out = Command::new(agent_bin().or_fail())
+            .args(["completion", shell])
+            .output()
+            .or_fail();
+        assert!(out.status.success(), "completion {shell} failed");
+        String::from_utf8(out.stdout).or_fail()
+    };
+    let subcommands = [
+        "run",
+        "check",
+        "status",
+        "services",
+        "endpoints",
+        "nodes",
+        "flows",
+        "register",
+        "deregister",
+        "policies",
+        "certs",
+        "log-level",
+        "sysdump",
+        "uninstall",
+        "completion",
+        "man",
+        "ca",
+        "cert",
+    ];
+    let bash = script("bash");
+    let zsh = script("zsh");
+    for name in subcommands {
+        assert!(bash.contains(name), "bash completion lacks {name}");
+        assert!(zsh.contains(name), "zsh completion lacks {name}");
+    }
+    assert!(zsh.starts_with("#compdef mesh-agent"), "{}", &zsh[..80]);
+    // bash sources it and then completes mesh-agent with it.
+    let dir = std::env::temp_dir().join(format!("mesh-completion-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).or_fail();
+    let file = dir.join("mesh-agent.bash");
+    std::fs::write(&file, &bash).or_fail();
+    let loaded = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p mesh-agent",
+            file.display()
+        ))
+        .output()
+        .or_fail();
+    let _ = std::fs::remove_dir_all(&dir);
+    let registered = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        loaded.status.success() && registered.contains("mesh-agent"),
+        "bash did not register the completion: {registered} {}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+}
