@@ -554,12 +554,18 @@ fn dashboard_uses_only_exported_metrics() {
         assert!(used.contains(family), "the dashboard shows no {family}");
     }
 
-    // One agent with [mtls] (its own certificate) and [gossip] (seeded by itself).
+    // One agent with [mtls] (its own certificate) and [gossip] (seeded by itself); `pay` is a
+    // strict service with its backend on the agent's own node, so its flows go through the
+    // tunnel (to this agent's inbound listener) and every mTLS family gets samples.
     let bed = TestBed::new("dashboard_uses_only_exported_metrics").or_fail();
     let a = bed.add_node("a").or_fail();
     let backends = Backends::start(&bed, &["b"], Protocol::Tcp, false, BACKEND_PORT).or_fail();
     let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
     let web = Service::tcp("web", vip, &backends.addrs());
+    let pay_vip: SocketAddr = "10.96.0.20:443".parse().expect("vip");
+    let pay_backend = SocketAddr::new(a.ipv4().into(), 9443);
+    let pay_server = a.tcp_server("server", pay_backend, "pay").or_fail();
+    let pay = Service::tcp("pay", pay_vip, &[pay_backend]).with("mtls = \"strict\"");
     let ca = mesh_tests::mtls::Ca::init(&bed, "ca").or_fail();
     let node_cert = ca
         .issue(
@@ -572,7 +578,7 @@ fn dashboard_uses_only_exported_metrics() {
     std::fs::write(&key, "a-test-mesh-key-of-32-bytes-long\n").or_fail();
     let config = mesh_tests::mtls::config(
         &a,
-        &[web],
+        &[web, pay],
         &mesh_tests::mtls::MtlsTable {
             ca_bundle: &ca.cert,
             node_cert: &node_cert,
@@ -589,6 +595,9 @@ fn dashboard_uses_only_exported_metrics() {
         .or_fail();
     let r = a.tcp_client("client", vip, 5, T).or_fail();
     assert_eq!(r.ok(), 5, "{r:?}");
+    let tunneled = a.tcp_client("client", pay_vip, 3, T).or_fail();
+    assert_eq!(tunneled.backends.get("pay"), Some(&3), "{tunneled:?}");
+    drop(pay_server);
     let s = Bed {
         agent,
         backends,
@@ -597,8 +606,7 @@ fn dashboard_uses_only_exported_metrics() {
     };
     let m = s.scrape().or_fail();
     // A family is exported when the scrape declares it (`# TYPE`, with the `_total` of a
-    // counter), even before its first labelled sample (no tunneled flow ran here), or has a
-    // sample of that name.
+    // counter), even before its first labelled sample, or has a sample of that name.
     let mut exported: BTreeSet<String> = m.names().iter().map(|n| n.to_string()).collect();
     for line in m.text.lines() {
         if let Some((name, kind)) = line
@@ -621,6 +629,11 @@ fn dashboard_uses_only_exported_metrics() {
         "mesh_mtls_cert_expiry_seconds",
         "mesh_gossip_members",
         "mesh_mtls_streams_active",
+        "mesh_mtls_flows_total",
+        "mesh_mtls_handshakes_total",
+        "mesh_mtls_flow_duration_seconds_bucket",
+        "mesh_kernel_forwarded_total",
+        "mesh_backend_connections_total",
     ] {
         assert!(
             !m.series(family).is_empty(),
