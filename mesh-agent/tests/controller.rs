@@ -477,3 +477,46 @@ async fn readers_get_the_published_view_while_an_event_holds_the_controller() {
     );
     assert_eq!(agent.endpoints().unwrap().len(), 4);
 }
+
+/// A backend keeps its kernel id, and with it its connection count, across a reload that
+/// changes its service (another backend added, a weight changed): `endpoints`' CONNECTIONS do
+/// not reset on reload.
+#[tokio::test]
+async fn a_backend_keeps_its_kernel_id_and_count_across_a_reload_that_changes_its_service() {
+    use mesh_agent::reconcile::addr::decode_backend;
+    let mut node = Node::new("ids", WEB);
+    let mut controller = node.start();
+    let ids = |node: &Node| -> std::collections::BTreeMap<SocketAddr, u32> {
+        let maps = node.kernel.maps();
+        maps.state
+            .backends
+            .iter()
+            .map(|(&id, b)| (decode_backend(b).unwrap(), id))
+            .collect()
+    };
+    let before = ids(&node);
+    assert_eq!(before.len(), 2);
+    let first: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    node.kernel.maps().backend_counts.insert(before[&first], 7);
+
+    node.write_config(&WEB_AND_API.replace(
+        "{ address = \"10.0.0.2:8080\" }",
+        "{ address = \"10.0.0.2:8080\", weight = 3 }",
+    ));
+    controller.reload();
+    let after = ids(&node);
+    for (addr, id) in &before {
+        assert_eq!(
+            after.get(addr),
+            Some(id),
+            "{addr} was renumbered: {after:?}"
+        );
+    }
+    let shown = controller
+        .view()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.address == first.to_string())
+        .map(|e| e.connections);
+    assert_eq!(shown, Some(7), "the count survives the reload");
+}
