@@ -588,3 +588,64 @@ fn refusals_and_passthrough() {
     let grown = counter("passthrough").or_fail() - passthrough;
     assert!(grown >= 2, "counters.passthrough grew by {grown}");
 }
+
+/// The service map's promise, at its edge: 65,536 entries, one per frontend and one per
+/// distinct VIP (its marker), so 32,768 services each on a VIP of its own fit and the last one
+/// balances; one more is refused with its cause and the kernel keeps serving; and at full
+/// capacity a service can still be swapped for a new one on a new VIP.
+#[test]
+fn a_full_service_map_holds_32768_services_refuses_one_more_and_still_takes_a_swap() {
+    const FIT: u32 = 32_768;
+    let s = Bed::new("a_full_service_map", &["b"], Protocol::Tcp, false).or_fail();
+    let backend = s.addr_of("b");
+    // 10.128.0.1, 10.128.0.2, …: a VIP each, out of the bed's 10.1.0.0/16.
+    let vip = |n: u32| SocketAddr::new(std::net::Ipv4Addr::from(0x0a80_0001 + n).into(), 80);
+    let services = |range: std::ops::Range<u32>| -> Vec<Service> {
+        range
+            .map(|n| Service::tcp(&format!("svc{n}"), vip(n), &[backend]))
+            .collect()
+    };
+    let agent = s.start_agent(&services(0..1)).or_fail();
+    let mut applied = agent.follow_applied();
+    let mut apply = |list: &[Service], count: usize| {
+        let since = std::time::SystemTime::now();
+        agent.write_config(&render("a", list)).or_fail();
+        applied
+            .wait(since, Duration::from_secs(60), |a| a.services == count)
+            .or_fail();
+    };
+
+    apply(&services(0..FIT), FIT as usize);
+    let last = s.a.tcp_client("client", vip(FIT - 1), 3, T).or_fail();
+    assert_eq!(last.ok(), 3, "the last service balances: {last:?}");
+
+    // One more is refused as a whole, saying why; the kernel keeps all of the last good set.
+    agent
+        .write_config(&render("a", &services(0..FIT + 1)))
+        .or_fail();
+    let status = agent
+        .wait_status(Duration::from_secs(60), |st| st["config_error"].is_string())
+        .or_fail();
+    let error = status["config_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("too many services") && error.contains("65536"),
+        "{error}"
+    );
+    assert_eq!(
+        status["services"].as_array().map(Vec::len),
+        Some(FIT as usize)
+    );
+    assert_eq!(
+        s.a.tcp_client("client", vip(FIT - 1), 3, T).or_fail().ok(),
+        3
+    );
+
+    // Full, the first service leaves and a new one on a new VIP comes: the swap applies.
+    let mut swapped = services(1..FIT);
+    swapped.push(Service::tcp("newcomer", vip(FIT + 10), &[backend]));
+    apply(&swapped, FIT as usize);
+    let newcomer = s.a.tcp_client("client", vip(FIT + 10), 3, T).or_fail();
+    assert_eq!(newcomer.ok(), 3, "the newcomer balances: {newcomer:?}");
+    let gone = s.a.tcp_client("client", vip(0), 1, T).or_fail();
+    assert_eq!(gone.ok(), 0, "the swapped-out service is gone: {gone:?}");
+}
