@@ -7,8 +7,8 @@
 //! for `/v1/policies` every [`PACE`] (a small answer, so that what is timed is the agent's
 //! responsiveness, not the size of a 20,000-service report) while a workload in the node keeps
 //! one tunneled connection in ping-pong, one 64-byte round trip every [`PACE`]. Reported per
-//! phase: the slowest and the 99th-percentile admin and flow round trips (milliseconds) and
-//! how long the apply took, for each round.
+//! phase: the slowest and the 99th-percentile admin and flow round trips (milliseconds), how
+//! long the apply took and the agent's resident memory at the phase's end, for each round.
 //!
 //! With `--baseline-agent PATH` a second agent binary (say, built from an earlier commit) runs
 //! the same phases, its rounds interleaved with the current one's, and the table ends with
@@ -94,6 +94,8 @@ struct Sample {
     flow_p99: f64,
     /// The apply's own time as the agent reports it (0 when idle).
     apply: f64,
+    /// The agent's resident memory at the end of the phase, MiB.
+    rss: f64,
 }
 
 fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
@@ -200,6 +202,8 @@ fn measure(
         let flow = flow.join().expect("the flow thread")?;
         stop.store(true, Ordering::SeqCst);
         let admin = admin.join().expect("the admin thread")?;
+        let pid = agent.pid().context("the agent runs")?;
+        let rss = crate::procstat::rss_bytes(pid)? as f64 / (1024.0 * 1024.0);
         if let Some(error) = flow.errors.first() {
             bail!("the tunneled flow failed: {error}");
         }
@@ -212,6 +216,7 @@ fn measure(
             flow_worst: flow.max_us / 1000.0,
             flow_p99: flow.p99_us / 1000.0,
             apply,
+            rss,
         })
     })
 }
@@ -265,13 +270,13 @@ fn render(samples: &BTreeMap<(&str, Phase), Vec<Sample>>, args: &Args) -> String
             .join(" / ")
     };
     out.push_str(&format!(
-        "{:<9} {:<22} {:<24} {:<24} {:<24} {:<24} {}\n",
-        "agent", "phase", "admin worst", "admin p99", "flow worst", "flow p99", "apply"
+        "{:<9} {:<22} {:<24} {:<24} {:<24} {:<24} {:<24} {}\n",
+        "agent", "phase", "admin worst", "admin p99", "flow worst", "flow p99", "apply", "RSS MiB"
     ));
     for ((agent, phase), rounds) in samples {
         let column = |f: fn(&Sample) -> f64| per_round(rounds.iter().map(f).collect());
         out.push_str(&format!(
-            "{:<9} {:<22} {:<24} {:<24} {:<24} {:<24} {}\n",
+            "{:<9} {:<22} {:<24} {:<24} {:<24} {:<24} {:<24} {}\n",
             agent,
             phase.label(args.services),
             column(|s| s.admin_worst),
@@ -279,6 +284,7 @@ fn render(samples: &BTreeMap<(&str, Phase), Vec<Sample>>, args: &Args) -> String
             column(|s| s.flow_worst),
             column(|s| s.flow_p99),
             column(|s| s.apply),
+            column(|s| s.rss),
         ));
     }
     if args.baseline_agent.is_some() {
