@@ -278,12 +278,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 // A deploy may swap several links at once; let the burst settle.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 while changes.try_recv().is_ok() {}
-                agent.event(Controller::reload).await;
+                reload(&agent).await;
                 let _ = announce_tx.send(());
             }
             _ = hangup.recv() => {
                 tracing::info!(config = %options.config.display(), "SIGHUP: reloading the config");
-                agent.event(Controller::reload).await;
+                reload(&agent).await;
                 let _ = announce_tx.send(());
             }
             Some(report) = probes.recv() => {
@@ -338,6 +338,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         tracing::info!("exiting; the data plane stays pinned and keeps balancing");
     }
     Ok(())
+}
+
+/// A config change; then, once the view of the previous catalog is replaced too, the memory
+/// they held is given back (glibc would keep a large catalog's pages after a shrink).
+async fn reload(agent: &Arc<SharedAgent>) {
+    agent.event(Controller::reload).await;
+    let _ = tokio::task::spawn_blocking(crate::sys::memory::give_back_freed_memory).await;
 }
 
 /// Copies the kernel's aya-log records into the agent's log as they arrive.
