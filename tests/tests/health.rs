@@ -316,3 +316,49 @@ fn failed_connects_eject_a_backend_for_a_while() {
     }
     assert!(again, "not ejected again\n{}", agent.log());
 }
+
+/// `outlier.max_ejection_percent`: with half of four backends allowed out, three dead ones see
+/// only two ejected; the third stays in (its connects keep failing and are counted) until
+/// there is room, and the one live backend never leaves.
+#[test]
+fn outlier_detection_ejects_at_most_its_share_of_the_backends() {
+    let s = Bed::new("outlier_ejects_at_most_its_share", &["b", "c"]).or_fail();
+    let vip = sa("10.96.0.14:80");
+    let live = s.addr_of("b");
+    // Nothing listens on these ports of c's node: every connect to them is reset.
+    let dead: Vec<SocketAddr> = (1..=3)
+        .map(|n| SocketAddr::new(s.addr_of("c").ip(), BACKEND_PORT + n))
+        .collect();
+    let mut backends = vec![live];
+    backends.extend(&dead);
+    let web = Service::tcp("web", vip, &backends).with(
+        "outlier = { consecutive_failures = 2, base_ejection_ms = 30000, max_ejection_ms = 30000, max_ejection_percent = 50 }",
+    );
+    let agent = s.start_agent(&[web]).or_fail();
+    let ejected = |agent: &Agent| -> Result<usize> {
+        let all = endpoints(agent)?;
+        Ok(all.iter().filter(|e| e["health"] == "ejected").count())
+    };
+    // Connect until two are ejected, then a while longer: a third never is.
+    let start = Instant::now();
+    let mut rounds = 0;
+    while ejected(&agent).or_fail() < 2 && start.elapsed() < Duration::from_secs(8) {
+        s.a.tcp_client("client", vip, 8, T).or_fail();
+        std::thread::sleep(Duration::from_millis(50));
+        rounds += 1;
+    }
+    assert_eq!(ejected(&agent).or_fail(), 2, "after {rounds} rounds");
+    for _ in 0..10 {
+        s.a.tcp_client("client", vip, 8, T).or_fail();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all = endpoints(&agent).or_fail();
+    let out: Vec<&Value> = all.iter().filter(|e| e["health"] == "ejected").collect();
+    assert_eq!(out.len(), 2, "never more than half: {all:?}");
+    assert_eq!(endpoint(&all, "web", live)["health"], "healthy", "{all:?}");
+    assert!(
+        out.iter()
+            .all(|e| dead.iter().any(|d| e["address"] == d.to_string())),
+        "only dead backends are ejected: {all:?}"
+    );
+}

@@ -3,7 +3,8 @@
 //! ```toml
 //! health = { interval_ms = 500, timeout_ms = 200, healthy_threshold = 2, unhealthy_threshold = 2,
 //!            http_path = "/healthz", expect_status = 200 }
-//! outlier = { consecutive_failures = 5, base_ejection_ms = 30000, max_ejection_ms = 300000 }
+//! outlier = { consecutive_failures = 5, base_ejection_ms = 30000, max_ejection_ms = 300000,
+//!             max_ejection_percent = 50 }
 //! locality = "prefer-local"
 //! ```
 //!
@@ -20,6 +21,7 @@ use toml::Spanned;
 
 use crate::model::settings::{
     DEFAULT_BASE_EJECTION_MS, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_MAX_EJECTION_MS,
+    DEFAULT_MAX_EJECTION_PERCENT,
 };
 use crate::model::{ActiveCheck, HealthSettings, HttpCheck, Locality, OutlierSettings, Protocol};
 
@@ -73,6 +75,7 @@ pub(super) struct RawOutlier {
     consecutive_failures: Option<Spanned<i64>>,
     base_ejection_ms: Option<Spanned<i64>>,
     max_ejection_ms: Option<Spanned<i64>>,
+    max_ejection_percent: Option<Spanned<i64>>,
 }
 
 /// The health keys of one `[[services]]` entry.
@@ -250,6 +253,7 @@ fn outlier(raw: Spanned<RawOutlier>) -> Result<Option<OutlierSettings>, Invalid>
             &o.consecutive_failures,
             &o.base_ejection_ms,
             &o.max_ejection_ms,
+            &o.max_ejection_percent,
         ];
         if given.iter().any(|v| v.is_some()) {
             return Err(invalid(
@@ -289,10 +293,18 @@ fn outlier(raw: Spanned<RawOutlier>) -> Result<Option<OutlierSettings>, Invalid>
             format!("{max_ms} ms is less than base_ejection_ms ({base_ms} ms)"),
         ));
     }
+    let max_ejection_percent = number(
+        &o.max_ejection_percent,
+        "outlier.max_ejection_percent",
+        1..101,
+        DEFAULT_MAX_EJECTION_PERCENT,
+        " %",
+    )?;
     Ok(Some(OutlierSettings {
         consecutive_failures,
         base_ejection: Duration::from_millis(base_ms),
         max_ejection: Duration::from_millis(max_ms),
+        max_ejection_percent,
     }))
 }
 
@@ -405,6 +417,10 @@ mod tests {
             (
                 "outlier = { consecutive_failures = 0 }\n",
                 "mesh.toml:5: services[0].outlier.consecutive_failures: 0 is out of range 1..=1000",
+            ),
+            (
+                "outlier = { max_ejection_percent = 0 }\n",
+                "mesh.toml:5: services[0].outlier.max_ejection_percent: 0 % is out of range 1..=100",
             ),
             (
                 "outlier = { base_ejection_ms = 5000, max_ejection_ms = 1000 }\n",

@@ -213,12 +213,19 @@ impl Health {
             let Some(settings) = s.settings.outlier else {
                 continue;
             };
+            let cap = settings.ejection_cap(s.backends.len());
+            let mut ejected = s
+                .backends
+                .values()
+                .filter(|b| b.outlier.ejected_until().is_some())
+                .count();
             for (addr, b) in &mut s.backends {
                 let counts = outcomes.get(addr).copied().unwrap_or_default();
                 if let Some(Event::Ejected {
                     failures, duration, ..
-                }) = b.outlier.observe(counts, now, &settings)
+                }) = b.outlier.observe(counts, now, &settings, ejected < cap)
                 {
+                    ejected += 1;
                     let reason = format!("{failures} failed connects in a row");
                     tracing::warn!(
                         service = name,
@@ -480,6 +487,39 @@ mod tests {
         let mut d = catalog.clone();
         h.apply(&mut d);
         assert_eq!(d.services.values().next().unwrap().table, full);
+    }
+
+    #[test]
+    fn outlier_detection_ejects_at_most_its_share_of_a_services_backends() {
+        let four = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"];
+        let failing = |n| ConnectOutcomes {
+            established: 0,
+            failed: n,
+            syn_timeouts: 0,
+        };
+        for (extra, ejectable) in [
+            ("", 2),
+            ("outlier = { max_ejection_percent = 25 }", 1),
+            ("outlier = { max_ejection_percent = 10 }", 1),
+            ("outlier = { max_ejection_percent = 100 }", 4),
+        ] {
+            let backends: Vec<(&str, u32)> = four.iter().map(|&b| (b, 1)).collect();
+            let (mut h, catalog) = setup(extra, "random", &backends);
+            let t0 = Instant::now();
+            let all = |n| four.iter().map(|&b| (a(b), failing(n))).collect::<Vec<_>>();
+            h.observe_outcomes(&all(0), t0);
+            // Every backend fails its connects, twice over the threshold.
+            h.observe_outcomes(&all(10), t0);
+            h.observe_outcomes(&all(20), t0);
+            let ejected = four
+                .iter()
+                .filter(|&&b| h.view("web", a(b), t0).unwrap().state == "ejected")
+                .count();
+            assert_eq!(ejected, ejectable, "{extra:?}");
+            // With every backend ejected the service is in panic and uses them all.
+            let in_table = if ejectable == 4 { 4 } else { 4 - ejectable };
+            assert_eq!(table_of(&mut h, &catalog).len(), in_table, "{extra:?}");
+        }
     }
 
     #[test]

@@ -43,12 +43,16 @@ pub enum Event {
 }
 
 impl Outlier {
-    /// Takes the backend's counts as of `now`; returns the ejection they cause, if any.
+    /// Takes the backend's counts as of `now`; returns the ejection they cause, if any. With
+    /// `may_eject` false (its service has as many backends ejected as its settings allow) a
+    /// backend that reached the threshold stays in, its run of failures kept: it is ejected on
+    /// a later reading once the service has room.
     pub fn observe(
         &mut self,
         counts: ConnectOutcomes,
         now: Instant,
         settings: &OutlierSettings,
+        may_eject: bool,
     ) -> Option<Event> {
         let last = self.last.replace(counts)?;
         if counts.failed < last.failed || counts.established < last.established {
@@ -67,7 +71,7 @@ impl Outlier {
         } else {
             self.consecutive += counts.failed - last.failed;
         }
-        if self.consecutive < u64::from(settings.consecutive_failures) {
+        if self.consecutive < u64::from(settings.consecutive_failures) || !may_eject {
             return None;
         }
         if self
@@ -130,6 +134,7 @@ mod tests {
     use super::*;
 
     const S: OutlierSettings = OutlierSettings {
+        max_ejection_percent: 50,
         consecutive_failures: 3,
         base_ejection: Duration::from_secs(1),
         max_ejection: Duration::from_secs(5),
@@ -148,13 +153,28 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_over_the_services_cap_stays_in_and_is_ejected_once_there_is_room() {
+        let t0 = Instant::now();
+        let mut o = Outlier::default();
+        o.observe(c(0, 0), t0, &S, false);
+        assert_eq!(o.observe(c(0, 10), ms(t0, 250), &S, false), None);
+        assert_eq!(o.ejected_until(), None);
+        // The run was kept: room in the service ejects it at the next reading.
+        let e = o.observe(c(0, 10), ms(t0, 500), &S, true);
+        assert!(
+            matches!(e, Some(Event::Ejected { failures: 10, .. })),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn first_reading_is_only_a_baseline() {
         let t0 = Instant::now();
         let mut o = Outlier::default();
         // 100 failures before the agent looked: not held against the backend.
-        assert_eq!(o.observe(c(0, 100), t0, &S), None);
-        assert_eq!(o.observe(c(0, 102), ms(t0, 250), &S), None);
-        let e = o.observe(c(0, 103), ms(t0, 500), &S);
+        assert_eq!(o.observe(c(0, 100), t0, &S, true), None);
+        assert_eq!(o.observe(c(0, 102), ms(t0, 250), &S, true), None);
+        let e = o.observe(c(0, 103), ms(t0, 500), &S, true);
         assert!(
             matches!(e, Some(Event::Ejected { failures: 3, duration, .. }) if duration == S.base_ejection),
             "{e:?}"
@@ -165,21 +185,21 @@ mod tests {
     fn an_established_connect_restarts_the_run() {
         let t0 = Instant::now();
         let mut o = Outlier::default();
-        o.observe(c(0, 0), t0, &S);
-        assert_eq!(o.observe(c(0, 2), ms(t0, 1), &S), None);
-        assert_eq!(o.observe(c(1, 2), ms(t0, 2), &S), None);
+        o.observe(c(0, 0), t0, &S, true);
+        assert_eq!(o.observe(c(0, 2), ms(t0, 1), &S, true), None);
+        assert_eq!(o.observe(c(1, 2), ms(t0, 2), &S, true), None);
         // Failures and a success in the same poll: not a run either.
-        assert_eq!(o.observe(c(2, 10), ms(t0, 3), &S), None);
-        assert_eq!(o.observe(c(2, 12), ms(t0, 4), &S), None);
-        assert!(o.observe(c(2, 13), ms(t0, 5), &S).is_some());
+        assert_eq!(o.observe(c(2, 10), ms(t0, 3), &S, true), None);
+        assert_eq!(o.observe(c(2, 12), ms(t0, 4), &S, true), None);
+        assert!(o.observe(c(2, 13), ms(t0, 5), &S, true).is_some());
     }
 
     #[test]
     fn many_failures_in_one_poll_eject_at_once() {
         let t0 = Instant::now();
         let mut o = Outlier::default();
-        o.observe(c(5, 0), t0, &S);
-        let e = o.observe(c(5, 7), ms(t0, 250), &S);
+        o.observe(c(5, 0), t0, &S, true);
+        let e = o.observe(c(5, 7), ms(t0, 250), &S, true);
         assert!(
             matches!(e, Some(Event::Ejected { failures: 7, until, .. }) if until == ms(t0, 1250))
         );
@@ -190,30 +210,30 @@ mod tests {
     fn readmitted_after_the_ejection_time() {
         let t0 = Instant::now();
         let mut o = Outlier::default();
-        o.observe(c(0, 0), t0, &S);
-        o.observe(c(0, 3), t0, &S).unwrap();
+        o.observe(c(0, 0), t0, &S, true);
+        o.observe(c(0, 3), t0, &S, true).unwrap();
         assert_eq!(o.expire(ms(t0, 999)), None);
         // Failures while ejected (panic traffic) are not counted.
-        assert_eq!(o.observe(c(0, 50), ms(t0, 500), &S), None);
+        assert_eq!(o.observe(c(0, 50), ms(t0, 500), &S, true), None);
         assert_eq!(o.expire(ms(t0, 1000)), Some(Event::Readmitted));
         assert_eq!(o.readmit(ms(t0, 1000)), None, "not ejected any more");
         assert_eq!(o.ejected_until(), None);
         assert_eq!(o.expire(ms(t0, 1001)), None);
         // Judged afresh: the failures seen while ejected are not part of the next run.
-        assert_eq!(o.observe(c(0, 52), ms(t0, 1100), &S), None);
+        assert_eq!(o.observe(c(0, 52), ms(t0, 1100), &S, true), None);
     }
 
     #[test]
     fn backoff_doubles_up_to_the_maximum_and_resets_after_health() {
         let t0 = Instant::now();
         let mut o = Outlier::default();
-        o.observe(c(0, 0), t0, &S);
+        o.observe(c(0, 0), t0, &S, true);
         let mut now = t0;
         let mut failed = 0;
         let mut durations = Vec::new();
         for _ in 0..5 {
             failed += 3;
-            match o.observe(c(0, failed), now, &S) {
+            match o.observe(c(0, failed), now, &S, true) {
                 Some(Event::Ejected {
                     duration, until, ..
                 }) => {
@@ -228,14 +248,14 @@ mod tests {
         // Admitted for less than the maximum ejection: the backoff goes on.
         failed += 3;
         now += Duration::from_secs(4);
-        let e = o.observe(c(0, failed), now, &S);
+        let e = o.observe(c(0, failed), now, &S, true);
         assert!(matches!(e, Some(Event::Ejected { duration, .. }) if duration == S.max_ejection));
         now += S.max_ejection;
         o.expire(now).unwrap();
         // Admitted for the whole maximum: back to the base.
         failed += 3;
         now += S.max_ejection;
-        let e = o.observe(c(0, failed), now, &S);
+        let e = o.observe(c(0, failed), now, &S, true);
         assert!(matches!(e, Some(Event::Ejected { duration, .. }) if duration == S.base_ejection));
     }
 
@@ -243,11 +263,11 @@ mod tests {
     fn readmit_ends_an_ejection_early_and_keeps_the_backoff() {
         let t0 = Instant::now();
         let mut o = Outlier::default();
-        o.observe(c(0, 0), t0, &S);
-        o.observe(c(0, 3), t0, &S).unwrap();
+        o.observe(c(0, 0), t0, &S, true);
+        o.observe(c(0, 3), t0, &S, true).unwrap();
         assert_eq!(o.readmit(ms(t0, 10)), Some(Event::Readmitted));
         assert_eq!(o.ejected_until(), None);
-        let e = o.observe(c(0, 6), ms(t0, 20), &S);
+        let e = o.observe(c(0, 6), ms(t0, 20), &S, true);
         assert!(
             matches!(e, Some(Event::Ejected { duration, .. }) if duration == 2 * S.base_ejection)
         );
@@ -257,18 +277,19 @@ mod tests {
     fn counts_that_go_back_are_a_new_baseline() {
         let t0 = Instant::now();
         let mut o = Outlier::default();
-        o.observe(c(10, 10), t0, &S);
-        o.observe(c(10, 12), t0, &S);
+        o.observe(c(10, 10), t0, &S, true);
+        o.observe(c(10, 12), t0, &S, true);
         // The map was recreated: counts restart from zero.
-        assert_eq!(o.observe(c(0, 1), t0, &S), None);
-        assert_eq!(o.observe(c(0, 1), t0, &S), None);
+        assert_eq!(o.observe(c(0, 1), t0, &S, true), None);
+        assert_eq!(o.observe(c(0, 1), t0, &S, true), None);
         // The run of 2 before the reset still stands; one more failure ejects.
-        assert!(o.observe(c(0, 2), t0, &S).is_some());
+        assert!(o.observe(c(0, 2), t0, &S, true).is_some());
     }
 
     #[test]
     fn ejection_time_never_overflows() {
         let s = OutlierSettings {
+            max_ejection_percent: 50,
             consecutive_failures: 1,
             base_ejection: Duration::from_millis(86_400_000),
             max_ejection: Duration::from_millis(86_400_000),

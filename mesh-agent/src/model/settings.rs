@@ -11,6 +11,8 @@ use super::identity::SpiffeId;
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
 pub const DEFAULT_BASE_EJECTION_MS: u64 = 30_000;
 pub const DEFAULT_MAX_EJECTION_MS: u64 = 300_000;
+/// The share of a service's backends outlier detection may eject at once, by default.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
 
 /// Everything a service says about the health of its backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,13 +57,23 @@ pub struct HttpCheck {
 }
 
 /// Ejection after `consecutive_failures` failed connects in a row, for `base_ejection × 2^k`
-/// (k: ejections in a row), at most `max_ejection`.
+/// (k: ejections in a row), at most `max_ejection`; never more than `max_ejection_percent` of
+/// a service's backends at once (at least one may always be ejected, as in Envoy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutlierSettings {
     pub consecutive_failures: u32,
     pub base_ejection: Duration,
     /// At least `base_ejection`.
     pub max_ejection: Duration,
+    /// 1..=100.
+    pub max_ejection_percent: u32,
+}
+
+impl OutlierSettings {
+    /// How many of `backends` may be ejected at once.
+    pub fn ejection_cap(&self, backends: usize) -> usize {
+        (backends * self.max_ejection_percent as usize / 100).max(1)
+    }
 }
 
 impl Default for OutlierSettings {
@@ -70,6 +82,7 @@ impl Default for OutlierSettings {
             consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
             base_ejection: Duration::from_millis(DEFAULT_BASE_EJECTION_MS),
             max_ejection: Duration::from_millis(DEFAULT_MAX_EJECTION_MS),
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
         }
     }
 }
