@@ -520,3 +520,70 @@ async fn a_backend_keeps_its_kernel_id_and_count_across_a_reload_that_changes_it
         .map(|e| e.connections);
     assert_eq!(shown, Some(7), "the count survives the reload");
 }
+
+/// Every kernel service id → its name, as the flows and the tunnel's access log name them.
+fn names(controller: &Controller) -> Vec<(u32, String)> {
+    let mut names: Vec<(u32, String)> = (controller.names().current().iter())
+        .map(|(id, name)| (*id, name.clone()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The id the kernel gives the service at `frontend` (`VIP:port`, TCP).
+fn id_of(controller: &Controller, frontend: &str) -> u32 {
+    let frontend: SocketAddr = frontend.parse().unwrap();
+    let key = service_key(frontend.ip(), frontend.port(), PROTO_TCP);
+    controller.kernel().services[&key].id
+}
+
+#[tokio::test]
+async fn flows_name_the_services_the_kernel_holds_through_adds_renames_failures_and_restarts() {
+    let mut node = Node::new("names", WEB);
+    let mut controller = node.start();
+    let web = id_of(&controller, "10.96.0.10:80");
+    assert_eq!(names(&controller), vec![(web, "web".to_owned())]);
+
+    node.write_config(WEB_AND_API);
+    controller.reload();
+    let api = id_of(&controller, "10.96.0.11:443");
+    let mut both = vec![(web, "web".to_owned()), (api, "api".to_owned())];
+    both.sort();
+    assert_eq!(names(&controller), both);
+
+    // A health-like change (a backend's weight) rewrites one header and keeps the names.
+    node.write_config(&WEB_AND_API.replace(
+        "{ address = \"10.0.0.3:8080\" }",
+        "{ address = \"10.0.0.3:8080\", weight = 0 }",
+    ));
+    controller.reload();
+    assert_eq!(names(&controller), both);
+
+    // The same frontend under another name: same id, the new name.
+    node.write_config(&WEB_AND_API.replace("name = \"api\"", "name = \"api-v2\""));
+    controller.reload();
+    assert_eq!(id_of(&controller, "10.96.0.11:443"), api);
+    let mut renamed = vec![(web, "web".to_owned()), (api, "api-v2".to_owned())];
+    renamed.sort();
+    assert_eq!(names(&controller), renamed);
+
+    // A removal the maps refuse leaves the service in the kernel, named.
+    let attempts = node.kernel.maps().attempts;
+    node.kernel.maps().fail_from = Some(attempts);
+    node.write_config(WEB);
+    controller.reload();
+    assert_eq!(names(&controller), renamed);
+    node.kernel.maps().fail_from = None;
+    controller.reload();
+    assert_eq!(names(&controller), vec![(web, "web".to_owned())]);
+
+    // A restart on the same maps writes nothing and still names every service.
+    node.write_config(WEB_AND_API);
+    controller.reload();
+    drop(controller);
+    let restarted = node.start();
+    let api = id_of(&restarted, "10.96.0.11:443");
+    let mut both = vec![(web, "web".to_owned()), (api, "api".to_owned())];
+    both.sort();
+    assert_eq!(names(&restarted), both);
+}

@@ -2,6 +2,7 @@
 //! only when a bench that the filter selected first asks for it.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 
 use mesh_agent::balance::Desired;
@@ -112,17 +113,40 @@ pub fn kernel_holding_desired() -> &'static KernelState {
     })
 }
 
+/// The config text of [`services`] with an active health check (threshold 1) on service
+/// `svc-{checked}`.
+pub fn config_text_checked(checked: usize) -> String {
+    config_text_with(SERVICES, BACKENDS_PER_SERVICE, Some(checked))
+}
+
+/// Backend `k` of service `i` in the configs of this module.
+pub fn backend_of(i: usize, k: usize) -> SocketAddr {
+    let j = i * BACKENDS_PER_SERVICE + k;
+    SocketAddr::from(([10, (100 + (j >> 16)) as u8, (j >> 8) as u8, j as u8], 8080))
+}
+
 /// A config text: `services` services `svc-I` on VIPs 10.96.x.y:80, each with `per` backends
 /// 10.100.x.y:8080 of its own.
 fn config_text(services: usize, per: usize) -> String {
+    config_text_with(services, per, None)
+}
+
+fn config_text_with(services: usize, per: usize, checked: Option<usize>) -> String {
     let mut text = String::new();
     for i in 0..services {
         let _ = write!(
             text,
-            "[[services]]\nname = \"svc-{i}\"\nvip = \"10.96.{}.{}\"\nport = 80\nbackends = [",
+            "[[services]]\nname = \"svc-{i}\"\nvip = \"10.96.{}.{}\"\nport = 80\n",
             i >> 8,
             i & 255
         );
+        if checked == Some(i) {
+            text.push_str(
+                "health = { interval_ms = 1000, timeout_ms = 500, healthy_threshold = 1, \
+                 unhealthy_threshold = 1 }\n",
+            );
+        }
+        text.push_str("backends = [");
         for k in 0..per {
             let j = i * per + k;
             let _ = write!(

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | [`plan`] | `reconcile::plan` for 20,000 services / 200,000 backends: into an empty kernel, and into a kernel that holds it but for one changed service |
 //! | [`catalog`] | `Sources::catalog()` then `.desired()` at 20,000 services: one node's config, and 16 members announcing the same services with the endpoints spread over them |
+//! | [`event`] | one controller event (a registration and its withdrawal, a probe taking a backend out and back) at 20,000 services, end to end against the in-memory kernel |
 //! | [`maglev`] | `maglev::build` of a 1,000-backend table, equal and mixed weights |
 //!
 //! Inputs are built once per process through the crate's public API ([`inputs`]): a config
@@ -15,6 +16,7 @@
 //! longer runs (`cargo xtask bench micro plan --measurement-time 20`).
 
 mod catalog;
+mod event;
 mod inputs;
 mod maglev;
 mod plan;
@@ -34,6 +36,6 @@ fn quick() -> Criterion {
 criterion_group! {
     name = micro;
     config = quick();
-    targets = plan::bench, catalog::bench, maglev::bench
+    targets = plan::bench, catalog::bench, event::bench, maglev::bench
 }
 criterion_main!(micro);

@@ -9,7 +9,13 @@
 //! the in-process tests (`mesh-agent/tests/`) drive it against a
 //! [`MemoryKernel`](crate::reconcile::kernel::MemoryKernel).
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
 
 use anyhow::Context as _;
 use mesh_common::service::ServiceKey;
@@ -28,7 +34,7 @@ use crate::{
         Health,
     },
     model::{settings::GossipSettings, Service},
-    reconcile::{self, kernel::Kernel, KernelState},
+    reconcile::{self, kernel::Kernel, plan::Plan, KernelState, MapOp},
     telemetry::{applied::AppliedFeed, flows::ServiceNames},
     tunnel::Tunnel,
 };
@@ -79,6 +85,9 @@ pub struct Controller {
     pub(super) kernel: Arc<KernelState>,
     /// Kernel service id → name, for flows, the tunnel's flows and the reports.
     pub(super) names: Arc<ServiceNames>,
+    /// The names do not follow the kernel yet (at start, after a resume): the next write
+    /// names every service.
+    pub(super) names_stale: bool,
     /// Counts the changes a view would show (see [`Controller::generation`]).
     pub(super) generation: u64,
     pub(super) config_error: Option<String>,
@@ -86,6 +95,9 @@ pub struct Controller {
     pub(super) reloads_rejected: u64,
     /// What the catalog is made of: config, registrations, live peers.
     pub(super) sources: Sources,
+    /// What this node announces: `sources.announcement()` of the catalog in force, made once
+    /// per change of the config or the registrations.
+    pub(super) announcement: Arc<Announcement>,
     /// Where `sources.registered` is kept across restarts.
     pub(super) registry: Registry,
     /// The conflicts of the catalog in force.
@@ -127,6 +139,7 @@ impl Controller {
                 registered: registry.restore(),
                 peers: peers.announcements(),
             },
+            announcement: Arc::default(),
             node: parts.node,
             config_path: parts.config_path,
             cgroup: parts.cgroup,
@@ -142,6 +155,7 @@ impl Controller {
             checker: parts.checker,
             kernel: Arc::new(kernel),
             names: Arc::default(),
+            names_stale: true,
             generation: 0,
             config_error: None,
             reloads_applied: 0,
@@ -159,8 +173,8 @@ impl Controller {
     }
 
     /// What this node announces now: its config's and registrations' endpoints.
-    pub fn announcement(&self) -> Announcement {
-        self.sources.announcement()
+    pub fn announcement(&self) -> Arc<Announcement> {
+        Arc::clone(&self.announcement)
     }
 
     /// What the kernel's load-balancing maps hold, as the controller last wrote them.
@@ -201,7 +215,7 @@ impl Controller {
             conflicts: self.conflicts.clone(),
             reloads_applied: self.reloads_applied,
             reloads_rejected: self.reloads_rejected,
-            local: self.sources.announcement(),
+            local: Arc::clone(&self.announcement),
             peers: self.sources.peers.clone(),
             restored: self.peers.restored().map(str::to_owned).collect(),
             members: Arc::clone(&self.members),
@@ -225,10 +239,10 @@ impl Controller {
     }
 
     /// Announces `endpoint` from this node (kept across restarts); `false` when it already
-    /// was, with that weight. A registration the catalog's rules refuse changes nothing.
+    /// was, with that weight. A registration the rules of the catalog in force refuse changes
+    /// nothing.
     pub fn register(&mut self, endpoint: Endpoint) -> Result<bool, String> {
-        let catalog = self.sources.catalog();
-        crate::catalog::check_registration(&catalog, &endpoint)?;
+        crate::catalog::check_registration(&self.services, &endpoint)?;
         self.change_registrations(|r| r.register(endpoint))
     }
 
@@ -242,27 +256,20 @@ impl Controller {
         let started = Instant::now();
         self.generation += 1;
         let plan = reconcile::plan(&self.kernel, &desired);
+        // The ids the plan's removals free, read before the writes.
+        let removed: Vec<(ServiceKey, u32)> = (plan.groups.iter())
+            .flat_map(|g| &g.ops)
+            .filter_map(|op| match op {
+                MapOp::DeleteService(key) => Some((*key, self.kernel.services.get(key)?.id)),
+                _ => None,
+            })
+            .collect();
         let result = match plan.groups.is_empty() {
             true => Ok(reconcile::apply::ApplyReport::default()),
             false => reconcile::apply(&plan, &mut *self.maps, Arc::make_mut(&mut self.kernel)),
         };
         // Whatever was applied is in the kernel now; name it for flows either way.
-        let by_key = |d: &Desired| -> HashMap<ServiceKey, String> {
-            (d.services.iter())
-                .map(|(frontend, s)| (reconcile::addr::frontend_key(*frontend), s.name.clone()))
-                .collect()
-        };
-        let (new, old) = (by_key(&desired), by_key(&self.desired));
-        let names: HashMap<u32, String> = self
-            .kernel
-            .services
-            .iter()
-            .filter_map(|(key, service)| {
-                let name = new.get(key).or_else(|| old.get(key))?;
-                Some((service.id, name.clone()))
-            })
-            .collect();
-        self.names.publish(names);
+        self.rename(&plan, &removed, &desired);
         let report = result?;
         self.desired = Arc::new(desired);
         // Published and logged after the maps were written, with what the kernel holds now
@@ -282,6 +289,69 @@ impl Controller {
             "config applied to the kernel"
         );
         Ok(())
+    }
+
+    /// Brings the service names up to what the kernel holds after `plan` was applied, all of
+    /// it or part: the ids of `removed` services whose delete went through lose their name,
+    /// the services whose header was written or whose name changed are named from `desired`. After a restart or a
+    /// resume (no names yet, or a kernel read afresh) every service is named, from `desired`
+    /// or the state in force.
+    fn rename(&mut self, plan: &Plan, removed: &[(ServiceKey, u32)], desired: &Desired) {
+        let by_key = |d: &Desired, keys: Option<&HashSet<ServiceKey>>| {
+            (d.services.iter())
+                .map(|(frontend, s)| (reconcile::addr::frontend_key(*frontend), s))
+                .filter(|(key, _)| keys.is_none_or(|keys| keys.contains(key)))
+                .map(|(key, s)| (key, s.name.clone()))
+                .collect::<HashMap<ServiceKey, String>>()
+        };
+        if self.names_stale {
+            let (new, old) = (by_key(desired, None), by_key(&self.desired, None));
+            let names = (self.kernel.services.iter())
+                .filter_map(|(key, service)| {
+                    let name = new.get(key).or_else(|| old.get(key))?;
+                    Some((service.id, name.clone()))
+                })
+                .collect();
+            self.names.publish(names);
+            self.names_stale = false;
+            return;
+        }
+        // Services whose header was written (new, or a new id), and those that kept their
+        // header under another name.
+        let mut keys: HashSet<ServiceKey> = (plan.groups.iter())
+            .flat_map(|g| &g.ops)
+            .filter_map(|op| match op {
+                &MapOp::PutService(key, _) if !reconcile::addr::is_vip_marker_key(&key) => {
+                    Some(key)
+                }
+                _ => None,
+            })
+            .collect();
+        keys.extend(
+            (desired.services.iter())
+                .filter(|(frontend, s)| {
+                    self.desired.services.get(frontend).map(|old| &old.name) != Some(&s.name)
+                })
+                .map(|(frontend, _)| reconcile::addr::frontend_key(*frontend)),
+        );
+        let mut gone = removed
+            .iter()
+            .filter(|(key, _)| !self.kernel.services.contains_key(key))
+            .peekable();
+        if keys.is_empty() && gone.peek().is_none() {
+            return;
+        }
+        let new = by_key(desired, Some(&keys));
+        let mut names = (*self.names.current()).clone();
+        for (_, id) in gone {
+            names.remove(id);
+        }
+        for key in &keys {
+            if let (Some(service), Some(name)) = (self.kernel.services.get(key), new.get(key)) {
+                names.insert(service.id, name.clone());
+            }
+        }
+        self.names.publish(names);
     }
 
     /// Re-applies the catalog after a health change.
@@ -327,7 +397,8 @@ impl Controller {
     /// Merges the catalog's sources again, applies health and brings the kernel to the
     /// result. On error the previous catalog stays in force, health included.
     fn recompute(&mut self) -> anyhow::Result<()> {
-        let merged = self.sources.catalog();
+        let local = self.sources.announcement();
+        let merged = self.sources.catalog_with(&local);
         let catalog = merged.desired();
         self.health.sync(&merged.services);
         let mut desired = catalog.clone();
@@ -342,9 +413,10 @@ impl Controller {
             }
         }
         if let Some(tunnel) = &self.tunnel {
-            let local = self.sources.announcement().reachable_by_peers();
-            let hosted =
-                |service: &str, backend: SocketAddr| local.contains(&(service.to_owned(), backend));
+            let reachable = local.reachable_by_peers();
+            let hosted = |service: &str, backend: SocketAddr| {
+                reachable.contains(&(service.to_owned(), backend))
+            };
             tunnel.update(
                 &crate::tunnel::authz::mtls_services(
                     &merged.services,
@@ -358,6 +430,7 @@ impl Controller {
         self.checker.sync(self.health.targets());
         self.catalog = catalog;
         self.services = merged.services;
+        self.announcement = Arc::new(local);
         Ok(())
     }
 
@@ -387,15 +460,18 @@ impl Controller {
 
     /// Serves again after a failed takeover. The successor may have written the maps, so the
     /// kernel's state is read afresh and the catalog applied again; returns what to announce.
-    pub fn resume(&mut self) -> Announcement {
+    pub fn resume(&mut self) -> Arc<Announcement> {
         match self.maps.read_state() {
-            Ok(kernel) => self.kernel = Arc::new(kernel),
+            Ok(kernel) => {
+                self.kernel = Arc::new(kernel);
+                self.names_stale = true;
+            }
             Err(error) => tracing::error!("cannot read the kernel's state again: {error:#}"),
         }
         if let Err(error) = self.recompute() {
             tracing::error!("cannot apply the catalog again: {error:#}");
         }
-        self.sources.announcement()
+        self.announcement()
     }
 
     /// Takes the gossip members' latest state and applies the catalog it makes.
