@@ -23,7 +23,7 @@
 
 pub mod registry;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -153,17 +153,22 @@ impl Announcement {
                 .collect(),
             endpoints: Vec::new(),
         };
+        // Each (service, address) once, the first announcement of it kept.
+        let mut seen: HashSet<(&str, SocketAddr)> = HashSet::new();
         let configured = services.iter().flat_map(|s| {
-            s.backends.iter().map(|b| Endpoint {
-                service: s.name.clone(),
-                address: b.address,
-                weight: b.weight,
-            })
+            s.backends
+                .iter()
+                .map(move |b| (s.name.as_str(), b.address, b.weight))
         });
-        let mut seen = BTreeSet::new();
-        for endpoint in configured.chain(registered.endpoints.iter().cloned()) {
-            if seen.insert((endpoint.service.clone(), endpoint.address)) {
-                announcement.endpoints.push(endpoint);
+        let registered =
+            (registered.endpoints.iter()).map(|e| (e.service.as_str(), e.address, e.weight));
+        for (service, address, weight) in configured.chain(registered) {
+            if seen.insert((service, address)) {
+                announcement.endpoints.push(Endpoint {
+                    service: service.to_owned(),
+                    address,
+                    weight,
+                });
             }
         }
         announcement
@@ -406,11 +411,22 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
     });
 
     // Endpoints: weight from the lowest node; this node's first, in its order.
-    let mut endpoints: BTreeMap<&str, BTreeMap<SocketAddr, (u32, Order)>> = BTreeMap::new();
+    // Endpoints come in runs of one service: the definition is looked up once per run.
+    let mut endpoints: HashMap<&str, BTreeMap<SocketAddr, (u32, Order)>> = HashMap::new();
     let mut undefined: BTreeMap<&str, usize> = BTreeMap::new();
     for (node, announcement) in &members {
+        let mut run: Option<(&str, Option<&ServiceDef>)> = None;
         for (i, endpoint) in announcement.endpoints.iter().enumerate() {
-            let Some(def) = winners.get(endpoint.service.as_str()) else {
+            let name = endpoint.service.as_str();
+            let def = match run {
+                Some((last, def)) if last == name => def,
+                _ => {
+                    let def = winners.get(name);
+                    run = Some((name, def));
+                    def
+                }
+            };
+            let Some(def) = def else {
                 *undefined.entry(&endpoint.service).or_default() += 1;
                 continue;
             };
