@@ -109,8 +109,20 @@ impl Health {
     pub fn sync(&mut self, services: &[Service]) {
         let mut old = std::mem::take(&mut self.services);
         for service in services {
+            let (name, mut entry) = old
+                .remove_entry(&service.name)
+                .unwrap_or_else(|| (service.name.clone(), ServiceHealth::default()));
+            // The same settings and backends (the common case of an event that changed another
+            // service): the state stays as it is, nothing is rebuilt.
+            let unchanged = entry.settings == service.health
+                && entry.strict == service.mtls
+                && entry.backends.len() == service.backends.len()
+                && (service.backends.iter()).all(|b| entry.backends.contains_key(&b.address));
+            if unchanged {
+                self.services.insert(name, entry);
+                continue;
+            }
             let wanted = service.health.clone();
-            let mut entry = old.remove(&service.name).unwrap_or_default();
             if entry.settings.check != wanted.check {
                 for b in entry.backends.values_mut() {
                     b.active = None;
@@ -132,7 +144,7 @@ impl Health {
             entry.backends = backends;
             entry.settings = wanted;
             entry.strict = service.mtls;
-            self.services.insert(service.name.clone(), entry);
+            self.services.insert(name, entry);
         }
     }
 
