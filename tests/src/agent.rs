@@ -84,6 +84,17 @@ impl Agent {
         Self::launch_new(node, bin, Some(cgroup), config_toml, &[])
     }
 
+    /// [`Agent::start_with`], with the agent (and its restarts) in `cgroup`, e.g. one outside
+    /// the node's subtree whose `cpu.stat` then counts only the agent.
+    pub fn start_in_cgroup(
+        node: &Node,
+        bin: PathBuf,
+        cgroup: Cgroup,
+        config_toml: &str,
+    ) -> Result<Self> {
+        Self::launch_new(node, bin, Some(cgroup), config_toml, &[])
+    }
+
     fn launch_new(
         node: &Node,
         bin: PathBuf,

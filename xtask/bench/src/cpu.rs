@@ -116,7 +116,7 @@ fn busy_s_in(stat: &str) -> Result<f64> {
 }
 
 /// `usage_usec` of a cgroup v2 directory's `cpu.stat`, in seconds.
-fn cgroup_usage_s(cgroup: &Path) -> Result<f64> {
+pub fn cgroup_usage_s(cgroup: &Path) -> Result<f64> {
     let path = cgroup.join("cpu.stat");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;

@@ -20,6 +20,7 @@
 //! | [`mtls`] | the mTLS suite: tunnel vs stunnel vs plain, agent memory, loopback sockmap |
 //! | [`iperf`] | running `iperf3` and reading its JSON report |
 //! | [`cpu`] | how much CPU other processes took during the runs (the machine may be shared) |
+//! | [`roles`] | CPU time per role of a path (client node, each agent, backend), from each role's cgroup |
 //! | [`procstat`] | an agent's CPU time, resident memory and descriptors from `/proc` |
 //! | [`stats`] | medians, spreads, ratios |
 //! | [`bpfstats`] | the kernel's per-program run time of the agent's hooks |
@@ -42,6 +43,7 @@ pub mod msgsize;
 pub mod mtls;
 pub mod procstat;
 pub mod reload;
+pub mod roles;
 pub mod servers;
 pub mod sockmap;
 pub mod stats;

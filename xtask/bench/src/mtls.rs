@@ -40,11 +40,13 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use mesh_tests::cgroup::Cgroup;
 use mesh_tests::config::Service;
 use mesh_tests::mtls::{self, Ca, MtlsTable, TRUST_DOMAIN};
 use mesh_tests::{metrics, Agent, Node, TestBed};
 
 use crate::cpu::{Disturbance, Meter};
+use crate::roles::{Role, Roles};
 use crate::servers::{Iperf3Server, Nginx, Stunnel, TlsFiles};
 use crate::stats::{median, ratio, spread, target_line};
 use crate::wrk::{self, Load, Report};
@@ -101,6 +103,14 @@ const PLAIN: &str = "plain";
 const MESH: &str = "mesh mTLS";
 const STUNNEL: &str = "stunnel";
 
+/// The roles whose CPU is reported: the client node's workloads (wrk, iperf3, and on the
+/// stunnel path its client end), each agent, the server node's workloads (nginx, iperf3, and
+/// on the stunnel path its server end).
+const ROLE_CLIENT: &str = "client node";
+const ROLE_CLIENT_AGENT: &str = "client agent";
+const ROLE_SERVER_AGENT: &str = "server agent";
+const ROLE_BACKEND: &str = "backend";
+
 /// One way from a client to the backends.
 struct Path<'a> {
     name: &'static str,
@@ -110,6 +120,8 @@ struct Path<'a> {
     bulk: SocketAddr,
     /// The agent whose `mtls_redirected` counter must grow with the connections made.
     redirects: Option<&'a Agent>,
+    /// The cgroups whose CPU time is reported per unit of work.
+    roles: Roles,
 }
 
 /// The measurements of every round of one path.
@@ -124,6 +136,13 @@ struct Samples {
     connections: u64,
     /// The share of the CPUs others used during each measured run.
     others: Vec<f64>,
+    /// Per measured run, each role's CPU per unit of work: µs per new connection, µs per
+    /// request on one connection, ms per GB received by iperf3.
+    cpu_conn: Vec<Vec<f64>>,
+    cpu_rr: Vec<Vec<f64>>,
+    cpu_bulk: Vec<Vec<f64>>,
+    /// The roles of those values, in order.
+    roles: Vec<&'static str>,
 }
 
 /// Runs the suite and prints its results.
@@ -172,15 +191,20 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
         mtls::config(node, &services, &table, "")
     };
     let mesh = client_node(bed, "mesh")?;
+    // Each agent in a cgroup of its own, outside its node's subtree (the hooks do not see it,
+    // as with `Agent::start_with`), so that its `cpu.stat` counts the agent alone.
+    let agent_cgroup = |node: &str| Cgroup::create(bed.cgroup_root().join(format!("agent-{node}")));
     let agents = Agents {
-        server: Agent::start_with(
+        server: Agent::start_in_cgroup(
             &server,
             artifacts.agent.clone(),
+            agent_cgroup("server")?,
             &agent_config(&server, "server")?,
         )?,
-        client: Agent::start_with(
+        client: Agent::start_in_cgroup(
             &mesh,
             artifacts.agent.clone(),
+            agent_cgroup("mesh")?,
             &agent_config(&mesh, "client")?,
         )?,
     };
@@ -229,9 +253,26 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
     .collect::<Result<Vec<_>>>()?;
 
     let plain = client_node(bed, "plain")?;
+    let role = |name, cgroup: &std::path::Path| Role {
+        name,
+        cgroup: cgroup.to_path_buf(),
+    };
+    let node_roles = |client: &Node| {
+        Roles(vec![
+            role(ROLE_CLIENT, client.cgroup().path()),
+            role(ROLE_BACKEND, server.cgroup().path()),
+        ])
+    };
+    let mesh_roles = Roles(vec![
+        role(ROLE_CLIENT, mesh.cgroup().path()),
+        role(ROLE_CLIENT_AGENT, &bed.cgroup_root().join("agent-mesh")),
+        role(ROLE_SERVER_AGENT, &bed.cgroup_root().join("agent-server")),
+        role(ROLE_BACKEND, server.cgroup().path()),
+    ]);
     let paths = [
         Path {
             name: PLAIN,
+            roles: node_roles(&plain),
             client: plain,
             http: nginx_plain.addr,
             bulk: iperf_plain.addr,
@@ -243,9 +284,11 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
             http: SocketAddr::V4(WEB.1),
             bulk: SocketAddr::V4(BULK.1),
             redirects: Some(&agents.client),
+            roles: mesh_roles,
         },
         Path {
             name: STUNNEL,
+            roles: node_roles(&stunnel_node),
             client: stunnel_node,
             http: stunnels[0][1].addr,
             bulk: stunnels[1][1].addr,
@@ -277,8 +320,9 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
         None
     };
     print!(
-        "{}{}",
+        "{}{}{}",
         render_results(&summarize(&samples), args),
+        render_cpu(&samples),
         render_memory(&idle, flows.as_ref(), args.flows)
     );
     Ok(())
@@ -393,6 +437,7 @@ impl Bench {
             for i in 0..paths.len() {
                 let p = &paths[(i + round) % paths.len()];
                 let s = samples.entry(p.name).or_default();
+                s.roles = p.roles.names().collect();
                 if round == 0 && !self.warmup.is_zero() {
                     for load in [&self.conn, &self.rr] {
                         wrk::run(&p.client, &load.with_duration(self.warmup), p.http)
@@ -403,27 +448,37 @@ impl Bench {
                 }
                 for load in [&self.conn, &self.rr] {
                     let label = format!("{} ({})", p.name, load.describe());
-                    let (report, others) = self.disturbance.least_disturbed(&label, || {
-                        let (report, redirected, others) = self.wrk(p, load)?;
-                        s.redirected += redirected;
-                        s.connections += connections(&report, load);
-                        Ok((report, others))
-                    })?;
+                    let ((report, cpu), others) =
+                        self.disturbance.least_disturbed(&label, || {
+                            let ((report, redirected, others), cpu) =
+                                p.roles.measure(|| self.wrk(p, load))?;
+                            s.redirected += redirected;
+                            s.connections += connections(&report, load);
+                            Ok(((report, cpu), others))
+                        })?;
                     s.others.push(others);
+                    // µs per connection (new connections) or per request (one connection).
+                    let units = report.requests.max(1) as f64;
+                    let per_unit = cpu.iter().map(|c| c * 1e6 / units).collect();
                     if load.close {
                         s.conn.push(report);
+                        s.cpu_conn.push(per_unit);
                     } else {
                         s.rr.push(report);
+                        s.cpu_rr.push(per_unit);
                     }
                 }
                 let label = format!("{} (iperf3)", p.name);
-                let (bps, others) = self.disturbance.least_disturbed(&label, || {
+                let ((bps, cpu), others) = self.disturbance.least_disturbed(&label, || {
                     let meter = Meter::start(&self.cgroup)?;
-                    let bps = self.iperf(p, self.bulk)?;
-                    Ok((bps, meter.others_share()?))
+                    let (bps, cpu) = p.roles.measure(|| self.iperf(p, self.bulk))?;
+                    Ok(((bps, cpu), meter.others_share()?))
                 })?;
                 s.others.push(others);
                 s.bulk_bps.push(bps);
+                // ms per GB received.
+                let gb = (bps * self.bulk.as_secs_f64() / 8.0 / 1e9).max(1e-9);
+                s.cpu_bulk.push(cpu.iter().map(|c| c * 1e3 / gb).collect());
                 eprintln!(
                     "bench mtls: round {}/{rounds} {:<10} {:>8.0} conn/s {:>8.0} rr/s  p99 {:.3} ms \
                      {:>6.2} Gbit/s",
@@ -597,6 +652,80 @@ fn render_results(rows: &[Summary], args: &Args) -> String {
     out
 }
 
+/// The median over runs of each role's value.
+fn role_medians(runs: &[Vec<f64>], roles: usize) -> Vec<Option<f64>> {
+    (0..roles)
+        .map(|i| {
+            median(
+                &runs
+                    .iter()
+                    .filter_map(|r| r.get(i).copied())
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect()
+}
+
+/// CPU per unit of work per path and role, and the target on both agents' CPU per GB.
+fn render_cpu(samples: &BTreeMap<&str, Samples>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "CPU per unit of work (each role's cgroup cpu.stat usage_usec, median of the rounds): \
+         us per new connection (conn), us per request on one connection (rr), CPU-ms per GB \
+         received by iperf3 (bulk)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:<13} {:>9} {:>9} {:>9}",
+        "path", "role", "us/conn", "us/req", "ms/GB"
+    );
+    let cell = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let mut agents_per_gb = None;
+    for path in [PLAIN, MESH, STUNNEL] {
+        let Some(s) = samples.get(path) else { continue };
+        let n = s.roles.len();
+        let (conn, rr, bulk) = (
+            role_medians(&s.cpu_conn, n),
+            role_medians(&s.cpu_rr, n),
+            role_medians(&s.cpu_bulk, n),
+        );
+        for (i, role) in s.roles.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{path:<10} {role:<13} {:>9} {:>9} {:>9}",
+                cell(conn[i]),
+                cell(rr[i]),
+                cell(bulk[i])
+            );
+        }
+        if path == MESH {
+            // Summed per run, then the median: both agents together on the same bytes.
+            let per_run: Vec<f64> = s
+                .cpu_bulk
+                .iter()
+                .map(|run| {
+                    s.roles
+                        .iter()
+                        .zip(run)
+                        .filter(|(r, _)| [ROLE_CLIENT_AGENT, ROLE_SERVER_AGENT].contains(r))
+                        .map(|(_, v)| v)
+                        .sum()
+                })
+                .collect();
+            agents_per_gb = median(&per_run);
+        }
+    }
+    if let Some(v) = agents_per_gb {
+        let verdict = if v <= 1000.0 { "met" } else { "NOT met" };
+        let _ = writeln!(
+            out,
+            "  mesh mTLS CPU per GB through both agents   {v:>7.0} CPU-ms  (<= 1,000) {verdict}"
+        );
+    }
+    out
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -684,6 +813,33 @@ mod tests {
         assert!(text.contains("0.60x  (>= 0.55x) met"), "{text}");
         assert!(text.contains("3.20x  (>= 2x) met"), "{text}");
         assert!(text.contains("0.70x  (>= 0.6x) met"), "{text}");
+    }
+
+    #[test]
+    fn cpu_table_has_each_role_and_the_agents_per_gb() {
+        let mut s = BTreeMap::new();
+        let mut mesh = samples(8000.0, 9100.0, 9.6e9);
+        mesh.roles = vec![
+            ROLE_CLIENT,
+            ROLE_CLIENT_AGENT,
+            ROLE_SERVER_AGENT,
+            ROLE_BACKEND,
+        ];
+        mesh.cpu_conn = vec![vec![10.0, 20.0, 30.0, 40.0]; 3];
+        mesh.cpu_rr = vec![vec![1.0, 2.0, 3.0, 4.0]; 3];
+        mesh.cpu_bulk = vec![
+            vec![100.0, 500.0, 400.0, 200.0],
+            vec![100.0, 700.0, 400.0, 200.0],
+            vec![100.0, 600.0, 300.0, 200.0],
+        ];
+        s.insert(MESH, mesh);
+        let text = render_cpu(&s);
+        assert!(
+            text.contains("mesh mTLS  client agent       20.0       2.0     600.0"),
+            "{text}"
+        );
+        // Per run 900, 1100, 900: the median is 900.
+        assert!(text.contains("900 CPU-ms  (<= 1,000) met"), "{text}");
     }
 
     #[test]
