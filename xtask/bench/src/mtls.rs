@@ -642,12 +642,12 @@ fn render_results(rows: &[Summary], args: &Args) -> String {
     target(
         "mesh mTLS conn/s vs plain",
         mesh.map(|m| ratio(m.conn_per_s, plain.conn_per_s)),
-        0.4,
+        0.6,
     );
     target(
         "mesh mTLS rr/s vs plain",
         mesh.map(|m| ratio(m.rr_per_s, plain.rr_per_s)),
-        0.6,
+        0.7,
     );
     out
 }
