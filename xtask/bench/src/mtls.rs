@@ -812,7 +812,8 @@ mod tests {
         assert!(text.contains("9.60   0.60"), "{text}");
         assert!(text.contains("0.60x  (>= 0.55x) met"), "{text}");
         assert!(text.contains("3.20x  (>= 2x) met"), "{text}");
-        assert!(text.contains("0.70x  (>= 0.6x) met"), "{text}");
+        assert!(text.contains("0.50x  (>= 0.6x) NOT met"), "{text}");
+        assert!(text.contains("0.70x  (>= 0.7x) met"), "{text}");
     }
 
     #[test]
