@@ -293,9 +293,9 @@ impl Controller {
 
     /// Brings the service names up to what the kernel holds after `plan` was applied, all of
     /// it or part: the ids of `removed` services whose delete went through lose their name,
-    /// the services whose header was written or whose name changed are named from `desired`. After a restart or a
-    /// resume (no names yet, or a kernel read afresh) every service is named, from `desired`
-    /// or the state in force.
+    /// the services whose header was written or whose name changed are named from `desired`.
+    /// After a restart or a resume (no names yet, or a kernel read afresh) every service is
+    /// named, from `desired` or the state in force.
     fn rename(&mut self, plan: &Plan, removed: &[(ServiceKey, u32)], desired: &Desired) {
         let by_key = |d: &Desired, keys: Option<&HashSet<ServiceKey>>| {
             (d.services.iter())

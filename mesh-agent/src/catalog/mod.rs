@@ -102,10 +102,10 @@ impl Endpoint {
     }
 }
 
-/// Why `endpoint` cannot be registered on this node against the catalog's `services`, or `Ok`: it must be
-/// announceable ([`Endpoint::check`]), of a service the catalog has, of that service's address
-/// family, and not a VIP of any service (a registration must never point the mesh at a
-/// frontend).
+/// Why `endpoint` cannot be registered on this node against the catalog's `services`, or
+/// `Ok`: it must be announceable ([`Endpoint::check`]), of a service the catalog has, of that
+/// service's address family, and not a VIP of any service (a registration must never point
+/// the mesh at a frontend).
 pub fn check_registration(services: &[Service], endpoint: &Endpoint) -> Result<(), String> {
     endpoint.check()?;
     let addr = endpoint.address;

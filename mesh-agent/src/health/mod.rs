@@ -113,37 +113,38 @@ impl Health {
                 .remove_entry(&service.name)
                 .unwrap_or_else(|| (service.name.clone(), ServiceHealth::default()));
             // The same settings and backends (the common case of an event that changed another
-            // service): the state stays as it is, nothing is rebuilt.
+            // service): the backends' state is kept as it is, not rebuilt.
             let unchanged = entry.settings == service.health
                 && entry.strict == service.mtls
                 && entry.backends.len() == service.backends.len()
                 && (service.backends.iter()).all(|b| entry.backends.contains_key(&b.address));
-            if unchanged {
-                self.services.insert(name, entry);
-                continue;
-            }
-            let wanted = service.health.clone();
-            if entry.settings.check != wanted.check {
-                for b in entry.backends.values_mut() {
-                    b.active = None;
+            if !unchanged {
+                let wanted = service.health.clone();
+                if entry.settings.check != wanted.check {
+                    for b in entry.backends.values_mut() {
+                        b.active = None;
+                    }
                 }
-            }
-            let prefer_local = wanted.locality == Locality::PreferLocal;
-            let mut backends = BTreeMap::new();
-            for b in &service.backends {
-                let mut state = entry.backends.remove(&b.address).unwrap_or_default();
-                if wanted.check.is_some() && state.active.is_none() {
-                    state.active = Some(ActiveState::default());
+                let mut backends = BTreeMap::new();
+                for b in &service.backends {
+                    let mut state = entry.backends.remove(&b.address).unwrap_or_default();
+                    if wanted.check.is_some() && state.active.is_none() {
+                        state.active = Some(ActiveState::default());
+                    }
+                    if wanted.check.is_none() {
+                        state.active = None;
+                    }
+                    backends.insert(b.address, state);
                 }
-                if wanted.check.is_none() {
-                    state.active = None;
-                }
-                state.local = prefer_local && locality::is_local(b.address.ip());
-                backends.insert(b.address, state);
+                entry.backends = backends;
+                entry.settings = wanted;
+                entry.strict = service.mtls;
             }
-            entry.backends = backends;
-            entry.settings = wanted;
-            entry.strict = service.mtls;
+            // Looked up again on every sync: this host's addresses may have changed.
+            let prefer_local = entry.settings.locality == Locality::PreferLocal;
+            for (address, state) in &mut entry.backends {
+                state.local = prefer_local && locality::is_local(address.ip());
+            }
             self.services.insert(name, entry);
         }
     }

@@ -193,7 +193,8 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
     let mesh = client_node(bed, "mesh")?;
     // Each agent in a cgroup of its own, outside its node's subtree (the hooks do not see it,
     // as with `Agent::start_with`), so that its `cpu.stat` counts the agent alone.
-    let agent_cgroup = |node: &str| Cgroup::create(bed.cgroup_root().join(format!("agent-{node}")));
+    let agent_cgroup_path = |node: &str| bed.cgroup_root().join(format!("agent-{node}"));
+    let agent_cgroup = |node: &str| Cgroup::create(agent_cgroup_path(node));
     let agents = Agents {
         server: Agent::start_in_cgroup(
             &server,
@@ -265,8 +266,8 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
     };
     let mesh_roles = Roles(vec![
         role(ROLE_CLIENT, mesh.cgroup().path()),
-        role(ROLE_CLIENT_AGENT, &bed.cgroup_root().join("agent-mesh")),
-        role(ROLE_SERVER_AGENT, &bed.cgroup_root().join("agent-server")),
+        role(ROLE_CLIENT_AGENT, &agent_cgroup_path("mesh")),
+        role(ROLE_SERVER_AGENT, &agent_cgroup_path("server")),
         role(ROLE_BACKEND, server.cgroup().path()),
     ]);
     let paths = [
