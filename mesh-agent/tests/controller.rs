@@ -9,16 +9,20 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use mesh_agent::{
     app::controller::{Controller, Parts},
-    catalog::{Announcement, Endpoint},
+    catalog::{Announcement, Endpoint, ServiceDef},
     config::Config,
     gossip::{record::NodeRecord, Member},
     health::{
         checker::{Checker, ProbeReport, Target},
         probe::{ProbeError, Prober},
     },
+    model::{Affinity, LbPolicy, Protocol},
     reconcile::{addr::service_key, kernel::MemoryKernel},
 };
-use mesh_common::{health::ConnectOutcomes, service::PROTO_TCP};
+use mesh_common::{
+    health::ConnectOutcomes,
+    service::{PROTO_TCP, SERVICE_FLAG_VIP_MARKER},
+};
 use tokio::sync::mpsc;
 
 /// A prober whose probes never finish: the tests deliver probe results themselves.
@@ -586,4 +590,335 @@ async fn flows_name_the_services_the_kernel_holds_through_adds_renames_failures_
     let mut both = vec![(web, "web".to_owned()), (api, "api".to_owned())];
     both.sort();
     assert_eq!(names(&restarted), both);
+}
+
+/// A small deterministic random source (xorshift), so a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// One service of [`Mesh`]'s config: (name, VIP, port, protocol, lb, backends with weight).
+#[derive(Clone)]
+struct Spec {
+    name: &'static str,
+    vip: &'static str,
+    port: u16,
+    udp: bool,
+    lb: &'static str,
+    /// Extra TOML keys (health and outlier settings).
+    extra: String,
+    backends: Vec<(String, u32)>,
+}
+
+/// The inputs both pipelines are given: the config's services, the gossip members.
+struct Mesh {
+    config: Vec<Spec>,
+    /// Whether the optional service is in the config.
+    extra_service: bool,
+    members: Vec<Member>,
+}
+
+const BACKENDS: [&str; 8] = [
+    "10.0.0.1:8080",
+    "10.0.0.2:8080",
+    "10.0.0.3:8080",
+    "10.0.1.1:53",
+    "10.0.1.2:53",
+    "10.0.2.1:80",
+    "[fd00::1]:80",
+    "[fd00::2]:80",
+];
+const NAMES: [&str; 6] = ["web", "api", "dns", "pay", "six", "ghost"];
+const CHECK: &str = "health = { interval_ms = 1000, timeout_ms = 500, healthy_threshold = 1, \
+                     unhealthy_threshold = 1 }\noutlier = { consecutive_failures = 2, \
+                     base_ejection_ms = 600000, max_ejection_ms = 600000 }";
+
+impl Mesh {
+    fn new() -> Mesh {
+        let spec = |name, vip, port, udp, lb, backends: &[&str]| Spec {
+            name,
+            vip,
+            port,
+            udp,
+            lb,
+            extra: String::new(),
+            backends: backends.iter().map(|b| (b.to_string(), 1)).collect(),
+        };
+        let mut pay = spec("pay", "10.96.0.20", 8080, false, "random", &BACKENDS[..3]);
+        pay.extra = CHECK.to_owned();
+        Mesh {
+            config: vec![
+                spec("web", "10.96.0.10", 80, false, "maglev", &BACKENDS[..2]),
+                spec("api", "10.96.0.10", 443, false, "weighted", &BACKENDS[1..3]),
+                spec("dns", "10.96.0.53", 53, true, "random", &BACKENDS[3..5]),
+                pay,
+                spec("six", "fd00::10", 80, false, "random", &BACKENDS[6..7]),
+            ],
+            extra_service: false,
+            members: Vec::new(),
+        }
+    }
+
+    fn toml(&self) -> String {
+        let mut out = String::new();
+        let extra = self.extra_service.then(|| Spec {
+            name: "extra",
+            vip: "10.96.0.10",
+            port: 8443,
+            udp: false,
+            lb: "random",
+            extra: String::new(),
+            backends: vec![("10.0.2.1:80".into(), 1)],
+        });
+        for s in self.config.iter().chain(&extra) {
+            let backends: Vec<String> = (s.backends.iter())
+                .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+                .collect();
+            out += &format!(
+                "[[services]]\nname = \"{}\"\nvip = \"{}\"\nport = {}\nprotocol = \"{}\"\nlb = \"{}\"\n{}\nbackends = [{}]\n\n",
+                s.name,
+                s.vip,
+                s.port,
+                if s.udp { "udp" } else { "tcp" },
+                s.lb,
+                s.extra,
+                backends.join(", ")
+            );
+        }
+        out
+    }
+
+    /// Changes one thing of the config: a backend in or out, a weight, a service's `lb` (a
+    /// definition), its health settings, the optional service in or out.
+    fn change_config(&mut self, rng: &mut Rng) {
+        let at = rng.below(self.config.len());
+        let s = &mut self.config[at];
+        match rng.below(6) {
+            0 | 1 => {
+                let backend = rng.pick(&BACKENDS).to_string();
+                match s.backends.iter().position(|(a, _)| *a == backend) {
+                    Some(i) if s.backends.len() > 1 => {
+                        s.backends.remove(i);
+                    }
+                    Some(_) => {}
+                    None if backend.starts_with('[') == s.vip.contains(':') => {
+                        s.backends.push((backend, 1));
+                    }
+                    None => {}
+                }
+            }
+            2 => {
+                let i = rng.below(s.backends.len());
+                s.backends[i].1 = rng.below(4) as u32;
+            }
+            3 => s.lb = *rng.pick(&["random", "weighted", "maglev"]),
+            4 => {
+                s.extra = match s.extra.is_empty() {
+                    true => CHECK.to_owned(),
+                    false => String::new(),
+                }
+            }
+            _ => self.extra_service = !self.extra_service,
+        }
+    }
+
+    /// Changes one thing of the members: a peer joins, leaves, or changes its endpoints or
+    /// definitions (one that differs from the config's, one that claims another's frontend).
+    fn change_members(&mut self, rng: &mut Rng) {
+        let name = *rng.pick(&["n0", "n2"]);
+        let Some(at) = self.members.iter().position(|m| m.name == name) else {
+            let mut member = peer(name, true, &[]);
+            member.announcement.endpoints.clear();
+            self.members.push(member);
+            return;
+        };
+        let announcement = &mut self.members[at].announcement;
+        match rng.below(8) {
+            0 => {
+                self.members.remove(at);
+            }
+            1 => {
+                let web = ServiceDef {
+                    vip: "10.96.0.10".parse().unwrap(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    lb: LbPolicy::Random,
+                    affinity: Affinity::None,
+                    affinity_timeout_s: 0,
+                    mtls: false,
+                };
+                let (name, def) = match rng.below(3) {
+                    0 => ("web", web),
+                    1 => ("alt", web),
+                    _ => ("api", ServiceDef { port: 443, ..web }),
+                };
+                if announcement.services.remove(name).is_none() {
+                    announcement.services.insert(name.to_owned(), def);
+                }
+            }
+            _ => {
+                let service = rng.pick(&NAMES).to_string();
+                let address: SocketAddr = rng.pick(&BACKENDS).parse().unwrap();
+                let endpoints = &mut announcement.endpoints;
+                match (endpoints.iter()).position(|e| e.service == service && e.address == address)
+                {
+                    Some(i) if rng.below(2) == 0 => endpoints[i].weight = rng.below(3) as u32,
+                    Some(i) => {
+                        endpoints.remove(i);
+                    }
+                    None => endpoints.push(Endpoint {
+                        service,
+                        address,
+                        weight: 1,
+                    }),
+                }
+            }
+        }
+        self.members.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+}
+
+/// What a node's controller shows and its kernel holds, for comparing two of them: every
+/// frontend the kernel serves and what a connect to it reaches (in slot order), the VIP
+/// markers, and the reports (services, conflicts, degraded reasons, endpoints; the ejections'
+/// end times, which depend on when each ran, left out).
+fn observed(node: &Node, controller: &Controller) -> serde_json::Value {
+    let state = node.kernel.maps().state.clone();
+    let kernel: Vec<String> = (state.services.iter())
+        .map(|(key, service)| match service.flags & SERVICE_FLAG_VIP_MARKER {
+            0 => format!("{key:?} -> {:?}", state.resolve(key)),
+            _ => format!("{key:?} marker"),
+        })
+        .collect();
+    let view = controller.view();
+    let status = view.status().unwrap();
+    let mut endpoints = serde_json::to_value(view.endpoints()).unwrap();
+    for endpoint in endpoints.as_array_mut().unwrap() {
+        endpoint.as_object_mut().unwrap().remove("ejected_until");
+    }
+    serde_json::json!({
+        "kernel": kernel,
+        "services": status.services,
+        "conflicts": status.conflicts,
+        "degraded": status.degraded,
+        "config_error": (status.config_error)
+            .map(|e| without_ids(&e.replace(node.config_path().to_str().unwrap(), "mesh.toml"))),
+        "endpoints": endpoints,
+    })
+}
+
+/// `text` with the map ids it names (`backend 12`, `slot 5/0/0`) left out: the two pipelines
+/// give new entries different ids.
+fn without_ids(text: &str) -> String {
+    (text.split(' ').collect::<Vec<_>>().windows(2))
+        .map(|w| match w[0] {
+            "backend" | "slot" | "service" if w[1].starts_with(|c: char| c.is_ascii_digit()) => "#",
+            _ => w[1],
+        })
+        .fold(text.split(' ').next().unwrap_or("").to_owned(), |out, word| out + " " + word)
+}
+
+/// The incremental pipeline held to the whole one: two nodes given the same config and the
+/// same 600 random events — registrations (some refused), config reloads that move a backend,
+/// change a weight, an `lb`, health settings or add a service, peers that join, leave, change
+/// endpoints or define services in conflict, probe results, failed connects, and events while
+/// the maps refuse every write — show the same kernel and the same reports after each one.
+#[tokio::test]
+async fn the_incremental_pipeline_reaches_what_the_whole_pipeline_does_after_every_event() {
+    let mut mesh = Mesh::new();
+    let mut incremental = Node::new("incremental", &mesh.toml());
+    let mut whole = Node::new("whole", &mesh.toml());
+    let mut a = incremental.start();
+    let mut b = whole.start();
+    b.set_incremental(false);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for step in 0..600 {
+        let refuse_writes = rng.below(20) == 0;
+        if refuse_writes {
+            for node in [&incremental, &whole] {
+                let attempts = node.kernel.maps().attempts;
+                node.kernel.maps().fail_from = Some(attempts);
+            }
+        }
+        let event = rng.below(8);
+        match event {
+            0 | 1 => {
+                let endpoint = Endpoint {
+                    service: rng.pick(&NAMES).to_string(),
+                    address: rng.pick(&BACKENDS).parse().unwrap(),
+                    weight: rng.below(3) as u32,
+                };
+                let (x, y) = (a.register(endpoint.clone()), b.register(endpoint));
+                assert_eq!(x, y, "step {step}: register");
+            }
+            2 => {
+                let service = rng.pick(&NAMES).to_string();
+                let address: SocketAddr = rng.pick(&BACKENDS).parse().unwrap();
+                let (x, y) = (a.deregister(&service, address), b.deregister(&service, address));
+                assert_eq!(x, y, "step {step}: deregister");
+            }
+            3 => {
+                mesh.change_config(&mut rng);
+                incremental.write_config(&mesh.toml());
+                whole.write_config(&mesh.toml());
+                a.reload();
+                b.reload();
+            }
+            4 | 5 => {
+                mesh.change_members(&mut rng);
+                let members = Arc::new(mesh.members.clone());
+                a.set_members(Arc::clone(&members));
+                b.set_members(members);
+            }
+            6 => {
+                let backend: SocketAddr = rng.pick(&BACKENDS[..3]).parse().unwrap();
+                let passed = rng.below(2) == 0;
+                for controller in [&mut a, &mut b] {
+                    controller.on_probe(ProbeReport {
+                        service: "pay".to_owned(),
+                        backend,
+                        result: match passed {
+                            true => Ok(()),
+                            false => Err(ProbeError::Timeout {
+                                timeout: std::time::Duration::from_millis(500),
+                            }),
+                        },
+                    });
+                }
+            }
+            _ => {
+                let backend: SocketAddr = rng.pick(&BACKENDS).parse().unwrap();
+                let failed = rng.below(4) as u64;
+                for node in [&incremental, &whole] {
+                    let mut maps = node.kernel.maps();
+                    let counts = maps.outcomes.entry(backend).or_default();
+                    counts.established += 1;
+                    counts.failed += failed;
+                }
+                a.tick();
+                b.tick();
+            }
+        }
+        if refuse_writes {
+            for node in [&incremental, &whole] {
+                node.kernel.maps().fail_from = None;
+            }
+        }
+        assert_eq!(
+            observed(&incremental, &a),
+            observed(&whole, &b),
+            "step {step}: event {event}, writes refused: {refuse_writes}"
+        );
+    }
 }

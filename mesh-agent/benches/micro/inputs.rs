@@ -68,7 +68,7 @@ fn mesh_of(members: usize) -> Sources {
         peers: (1..members)
             .map(|m| {
                 let announced = Announcement::local(&share(m), &Registrations::default());
-                (format!("n{m}"), announced)
+                (format!("n{m}"), std::sync::Arc::new(announced))
             })
             .collect(),
     }

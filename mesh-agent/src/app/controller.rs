@@ -10,7 +10,7 @@
 //! [`MemoryKernel`](crate::reconcile::kernel::MemoryKernel).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -18,11 +18,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use mesh_common::service::ServiceKey;
 
 use crate::{
     balance::Desired,
-    catalog::{registry::Registry, Announcement, Conflict, Endpoint, Registrations, Sources},
+    catalog::{
+        registry::Registry, Announcement, Change, Conflict, Endpoint, Registrations, Sources,
+    },
     config::Config,
     gossip::{
         self,
@@ -34,7 +35,7 @@ use crate::{
         Health,
     },
     model::{settings::GossipSettings, Service},
-    reconcile::{self, kernel::Kernel, plan::Plan, KernelState, MapOp},
+    reconcile::{kernel::Kernel, KernelState},
     telemetry::{applied::AppliedFeed, flows::ServiceNames},
     tunnel::Tunnel,
 };
@@ -98,6 +99,12 @@ pub struct Controller {
     /// What this node announces: `sources.announcement()` of the catalog in force, made once
     /// per change of the config or the registrations.
     pub(super) announcement: Arc<Announcement>,
+    /// The next event goes through the whole pipeline (every service merged, health-masked
+    /// and planned), not only as far as it reaches: at start and after a resume, and after a
+    /// write that failed or left garbage (see [`crate::reconcile::plan::plan_scoped`]).
+    pub(super) whole_pipeline_due: bool,
+    /// False: every event goes through the whole pipeline ([`Controller::set_incremental`]).
+    pub(super) incremental: bool,
     /// Where `sources.registered` is kept across restarts.
     pub(super) registry: Registry,
     /// The conflicts of the catalog in force.
@@ -140,6 +147,8 @@ impl Controller {
                 peers: peers.announcements(),
             },
             announcement: Arc::default(),
+            whole_pipeline_due: true,
+            incremental: true,
             node: parts.node,
             config_path: parts.config_path,
             cgroup: parts.cgroup,
@@ -168,7 +177,8 @@ impl Controller {
             tunnel: parts.tunnel,
             applied: Arc::default(),
         };
-        controller.recompute()?;
+        let local = Arc::new(controller.sources.announcement());
+        controller.recompute(Change::All, local)?;
         Ok(controller)
     }
 
@@ -226,6 +236,12 @@ impl Controller {
         }
     }
 
+    /// With `false`, every event goes through the whole pipeline, as before it was
+    /// incremental: the reference the in-process tests hold the incremental one to.
+    pub fn set_incremental(&mut self, incremental: bool) {
+        self.incremental = incremental;
+    }
+
     /// The gossip transport's counters, once gossip runs (the peers' deaths are trusted only
     /// while authentic gossip still arrives).
     pub fn set_gossip_stats(&mut self, stats: Option<Arc<gossip::Stats>>) {
@@ -243,124 +259,16 @@ impl Controller {
     /// nothing.
     pub fn register(&mut self, endpoint: Endpoint) -> Result<bool, String> {
         crate::catalog::check_registration(&self.services, &endpoint)?;
-        self.change_registrations(|r| r.register(endpoint))
+        let (service, address, weight) =
+            (endpoint.service.clone(), endpoint.address, endpoint.weight);
+        self.change_registrations(&service, address, Some(weight), |r| r.register(endpoint))
     }
 
     /// Withdraws a registered endpoint; `false` when it was not registered.
     pub fn deregister(&mut self, service: &str, address: SocketAddr) -> Result<bool, String> {
-        self.change_registrations(|r| Ok(r.deregister(service, address)))
-    }
-
-    /// Brings the kernel to `desired`; on success it becomes the state in force.
-    fn apply(&mut self, desired: Desired) -> anyhow::Result<()> {
-        let started = Instant::now();
-        self.generation += 1;
-        let plan = reconcile::plan(&self.kernel, &desired);
-        // The ids the plan's removals free, read before the writes.
-        let removed: Vec<(ServiceKey, u32)> = (plan.groups.iter())
-            .flat_map(|g| &g.ops)
-            .filter_map(|op| match op {
-                MapOp::DeleteService(key) => Some((*key, self.kernel.services.get(key)?.id)),
-                _ => None,
-            })
-            .collect();
-        let result = match plan.groups.is_empty() {
-            true => Ok(reconcile::apply::ApplyReport::default()),
-            false => reconcile::apply(&plan, &mut *self.maps, Arc::make_mut(&mut self.kernel)),
-        };
-        // Whatever was applied is in the kernel now; name it for flows either way.
-        self.rename(&plan, &removed, &desired);
-        let report = result?;
-        self.desired = Arc::new(desired);
-        // Published and logged after the maps were written, with what the kernel holds now
-        // (the benches follow `GET /v1/applied` to time changes).
-        let services = self.kernel.services.keys();
-        let services = services
-            .filter(|k| !reconcile::addr::is_vip_marker_key(k))
-            .count();
-        let applied =
-            (self.applied).publish(started.elapsed(), services, self.kernel.backends.len());
-        tracing::info!(
-            %report,
-            seq = applied.seq,
-            elapsed_us = applied.elapsed_us,
-            services = applied.services,
-            backends = applied.backends,
-            "config applied to the kernel"
-        );
-        Ok(())
-    }
-
-    /// Brings the service names up to what the kernel holds after `plan` was applied, all of
-    /// it or part: the ids of `removed` services whose delete went through lose their name,
-    /// the services whose header was written or whose name changed are named from `desired`.
-    /// After a restart or a resume (no names yet, or a kernel read afresh) every service is
-    /// named, from `desired` or the state in force.
-    fn rename(&mut self, plan: &Plan, removed: &[(ServiceKey, u32)], desired: &Desired) {
-        let by_key = |d: &Desired, keys: Option<&HashSet<ServiceKey>>| {
-            (d.services.iter())
-                .map(|(frontend, s)| (reconcile::addr::frontend_key(*frontend), s))
-                .filter(|(key, _)| keys.is_none_or(|keys| keys.contains(key)))
-                .map(|(key, s)| (key, s.name.clone()))
-                .collect::<HashMap<ServiceKey, String>>()
-        };
-        if self.names_stale {
-            let (new, old) = (by_key(desired, None), by_key(&self.desired, None));
-            let names = (self.kernel.services.iter())
-                .filter_map(|(key, service)| {
-                    let name = new.get(key).or_else(|| old.get(key))?;
-                    Some((service.id, name.clone()))
-                })
-                .collect();
-            self.names.publish(names);
-            self.names_stale = false;
-            return;
-        }
-        // Services whose header was written (new, or a new id), and those that kept their
-        // header under another name.
-        let mut keys: HashSet<ServiceKey> = (plan.groups.iter())
-            .flat_map(|g| &g.ops)
-            .filter_map(|op| match op {
-                &MapOp::PutService(key, _) if !reconcile::addr::is_vip_marker_key(&key) => {
-                    Some(key)
-                }
-                _ => None,
-            })
-            .collect();
-        keys.extend(
-            (desired.services.iter())
-                .filter(|(frontend, s)| {
-                    self.desired.services.get(frontend).map(|old| &old.name) != Some(&s.name)
-                })
-                .map(|(frontend, _)| reconcile::addr::frontend_key(*frontend)),
-        );
-        let mut gone = removed
-            .iter()
-            .filter(|(key, _)| !self.kernel.services.contains_key(key))
-            .peekable();
-        if keys.is_empty() && gone.peek().is_none() {
-            return;
-        }
-        let new = by_key(desired, Some(&keys));
-        let mut names = (*self.names.current()).clone();
-        for (_, id) in gone {
-            names.remove(id);
-        }
-        for key in &keys {
-            if let (Some(service), Some(name)) = (self.kernel.services.get(key), new.get(key)) {
-                names.insert(service.id, name.clone());
-            }
-        }
-        self.names.publish(names);
-    }
-
-    /// Re-applies the catalog after a health change.
-    fn refresh(&mut self) {
-        let mut desired = self.catalog.clone();
-        self.health.apply(&mut desired);
-        if let Err(error) = self.apply(desired) {
-            tracing::error!("cannot apply a health change to the kernel: {error:#}");
-        }
+        self.change_registrations(service, address, None, |r| {
+            Ok(r.deregister(service, address))
+        })
     }
 
     pub fn on_probe(&mut self, report: ProbeReport) {
@@ -370,7 +278,7 @@ impl Controller {
             .health
             .record_probe(&report.service, report.backend, result)
         {
-            self.refresh();
+            self.refresh(&BTreeSet::from([report.service]));
         }
     }
 
@@ -382,76 +290,46 @@ impl Controller {
             Ok(outcomes) => self.health.observe_outcomes(&outcomes, now),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the connect outcomes; no passive health this round");
-                false
+                BTreeSet::new()
             }
         };
-        changed |= self.health.expire(now);
-        if changed {
-            self.refresh();
-        }
+        changed.extend(self.health.expire(now));
+        self.refresh(&changed);
         // Settles the deaths reported while the mesh was not heard, and the restored peers'
         // grace.
         self.follow_peers(now);
     }
 
-    /// Merges the catalog's sources again, applies health and brings the kernel to the
-    /// result. On error the previous catalog stays in force, health included.
-    fn recompute(&mut self) -> anyhow::Result<()> {
-        let local = self.sources.announcement();
-        let merged = self.sources.catalog_with(&local);
-        let catalog = merged.desired();
-        self.health.sync(&merged.services);
-        let mut desired = catalog.clone();
-        self.health.apply(&mut desired);
-        if let Err(error) = self.apply(desired) {
-            self.health.sync(&self.services);
-            return Err(error);
-        }
-        for conflict in &merged.conflicts {
-            if !self.conflicts.contains(conflict) {
-                tracing::warn!(%conflict, "catalog conflict");
-            }
-        }
-        if let Some(tunnel) = &self.tunnel {
-            let reachable = local.reachable_by_peers();
-            let hosted = |service: &str, backend: SocketAddr| {
-                reachable.contains(&(service.to_owned(), backend))
-            };
-            tunnel.update(
-                &crate::tunnel::authz::mtls_services(
-                    &merged.services,
-                    &self.config.services,
-                    &hosted,
-                ),
-                self.config.policies.clone(),
-            );
-        }
-        self.conflicts = merged.conflicts;
-        self.checker.sync(self.health.targets());
-        self.catalog = catalog;
-        self.services = merged.services;
-        self.announcement = Arc::new(local);
-        Ok(())
-    }
-
-    /// Changes the registered endpoints, applies the result and keeps it on disk; a change
-    /// the kernel refuses, or that cannot be kept, is undone.
+    /// Changes the registered endpoints (`change`: `service`/`address` now registered with
+    /// `weight`, `None`: withdrawn), applies the result and keeps it on disk; a change the
+    /// kernel refuses, or that cannot be kept, is undone.
     fn change_registrations(
         &mut self,
+        service: &str,
+        address: SocketAddr,
+        weight: Option<u32>,
         change: impl FnOnce(&mut Registrations) -> Result<bool, String>,
     ) -> Result<bool, String> {
         let previous = self.sources.registered.clone();
         if !change(&mut self.sources.registered)? {
             return Ok(false);
         }
-        if let Err(error) = self.recompute() {
-            self.sources.registered = previous;
-            return Err(format!("{error:#}"));
+        let before = self.announcement();
+        let mut local = (*before).clone();
+        if local.follow_registration(&self.sources.config, service, address, weight) {
+            let change = Change::Services(BTreeSet::from([service.to_owned()]));
+            if let Err(error) = self.recompute(change, Arc::new(local)) {
+                self.sources.registered = previous;
+                return Err(format!("{error:#}"));
+            }
         }
         if let Err(error) = self.registry.save(&self.sources.registered) {
             self.sources.registered = previous;
-            if let Err(undo) = self.recompute() {
-                tracing::error!("cannot restore the previous registrations: {undo:#}");
+            if !Arc::ptr_eq(&before, &self.announcement) {
+                let change = Change::Services(BTreeSet::from([service.to_owned()]));
+                if let Err(undo) = self.recompute(change, before) {
+                    tracing::error!("cannot restore the previous registrations: {undo:#}");
+                }
             }
             return Err(format!("{error}; the change is undone"));
         }
@@ -468,7 +346,8 @@ impl Controller {
             }
             Err(error) => tracing::error!("cannot read the kernel's state again: {error:#}"),
         }
-        if let Err(error) = self.recompute() {
+        self.whole_pipeline_due = true;
+        if let Err(error) = self.recompute(Change::All, self.announcement()) {
             tracing::error!("cannot apply the catalog again: {error:#}");
         }
         self.announcement()
@@ -491,8 +370,10 @@ impl Controller {
         if !changed {
             return;
         }
-        self.sources.peers = self.peers.announcements();
-        if let Err(error) = self.recompute() {
+        let peers = self.peers.announcements();
+        let change = peers_change(&self.sources.peers, &peers);
+        self.sources.peers = peers;
+        if let Err(error) = self.recompute(change, self.announcement()) {
             tracing::error!("cannot apply the mesh catalog, the previous state stays: {error:#}");
         }
     }
@@ -508,10 +389,16 @@ impl Controller {
                 if config.gossip != self.gossip_config {
                     tracing::warn!("the [gossip] table changed; restart the agent to apply it");
                 }
+                let change = config_change(&self.sources.config, &config.services);
                 let previous_services =
                     std::mem::replace(&mut self.sources.config, config.services.clone());
                 let previous = std::mem::replace(&mut self.config, config);
-                self.recompute().inspect_err(|_| {
+                let local = Arc::new(self.sources.announcement());
+                let change = match local.services == self.announcement.services {
+                    true => change,
+                    false => Change::All,
+                };
+                self.recompute(change, local).inspect_err(|_| {
                     self.sources.config = previous_services;
                     self.config = previous;
                 })
@@ -539,4 +426,38 @@ impl Controller {
             }
         }
     }
+}
+
+/// What changed between two lists of the peers' announcements (both by node name).
+fn peers_change(
+    old: &[(String, Arc<Announcement>)],
+    new: &[(String, Arc<Announcement>)],
+) -> Change {
+    let old: BTreeMap<&str, &Arc<Announcement>> =
+        old.iter().map(|(n, a)| (n.as_str(), a)).collect();
+    let new: BTreeMap<&str, &Arc<Announcement>> =
+        new.iter().map(|(n, a)| (n.as_str(), a)).collect();
+    let nodes: BTreeSet<&str> = old.keys().chain(new.keys()).copied().collect();
+    nodes
+        .into_iter()
+        .map(|node| (old.get(node), new.get(node)))
+        .filter(|(a, b)| !matches!((a, b), (Some(a), Some(b)) if Arc::ptr_eq(a, b)))
+        .fold(Change::none(), |change, (a, b)| {
+            change.and(Change::between(a.map(|a| &***a), b.map(|b| &***b)))
+        })
+}
+
+/// The services a config change touches (their definitions are compared by the caller,
+/// through this node's announcement): those whose entry differs.
+fn config_change(old: &[Service], new: &[Service]) -> Change {
+    let old: BTreeMap<&str, &Service> = old.iter().map(|s| (s.name.as_str(), s)).collect();
+    let new: BTreeMap<&str, &Service> = new.iter().map(|s| (s.name.as_str(), s)).collect();
+    let names: BTreeSet<&str> = old.keys().chain(new.keys()).copied().collect();
+    Change::Services(
+        names
+            .into_iter()
+            .filter(|name| old.get(name) != new.get(name))
+            .map(str::to_owned)
+            .collect(),
+    )
 }

@@ -14,6 +14,7 @@ mod listening;
 pub mod sockets;
 
 pub mod controller;
+mod pipeline;
 mod probes;
 mod runtime;
 pub mod views;

@@ -55,7 +55,7 @@ pub struct View {
     pub(super) reloads_rejected: u64,
     /// What this node announces, and what its live peers do.
     pub(super) local: Arc<Announcement>,
-    pub(super) peers: Vec<(String, Announcement)>,
+    pub(super) peers: Vec<(String, Arc<Announcement>)>,
     /// Peers kept from the state file that gossip has not delivered yet.
     pub(super) restored: Vec<String>,
     pub(super) members: Arc<Vec<Member>>,
@@ -317,7 +317,7 @@ impl View {
             .collect();
         let mut announcers: HashMap<(&str, SocketAddr), Vec<String>> = HashMap::new();
         let members = std::iter::once((self.node.as_str(), &*self.local))
-            .chain(self.peers.iter().map(|(n, a)| (n.as_str(), a)));
+            .chain(self.peers.iter().map(|(n, a)| (n.as_str(), &**a)));
         for (node, announcement) in members {
             for e in &announcement.endpoints {
                 announcers

@@ -22,6 +22,7 @@ pub mod maglev;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use self::maglev::MaglevBackend;
 #[cfg(test)]
@@ -31,10 +32,12 @@ use crate::model::limits::gcd;
 pub use crate::model::limits::{slot_count, WEIGHTED_MAX_SLOTS};
 use crate::model::{Affinity, Frontend, LbPolicy, Protocol, Service};
 
-/// Every service the kernel should serve, by frontend.
+/// Every service the kernel should serve, by frontend. Each service is shared: a copy of the
+/// whole state costs one reference count per service, and a stage that changes one service
+/// (health masking its table, an event that touched it) copies that one only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub services: BTreeMap<Frontend, DesiredService>,
+    pub services: BTreeMap<Frontend, Arc<DesiredService>>,
 }
 
 /// One service as the kernel should see it.
@@ -88,8 +91,8 @@ impl Desired {
     }
 
     /// Add or replace the service at `service.frontend()`; returns the one it replaced.
-    pub fn insert(&mut self, service: DesiredService) -> Option<DesiredService> {
-        self.services.insert(service.frontend(), service)
+    pub fn insert(&mut self, service: DesiredService) -> Option<Arc<DesiredService>> {
+        self.services.insert(service.frontend(), Arc::new(service))
     }
 }
 

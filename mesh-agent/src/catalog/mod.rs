@@ -23,9 +23,10 @@
 
 pub mod registry;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -176,16 +177,115 @@ impl Announcement {
 }
 
 impl Announcement {
-    /// The (service, endpoint) pairs of this announcement that peers may reach through this
-    /// node's inbound tunnel: never its loopback and the like ([`Endpoint::check`]), even where
-    /// its own config lists such a backend.
-    pub fn reachable_by_peers(&self) -> HashSet<(String, SocketAddr)> {
+    /// The (service, endpoint) pairs of `services` in this announcement that peers may reach
+    /// through this node's inbound tunnel: never its loopback and the like
+    /// ([`Endpoint::check`]), even where its own config lists such a backend.
+    pub fn reachable_by_peers(&self, services: &HashSet<&str>) -> HashSet<(String, SocketAddr)> {
+        if services.is_empty() {
+            return HashSet::new();
+        }
         self.endpoints
             .iter()
-            .filter(|e| e.check().is_ok())
+            .filter(|e| services.contains(e.service.as_str()) && e.check().is_ok())
             .map(|e| (e.service.clone(), e.address))
             .collect()
     }
+
+    /// Brings this node's announcement (made by [`Announcement::local`] from `config`) along
+    /// with a registration of `service`/`address` that now has `weight` (`None`: withdrawn),
+    /// the registrations' order kept: a configured endpoint wins over its registration, a new
+    /// registration comes last. Whether the announcement changed.
+    pub fn follow_registration(
+        &mut self,
+        config: &[Service],
+        service: &str,
+        address: SocketAddr,
+        weight: Option<u32>,
+    ) -> bool {
+        let configured = (config.iter().filter(|s| s.name == service))
+            .any(|s| s.backends.iter().any(|b| b.address == address));
+        if configured {
+            return false;
+        }
+        let at = (self.endpoints.iter()).position(|e| e.address == address && e.service == service);
+        match (at, weight) {
+            (Some(at), Some(weight)) if self.endpoints[at].weight != weight => {
+                self.endpoints[at].weight = weight;
+            }
+            (None, Some(weight)) => self.endpoints.push(Endpoint {
+                service: service.to_owned(),
+                address,
+                weight,
+            }),
+            (Some(at), None) => {
+                self.endpoints.remove(at);
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// What changed between two versions of the catalog's sources, so the catalog is made again
+/// only as far as it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Definitions changed (or may have): every service is merged again.
+    All,
+    /// Only the endpoints (or this node's settings) of these services; every definition is
+    /// as it was, so no other service can change.
+    Services(BTreeSet<String>),
+}
+
+impl Change {
+    /// No change at all.
+    pub fn none() -> Change {
+        Change::Services(BTreeSet::new())
+    }
+
+    /// Both changes.
+    pub fn and(self, other: Change) -> Change {
+        match (self, other) {
+            (Change::Services(mut a), Change::Services(b)) => {
+                a.extend(b);
+                Change::Services(a)
+            }
+            _ => Change::All,
+        }
+    }
+
+    /// From one announcement of a node to the next (`None`: the node is not a member).
+    pub fn between(old: Option<&Announcement>, new: Option<&Announcement>) -> Change {
+        let (old, new) = match (old, new) {
+            (Some(old), Some(new)) => (old, new),
+            (Some(one), None) | (None, Some(one)) => {
+                return match one.services.is_empty() {
+                    true => Change::Services(services_of(&one.endpoints)),
+                    false => Change::All,
+                }
+            }
+            (None, None) => return Change::none(),
+        };
+        if old.services != new.services {
+            return Change::All;
+        }
+        // Endpoints outside the longest common prefix and suffix are the same on both sides,
+        // each where it was relative to the others: only the services in between can change.
+        let (old, new) = (old.endpoints.as_slice(), new.endpoints.as_slice());
+        let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+        let (old, new) = (&old[prefix..], &new[prefix..]);
+        let suffix = (old.iter().rev().zip(new.iter().rev()))
+            .take_while(|(a, b)| a == b)
+            .count();
+        let (old, new) = (&old[..old.len() - suffix], &new[..new.len() - suffix]);
+        let mut services = services_of(old);
+        services.extend(services_of(new));
+        Change::Services(services)
+    }
+}
+
+fn services_of(endpoints: &[Endpoint]) -> BTreeSet<String> {
+    endpoints.iter().map(|e| e.service.clone()).collect()
 }
 
 /// Everything this node's catalog is made of.
@@ -198,7 +298,7 @@ pub struct Sources {
     /// Endpoints registered at run time.
     pub registered: Registrations,
     /// The announcements of the live peers, by node name.
-    pub peers: Vec<(String, Announcement)>,
+    pub peers: Vec<(String, Arc<Announcement>)>,
 }
 
 impl Sources {
@@ -218,7 +318,7 @@ impl Sources {
     /// [`Sources::announcement`]; at 20,000 services making it is a large part of a merge).
     pub fn catalog_with(&self, local: &Announcement) -> Catalog {
         let mut members: Vec<(&str, &Announcement)> = vec![(&self.node, local)];
-        members.extend(self.peers.iter().map(|(n, a)| (n.as_str(), a)));
+        members.extend(self.peers.iter().map(|(n, a)| (n.as_str(), &**a)));
         let mut catalog = merge(&self.node, &members);
         let settings: HashMap<&str, &HealthSettings> = self
             .config
@@ -231,6 +331,24 @@ impl Sources {
             }
         }
         catalog
+    }
+
+    /// One service of the catalog in force (`previous`) made again after a change that
+    /// touched only its endpoints or this node's settings for it ([`Change::Services`]), with
+    /// this node's announcement `local`; its endpoint conflicts with it. The same as
+    /// [`Sources::catalog_with`] gives it.
+    pub fn service_with(
+        &self,
+        local: &Announcement,
+        previous: &Service,
+    ) -> (Service, Vec<Conflict>) {
+        let mut members: Vec<(&str, &Announcement)> = vec![(&self.node, local)];
+        members.extend(self.peers.iter().map(|(n, a)| (n.as_str(), &**a)));
+        let (mut service, conflicts) = merge_service(&self.node, &members, previous);
+        if let Some(configured) = self.config.iter().find(|s| s.name == service.name) {
+            service.health = configured.health.clone();
+        }
+        (service, conflicts)
     }
 }
 
@@ -412,7 +530,7 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
 
     // Endpoints: weight from the lowest node; this node's first, in its order.
     // Endpoints come in runs of one service: the definition is looked up once per run.
-    let mut endpoints: HashMap<&str, BTreeMap<SocketAddr, (u32, Order)>> = HashMap::new();
+    let mut endpoints: HashMap<&str, Merged> = HashMap::new();
     let mut undefined: BTreeMap<&str, usize> = BTreeMap::new();
     for (node, announcement) in &members {
         let mut run: Option<(&str, Option<&ServiceDef>)> = None;
@@ -430,24 +548,9 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
                 *undefined.entry(&endpoint.service).or_default() += 1;
                 continue;
             };
-            if !rules::same_family(endpoint.address, def.vip) {
-                conflicts.push(Conflict {
-                    service: endpoint.service.clone(),
-                    kind: ConflictKind::Endpoint,
-                    detail: format!(
-                        "{} (from {node}) is not of the VIP {}'s family; left out",
-                        endpoint.address, def.vip
-                    ),
-                });
-                continue;
-            }
             let order = if *node == local { (0, i) } else { (1, 0) };
-            let entry = endpoints
-                .entry(&endpoint.service)
-                .or_default()
-                .entry(endpoint.address)
-                .or_insert((endpoint.weight, order));
-            entry.1 = entry.1.min(order);
+            let merged = endpoints.entry(&endpoint.service).or_default();
+            add_endpoint(merged, node, endpoint, order, def, &mut conflicts);
         }
     }
     for (service, count) in undefined {
@@ -461,54 +564,119 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
     let services = winners
         .into_iter()
         .map(|(name, def)| {
-            let mut backends: Vec<(SocketAddr, u32, Order)> = endpoints
-                .remove(name)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(addr, (weight, order))| (addr, weight, order))
-                .collect();
-            backends.sort_by_key(|&(addr, _, order)| (order, addr));
-            let limit = def.lb.backend_limit().map_or(usize::MAX, |(max, _)| max);
-            let mut active = 0;
-            let before = backends.len();
-            backends.retain(|&(_, weight, _)| {
-                active += usize::from(weight > 0);
-                weight == 0 || active <= limit
-            });
-            if backends.len() != before {
-                conflicts.push(Conflict {
-                    service: name.to_owned(),
-                    kind: ConflictKind::Endpoint,
-                    detail: format!(
-                        "{} endpoints with weight exceed the {limit} that lb = \"{}\" holds; {} left out",
-                        active,
-                        def.lb,
-                        before - backends.len()
-                    ),
-                });
-            }
-            Service {
-                name: name.to_owned(),
-                vip: def.vip,
-                port: def.port,
-                protocol: def.protocol,
-                lb: def.lb,
-                affinity: def.affinity,
-                affinity_timeout_s: def.affinity_timeout_s,
-                backends: backends
-                    .into_iter()
-                    .map(|(address, weight, _)| Backend { address, weight })
-                    .collect(),
-                // Health settings are each agent's own: [`Sources::catalog`] gives them.
-                health: HealthSettings::default(),
-                mtls: def.mtls,
-            }
+            let merged = endpoints.remove(name).unwrap_or_default();
+            build_service(name, &def, merged, &mut conflicts)
         })
         .collect();
     conflicts.sort();
     Catalog {
         services,
         conflicts,
+    }
+}
+
+/// `previous` (a service of the catalog of `members`) merged again after only its endpoints
+/// changed: its definition and its frontend stay won, so none of the other services can
+/// change. Returns it with its endpoint conflicts; the same as [`merge`] gives it.
+pub fn merge_service(
+    local: &str,
+    members: &[(&str, &Announcement)],
+    previous: &Service,
+) -> (Service, Vec<Conflict>) {
+    let mut members: Vec<(&str, &Announcement)> = members.to_vec();
+    members.sort_by(|a, b| a.0.cmp(b.0));
+    let def = ServiceDef::of(previous);
+    let mut conflicts = Vec::new();
+    let mut merged = Merged::new();
+    for (node, announcement) in &members {
+        let of_service =
+            (announcement.endpoints.iter().enumerate()).filter(|(_, e)| e.service == previous.name);
+        for (i, endpoint) in of_service {
+            let order = if *node == local { (0, i) } else { (1, 0) };
+            add_endpoint(&mut merged, node, endpoint, order, &def, &mut conflicts);
+        }
+    }
+    let service = build_service(&previous.name, &def, merged, &mut conflicts);
+    conflicts.sort();
+    (service, conflicts)
+}
+
+/// One service's endpoints while they are merged: address → (weight, order).
+type Merged = BTreeMap<SocketAddr, (u32, Order)>;
+
+/// Adds `endpoint` (announced by `node`, its place in the service's list `order`) to its
+/// service's, of definition `def`: the first node's weight is kept (members come in name
+/// order), an endpoint of the wrong family is left out as a conflict.
+fn add_endpoint(
+    merged: &mut Merged,
+    node: &str,
+    endpoint: &Endpoint,
+    order: Order,
+    def: &ServiceDef,
+    conflicts: &mut Vec<Conflict>,
+) {
+    if !rules::same_family(endpoint.address, def.vip) {
+        conflicts.push(Conflict {
+            service: endpoint.service.clone(),
+            kind: ConflictKind::Endpoint,
+            detail: format!(
+                "{} (from {node}) is not of the VIP {}'s family; left out",
+                endpoint.address, def.vip
+            ),
+        });
+        return;
+    }
+    let entry = (merged.entry(endpoint.address)).or_insert((endpoint.weight, order));
+    entry.1 = entry.1.min(order);
+}
+
+/// The service `name` of definition `def` with its `merged` endpoints, this node's first;
+/// the endpoints with weight beyond what its `lb` holds are left out as a conflict.
+fn build_service(
+    name: &str,
+    def: &ServiceDef,
+    merged: Merged,
+    conflicts: &mut Vec<Conflict>,
+) -> Service {
+    let mut backends: Vec<(SocketAddr, u32, Order)> = merged
+        .into_iter()
+        .map(|(addr, (weight, order))| (addr, weight, order))
+        .collect();
+    backends.sort_by_key(|&(addr, _, order)| (order, addr));
+    let limit = def.lb.backend_limit().map_or(usize::MAX, |(max, _)| max);
+    let mut active = 0;
+    let before = backends.len();
+    backends.retain(|&(_, weight, _)| {
+        active += usize::from(weight > 0);
+        weight == 0 || active <= limit
+    });
+    if backends.len() != before {
+        conflicts.push(Conflict {
+            service: name.to_owned(),
+            kind: ConflictKind::Endpoint,
+            detail: format!(
+                "{} endpoints with weight exceed the {limit} that lb = \"{}\" holds; {} left out",
+                active,
+                def.lb,
+                before - backends.len()
+            ),
+        });
+    }
+    Service {
+        name: name.to_owned(),
+        vip: def.vip,
+        port: def.port,
+        protocol: def.protocol,
+        lb: def.lb,
+        affinity: def.affinity,
+        affinity_timeout_s: def.affinity_timeout_s,
+        backends: backends
+            .into_iter()
+            .map(|(address, weight, _)| Backend { address, weight })
+            .collect(),
+        // Health settings are each agent's own: [`Sources::catalog`] gives them.
+        health: HealthSettings::default(),
+        mtls: def.mtls,
     }
 }
 

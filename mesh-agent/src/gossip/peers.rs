@@ -28,6 +28,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -62,7 +63,7 @@ enum Origin {
 
 #[derive(Clone, Debug)]
 struct Peer {
-    announcement: Announcement,
+    announcement: Arc<Announcement>,
     origin: Origin,
 }
 
@@ -141,10 +142,10 @@ impl Peers {
     }
 
     /// The announcements in force, by node name.
-    pub fn announcements(&self) -> Vec<(String, Announcement)> {
+    pub fn announcements(&self) -> Vec<(String, Arc<Announcement>)> {
         self.peers
             .iter()
-            .map(|(name, peer)| (name.clone(), peer.announcement.clone()))
+            .map(|(name, peer)| (name.clone(), Arc::clone(&peer.announcement)))
             .collect()
     }
 
@@ -187,8 +188,8 @@ impl Peers {
                 }
                 (true, Some(kept)) => {
                     kept.origin = live;
-                    if kept.announcement != member.announcement {
-                        kept.announcement = member.announcement.clone();
+                    if *kept.announcement != member.announcement {
+                        kept.announcement = Arc::new(member.announcement.clone());
                         changed = true;
                     }
                 }
@@ -196,7 +197,7 @@ impl Peers {
                     self.peers.insert(
                         member.name.clone(),
                         Peer {
-                            announcement: member.announcement.clone(),
+                            announcement: Arc::new(member.announcement.clone()),
                             origin: live,
                         },
                     );
@@ -305,7 +306,7 @@ fn read(path: &Path) -> Result<BTreeMap<String, Peer>, RestoreError> {
                 tracing::warn!(peer = name, %error, "restored peer record left out");
             }
             let peer = Peer {
-                announcement: decoded.announcement,
+                announcement: Arc::new(decoded.announcement),
                 origin: Origin::Restored,
             };
             (name, peer)
@@ -382,7 +383,7 @@ mod tests {
         assert!(peers.expire(t0 + Duration::from_secs(11)));
         let kept = peers.announcements();
         assert_eq!(kept.len(), 1);
-        assert_eq!(kept[0].1, announcement("10.0.0.9:80"));
+        assert_eq!(*kept[0].1, announcement("10.0.0.9:80"));
         // What is kept on disk follows.
         assert_eq!(Peers::restore(dir.path(), "a", GRACE).announcements(), kept);
     }
@@ -449,7 +450,7 @@ mod tests {
         partial.announcement.endpoints.clear();
         partial.complete = false;
         assert!(!peers.update(&[partial], Instant::now(), None));
-        assert_eq!(peers.announcements()[0].1, announcement("10.0.0.2:80"));
+        assert_eq!(*peers.announcements()[0].1, announcement("10.0.0.2:80"));
         assert_eq!(peers.restored().collect::<Vec<_>>(), ["c"]);
     }
 

@@ -27,15 +27,16 @@ pub mod outlier;
 pub mod probe;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use mesh_common::health::ConnectOutcomes;
 
 use crate::{
-    balance::{Desired, DesiredBackend},
+    balance::{Desired, DesiredBackend, DesiredService},
     model::{HealthSettings, Locality, Service},
 };
 use active::ActiveState;
@@ -109,43 +110,50 @@ impl Health {
     pub fn sync(&mut self, services: &[Service]) {
         let mut old = std::mem::take(&mut self.services);
         for service in services {
-            let (name, mut entry) = old
+            let (name, entry) = old
                 .remove_entry(&service.name)
                 .unwrap_or_else(|| (service.name.clone(), ServiceHealth::default()));
-            // The same settings and backends (the common case of an event that changed another
-            // service): the backends' state is kept as it is, not rebuilt.
-            let unchanged = entry.settings == service.health
-                && entry.strict == service.mtls
-                && entry.backends.len() == service.backends.len()
-                && (service.backends.iter()).all(|b| entry.backends.contains_key(&b.address));
-            if !unchanged {
-                let wanted = service.health.clone();
-                if entry.settings.check != wanted.check {
-                    for b in entry.backends.values_mut() {
-                        b.active = None;
-                    }
-                }
-                let mut backends = BTreeMap::new();
-                for b in &service.backends {
-                    let mut state = entry.backends.remove(&b.address).unwrap_or_default();
-                    if wanted.check.is_some() && state.active.is_none() {
-                        state.active = Some(ActiveState::default());
-                    }
-                    if wanted.check.is_none() {
-                        state.active = None;
-                    }
-                    backends.insert(b.address, state);
-                }
-                entry.backends = backends;
-                entry.settings = wanted;
-                entry.strict = service.mtls;
-            }
-            // Looked up again on every sync: this host's addresses may have changed.
-            let prefer_local = entry.settings.locality == Locality::PreferLocal;
-            for (address, state) in &mut entry.backends {
-                state.local = prefer_local && locality::is_local(address.ip());
-            }
             self.services.insert(name, entry);
+            self.sync_service(service);
+        }
+    }
+
+    /// [`Health::sync`] for one service of the catalog (after an event that changed only it):
+    /// the others keep their state as it is.
+    pub fn sync_service(&mut self, service: &Service) {
+        let entry = self.services.entry(service.name.clone()).or_default();
+        // The same settings and backends (the common case of an event that changed another
+        // service): the backends' state is kept as it is, not rebuilt.
+        let unchanged = entry.settings == service.health
+            && entry.strict == service.mtls
+            && entry.backends.len() == service.backends.len()
+            && (service.backends.iter()).all(|b| entry.backends.contains_key(&b.address));
+        if !unchanged {
+            let wanted = service.health.clone();
+            if entry.settings.check != wanted.check {
+                for b in entry.backends.values_mut() {
+                    b.active = None;
+                }
+            }
+            let mut backends = BTreeMap::new();
+            for b in &service.backends {
+                let mut state = entry.backends.remove(&b.address).unwrap_or_default();
+                if wanted.check.is_some() && state.active.is_none() {
+                    state.active = Some(ActiveState::default());
+                }
+                if wanted.check.is_none() {
+                    state.active = None;
+                }
+                backends.insert(b.address, state);
+            }
+            entry.backends = backends;
+            entry.settings = wanted;
+            entry.strict = service.mtls;
+        }
+        // Looked up again on every sync: this host's addresses may have changed.
+        let prefer_local = entry.settings.locality == Locality::PreferLocal;
+        for (address, state) in &mut entry.backends {
+            state.local = prefer_local && locality::is_local(address.ip());
         }
     }
 
@@ -211,7 +219,7 @@ impl Health {
     }
 
     /// Feeds the kernel's connect outcomes (monotonic, per backend address) read at `now`;
-    /// true when a backend was ejected. A backend the kernel has no entry for has had no
+    /// the services of which a backend was ejected. A backend the kernel has no entry for has had no
     /// connect outcome yet: it counts as zeros, so the connects that create its entry count.
     /// (Only the very first reading is a mere baseline: a restarted agent adopts counts from
     /// before it started.)
@@ -219,9 +227,9 @@ impl Health {
         &mut self,
         outcomes: &[(SocketAddr, ConnectOutcomes)],
         now: Instant,
-    ) -> bool {
+    ) -> BTreeSet<String> {
         let outcomes: BTreeMap<SocketAddr, ConnectOutcomes> = outcomes.iter().copied().collect();
-        let mut changed = false;
+        let mut changed = BTreeSet::new();
         for (name, s) in &mut self.services {
             let Some(settings) = s.settings.outlier else {
                 continue;
@@ -249,22 +257,22 @@ impl Health {
                     );
                     b.ejection_reason = Some(reason);
                     s.ejections += 1;
-                    changed = true;
+                    changed.insert(name.clone());
                 }
             }
         }
         changed
     }
 
-    /// Readmits the backends whose ejection is over at `now`; true when one was.
-    pub fn expire(&mut self, now: Instant) -> bool {
-        let mut changed = false;
+    /// Readmits the backends whose ejection is over at `now`; the services of which one was.
+    pub fn expire(&mut self, now: Instant) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
         for (name, s) in &mut self.services {
             for (addr, b) in &mut s.backends {
                 if b.outlier.expire(now) == Some(Event::Readmitted) {
                     tracing::info!(service = name, backend = %addr, "ejection over, backend readmitted");
                     b.ejection_reason = None;
-                    changed = true;
+                    changed.insert(name.clone());
                 }
             }
         }
@@ -275,60 +283,76 @@ impl Health {
     /// and notes which services are in panic.
     pub fn apply(&mut self, desired: &mut Desired) {
         for service in desired.services.values_mut() {
-            let Some(s) = self.services.get_mut(&service.name) else {
-                continue;
-            };
-            let weighted = |b: &DesiredBackend| b.weight > 0;
-            let state = |b: &DesiredBackend| s.backends.get(&b.addr);
-            let healthy: Vec<bool> = service
-                .backends
-                .iter()
-                .map(|b| weighted(b) && !state(b).is_some_and(BackendHealth::excluded))
-                .collect();
-            let any_weighted = service.backends.iter().any(weighted);
-            let panic = any_weighted && !healthy.contains(&true);
-            if panic != s.panic {
-                if panic {
-                    tracing::warn!(
-                        service = service.name,
-                        "every backend is unhealthy: panic, all of them are used"
-                    );
-                } else {
-                    tracing::info!(service = service.name, "panic over");
-                }
+            self.apply_service(service);
+        }
+    }
+
+    /// [`Health::apply`] for the services of `desired` named in `names` only: the others keep
+    /// the tables a previous apply gave them.
+    pub fn apply_to(&mut self, desired: &mut Desired, names: &BTreeSet<String>) {
+        for service in desired.services.values_mut() {
+            if names.contains(&service.name) {
+                self.apply_service(service);
             }
-            s.panic = panic;
-            let mut used: Vec<bool> = if panic {
-                service.backends.iter().map(weighted).collect()
+        }
+    }
+
+    /// Masks one service's table (a copy of the service is made only when it changes).
+    fn apply_service(&mut self, service: &mut Arc<DesiredService>) {
+        let Some(s) = self.services.get_mut(&service.name) else {
+            return;
+        };
+        let weighted = |b: &DesiredBackend| b.weight > 0;
+        let state = |b: &DesiredBackend| s.backends.get(&b.addr);
+        let healthy: Vec<bool> = service
+            .backends
+            .iter()
+            .map(|b| weighted(b) && !state(b).is_some_and(BackendHealth::excluded))
+            .collect();
+        let any_weighted = service.backends.iter().any(weighted);
+        let panic = any_weighted && !healthy.contains(&true);
+        if panic != s.panic {
+            if panic {
+                tracing::warn!(
+                    service = service.name,
+                    "every backend is unhealthy: panic, all of them are used"
+                );
             } else {
-                healthy
-            };
-            if s.settings.locality == Locality::PreferLocal {
-                let local: Vec<bool> = service
-                    .backends
-                    .iter()
-                    .zip(&used)
-                    .map(|(b, &u)| u && state(b).is_some_and(|h| h.local))
-                    .collect();
-                if local.contains(&true) {
-                    used = local;
-                }
+                tracing::info!(service = service.name, "panic over");
             }
-            let all = service.backends.iter().map(weighted);
-            if used.iter().copied().eq(all) {
-                continue;
-            }
-            let masked: Vec<DesiredBackend> = service
+        }
+        s.panic = panic;
+        let mut used: Vec<bool> = if panic {
+            service.backends.iter().map(weighted).collect()
+        } else {
+            healthy
+        };
+        if s.settings.locality == Locality::PreferLocal {
+            let local: Vec<bool> = service
                 .backends
                 .iter()
                 .zip(&used)
-                .map(|(b, &u)| DesiredBackend {
-                    weight: if u { b.weight } else { 0 },
-                    ..*b
-                })
+                .map(|(b, &u)| u && state(b).is_some_and(|h| h.local))
                 .collect();
-            service.table = crate::balance::build_table(service.policy, &masked);
+            if local.contains(&true) {
+                used = local;
+            }
         }
+        let all = service.backends.iter().map(weighted);
+        if used.iter().copied().eq(all) {
+            return;
+        }
+        let masked: Vec<DesiredBackend> = service
+            .backends
+            .iter()
+            .zip(&used)
+            .map(|(b, &u)| DesiredBackend {
+                weight: if u { b.weight } else { 0 },
+                ..*b
+            })
+            .collect();
+        let table = crate::balance::build_table(service.policy, &masked);
+        Arc::make_mut(service).table = table;
     }
 
     /// Whether `service` is in panic (as of the last [`Health::apply`]).
@@ -480,10 +504,12 @@ mod tests {
             failed,
             syn_timeouts: 0,
         };
-        assert!(!h.observe_outcomes(&[(a(B[0]), counts(0)), (a(B[1]), counts(0))], t0));
+        assert!(h
+            .observe_outcomes(&[(a(B[0]), counts(0)), (a(B[1]), counts(0))], t0)
+            .is_empty());
         // Default settings: 5 in a row.
-        assert!(!h.observe_outcomes(&[(a(B[0]), counts(4))], t0));
-        assert!(h.observe_outcomes(&[(a(B[0]), counts(5))], t0));
+        assert!(h.observe_outcomes(&[(a(B[0]), counts(4))], t0).is_empty());
+        assert!(!h.observe_outcomes(&[(a(B[0]), counts(5))], t0).is_empty());
         let full: Vec<u32> = catalog.services.values().next().unwrap().table.clone();
         let mut d = catalog.clone();
         h.apply(&mut d);
@@ -495,8 +521,8 @@ mod tests {
         assert_eq!(v.reason.as_deref(), Some("5 failed connects in a row"));
         assert!(v.until.is_some());
         assert_eq!(h.samples()[0].ejections, 1);
-        assert!(!h.expire(t0 + Duration::from_secs(29)));
-        assert!(h.expire(t0 + Duration::from_secs(30)));
+        assert!(h.expire(t0 + Duration::from_secs(29)).is_empty());
+        assert!(!h.expire(t0 + Duration::from_secs(30)).is_empty());
         let mut d = catalog.clone();
         h.apply(&mut d);
         assert_eq!(d.services.values().next().unwrap().table, full);
@@ -539,13 +565,13 @@ mod tests {
     fn a_new_kernel_entry_counts_from_zero() {
         let (mut h, _) = setup("", "random", &[(B[0], 1), (B[1], 1)]);
         let t0 = Instant::now();
-        assert!(!h.observe_outcomes(&[], t0));
+        assert!(h.observe_outcomes(&[], t0).is_empty());
         let failed = ConnectOutcomes {
             established: 0,
             failed: 5,
             syn_timeouts: 0,
         };
-        assert!(h.observe_outcomes(&[(a(B[0]), failed)], t0));
+        assert!(!h.observe_outcomes(&[(a(B[0]), failed)], t0).is_empty());
     }
 
     #[test]
@@ -558,7 +584,7 @@ mod tests {
             syn_timeouts: 0,
         };
         h.observe_outcomes(&[], t0);
-        assert!(h.observe_outcomes(&[(a(B[0]), failed(2))], t0));
+        assert!(!h.observe_outcomes(&[(a(B[0]), failed(2))], t0).is_empty());
         assert_eq!(table_of(&mut h, &catalog), set(&[B[1]]));
         assert!(h.record_probe("web", a(B[0]), Ok(())));
         assert_eq!(h.view("web", a(B[0]), t0).unwrap().state, "healthy");
@@ -579,7 +605,9 @@ mod tests {
             syn_timeouts: 0,
         };
         h.observe_outcomes(&[(a(B[0]), failed(0))], t0);
-        assert!(!h.observe_outcomes(&[(a(B[0]), failed(1000))], t0));
+        assert!(h
+            .observe_outcomes(&[(a(B[0]), failed(1000))], t0)
+            .is_empty());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 
 use mesh_common::redirect::SockKey;
 use mesh_common::service::{
@@ -13,7 +14,7 @@ use mesh_common::service::{
 
 use super::{KernelState, MapOp};
 use crate::balance::{Desired, DesiredService};
-use crate::model::LbPolicy;
+use crate::model::{Frontend, LbPolicy, Protocol};
 use crate::reconcile::addr::{self, DisplayKey};
 
 /// The ops of one reconcile, grouped so each group can be applied all-or-nothing. No groups:
@@ -78,7 +79,7 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
     let desired: BTreeMap<ServiceKey, &DesiredService> = desired
         .services
         .iter()
-        .map(|(frontend, service)| (addr::frontend_key(*frontend), service))
+        .map(|(frontend, service)| (addr::frontend_key(*frontend), &**service))
         .collect();
 
     // Removed services, and the VIP markers they leave unused.
@@ -96,29 +97,11 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
     let mut markers_done: BTreeSet<([u32; 4], u8)> = BTreeSet::new();
     for (i, &key) in removed.iter().enumerate() {
         let vip = (key.addr, key.family);
-        let mut ops = vec![MapOp::DeleteService(*key)];
-        if let Some(sid) = planner.owned_id(key) {
-            ops.extend(planner.slots_of(sid).map(|(k, _)| MapOp::DeleteSlot(k)));
-            ops.extend(
-                planner
-                    .backends_of(sid)
-                    .iter()
-                    .map(|b| MapOp::DeleteBackend(b.2)),
-            );
-        }
-        if last_removed_on_vip.get(&vip) == Some(&i) && !desired_vips.contains(&vip) {
-            let marker = ServiceKey::vip_marker(key.addr, key.family);
-            if current.services.contains_key(&marker) {
-                ops.push(MapOp::DeleteService(marker));
-            }
+        let last_on_vip = last_removed_on_vip.get(&vip) == Some(&i) && !desired_vips.contains(&vip);
+        if last_on_vip {
             markers_done.insert(vip);
         }
-        groups.push(OpGroup {
-            subject: format!("service {}", DisplayKey(key)),
-            kind: GroupKind::RemoveService,
-            ops,
-            commit: Some(0),
-        });
+        groups.push(planner.removal(key, last_on_vip));
     }
 
     // Desired services, each with its marker.
@@ -126,18 +109,8 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
         if let Some(group) = planner.service(key, service) {
             groups.push(group);
         }
-        let vip = (key.addr, key.family);
-        if markers_done.insert(vip) {
-            let marker_key = ServiceKey::vip_marker(key.addr, key.family);
-            let marker = vip_marker();
-            if current.services.get(&marker_key) != Some(&marker) {
-                groups.push(OpGroup {
-                    subject: format!("VIP {}", DisplayKey(&marker_key)),
-                    kind: GroupKind::VipMarker,
-                    ops: vec![MapOp::PutService(marker_key, marker)],
-                    commit: Some(0),
-                });
-            }
+        if markers_done.insert((key.addr, key.family)) {
+            groups.extend(marker_group(current, key));
         }
     }
 
@@ -208,6 +181,80 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
         });
     }
     Plan { groups }
+}
+
+/// The ops that bring only the services at `frontends` (those an event touched) from
+/// `current` to `desired`, with their VIPs' markers; `None` when they cannot be planned
+/// apart from the rest, and [`plan()`] must run instead.
+///
+/// The groups are those [`plan()`] would make for these services, but the rest of the maps
+/// is not read: the garbage of other services stays for the next full plan, and new ids are
+/// taken above every id in use (not the smallest free ones), so an id freed by this plan is
+/// not reused by it either. Strict services are always planned in full: the strict-inbound
+/// map is a function of every strict service at once.
+pub fn plan_scoped(
+    current: &KernelState,
+    desired: &Desired,
+    frontends: &BTreeSet<Frontend>,
+) -> Option<Plan> {
+    let scope: BTreeMap<ServiceKey, (Frontend, Option<&DesiredService>)> = (frontends.iter())
+        .map(|f| {
+            (
+                addr::frontend_key(*f),
+                (*f, desired.services.get(f).map(|s| &**s)),
+            )
+        })
+        .collect();
+    let strict = |(key, (_, want)): (&ServiceKey, &(Frontend, Option<&DesiredService>))| {
+        want.is_some_and(|w| w.strict)
+            || (current.services.get(key)).is_some_and(|s| s.flags & SERVICE_FLAG_MTLS != 0)
+    };
+    if scope.iter().any(strict) {
+        return None;
+    }
+    let mut planner = Planner::scoped(current, scope.keys());
+    let mut groups = Vec::new();
+    // Removals first, each VIP's marker going with the last service that leaves it.
+    let removed: Vec<(&ServiceKey, IpAddr)> = (scope.iter())
+        .filter(|(key, (_, want))| want.is_none() && planner.services.contains_key(*key))
+        .map(|(key, (frontend, _))| (key, frontend.vip))
+        .collect();
+    for (i, &(key, vip)) in removed.iter().enumerate() {
+        let vip_used = has_vip(desired, vip) || removed[i + 1..].iter().any(|r| r.1 == vip);
+        groups.push(planner.removal(key, !vip_used));
+    }
+    let mut markers_done: BTreeSet<([u32; 4], u8)> = BTreeSet::new();
+    for (key, (_, want)) in &scope {
+        let Some(want) = want else { continue };
+        groups.extend(planner.service(key, want));
+        if markers_done.insert((key.addr, key.family)) {
+            groups.extend(marker_group(current, key));
+        }
+    }
+    Some(Plan { groups })
+}
+
+/// Whether `desired` has a service on `vip`.
+fn has_vip(desired: &Desired, vip: IpAddr) -> bool {
+    // Frontends sort by VIP first (TCP, port 0 the lowest): a VIP's services are one range.
+    let lowest = Frontend {
+        vip,
+        port: 0,
+        protocol: Protocol::Tcp,
+    };
+    (desired.services.range(lowest..).next()).is_some_and(|(f, _)| f.vip == vip)
+}
+
+/// The group that puts the marker of `key`'s VIP, unless `current` holds it already.
+fn marker_group(current: &KernelState, key: &ServiceKey) -> Option<OpGroup> {
+    let marker_key = ServiceKey::vip_marker(key.addr, key.family);
+    let marker = vip_marker();
+    (current.services.get(&marker_key) != Some(&marker)).then(|| OpGroup {
+        subject: format!("VIP {}", DisplayKey(&marker_key)),
+        kind: GroupKind::VipMarker,
+        ops: vec![MapOp::PutService(marker_key, marker)],
+        commit: Some(0),
+    })
 }
 
 /// The range of `all` (sorted by service id) that belongs to service `sid`.
@@ -316,6 +363,70 @@ impl<'a> Planner<'a> {
             service_ids: IdAllocator::new(),
             backend_ids: IdAllocator::new(),
             ids: BTreeMap::new(),
+        }
+    }
+
+    /// The index of the services at `keys` only, for [`plan_scoped`]: each owns its id
+    /// unless a service before it in key order has that id too (as in [`Planner::new`]); new
+    /// ids are taken above every id in use.
+    fn scoped<'k>(current: &'a KernelState, keys: impl Iterator<Item = &'k ServiceKey>) -> Self {
+        let keys: BTreeSet<&ServiceKey> = keys.collect();
+        let mut first_with_id: BTreeMap<u32, ServiceKey> = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        let headers = current.services.iter();
+        for (key, service) in headers.filter(|(k, _)| !addr::is_vip_marker_key(k)) {
+            let first = *first_with_id.entry(service.id).or_insert(*key) == *key;
+            if keys.contains(key) {
+                services.insert(*key, (*service, service.id != 0 && first));
+            }
+        }
+        let owners: BTreeMap<u32, ServiceKey> = (services.iter())
+            .filter(|(_, (_, owns))| *owns)
+            .map(|(key, (service, _))| (service.id, *key))
+            .collect();
+        let mut backends_by_service: Vec<(u32, BackendAddr, u32)> = (current.backends.iter())
+            .filter(|(_, b)| owners.contains_key(&b.service_id))
+            .map(|(&id, b)| (b.service_id, (b.addr, b.port, b.family), id))
+            .collect();
+        backends_by_service.sort_unstable();
+        let service_ids = (current.services.values().map(|s| s.id))
+            .chain(current.slots.last_key_value().map(|(k, _)| k.service_id))
+            .chain(current.backends.values().map(|b| b.service_id));
+        let backend_ids = (current.backends.last_key_value().map(|(&id, _)| id))
+            .into_iter()
+            .chain(current.slots.values().copied());
+        Planner {
+            current,
+            services,
+            owners,
+            backends_by_service,
+            service_ids: IdAllocator::above(service_ids.max().unwrap_or(0)),
+            backend_ids: IdAllocator::above(backend_ids.max().unwrap_or(0)),
+            ids: BTreeMap::new(),
+        }
+    }
+
+    /// The group that removes the service at `key`: its header first, then what it owns;
+    /// with its VIP's marker when `last_on_vip` (no desired service is left on the VIP).
+    fn removal(&self, key: &ServiceKey, last_on_vip: bool) -> OpGroup {
+        let mut ops = vec![MapOp::DeleteService(*key)];
+        if let Some(sid) = self.owned_id(key) {
+            ops.extend(self.slots_of(sid).map(|(k, _)| MapOp::DeleteSlot(k)));
+            ops.extend(
+                self.backends_of(sid)
+                    .iter()
+                    .map(|b| MapOp::DeleteBackend(b.2)),
+            );
+        }
+        let marker = ServiceKey::vip_marker(key.addr, key.family);
+        if last_on_vip && self.current.services.contains_key(&marker) {
+            ops.push(MapOp::DeleteService(marker));
+        }
+        OpGroup {
+            subject: format!("service {}", DisplayKey(key)),
+            kind: GroupKind::RemoveService,
+            ops,
+            commit: Some(0),
         }
     }
 
@@ -525,6 +636,15 @@ impl IdAllocator {
             used: None,
             pos: 0,
             next: 1,
+        }
+    }
+
+    /// Hands out `max + 1`, `max + 2`, ...: ids above `max`, the largest in use.
+    fn above(max: u32) -> Self {
+        IdAllocator {
+            used: Some(Vec::new()),
+            pos: 0,
+            next: max.saturating_add(1),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use mesh_common::service::{
     Backend, Service, ServiceKey, SlotKey, LB_MAGLEV, LB_RANDOM, SERVICE_FLAG_VIP_MARKER,
@@ -34,7 +35,11 @@ impl MapKey for DesiredService {
 
 /// The desired service at map key `key`.
 fn at<'a>(desired: &'a Desired, key: &ServiceKey) -> Option<&'a DesiredService> {
-    desired.services.values().find(|s| s.key() == *key)
+    desired
+        .services
+        .values()
+        .map(|s| &**s)
+        .find(|s| s.key() == *key)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,7 +447,7 @@ fn unchanged_service_emits_nothing_and_header_change_is_one_write() {
     assert!(plan(&agent, &a).is_empty());
 
     let mut b = a.clone();
-    for s in b.services.values_mut() {
+    for s in b.services.values_mut().map(Arc::make_mut) {
         s.affinity = Affinity::Netns;
         s.affinity_timeout_s = 5;
     }
@@ -1059,7 +1064,7 @@ fn kernel_encoding_of_a_desired_service() {
     let dns = d.services.values().find(|s| s.name == "dns").unwrap();
     assert_eq!(dns.key().proto, PROTO_UDP);
     assert_eq!(plan::kernel_lb(dns.policy), LB_MAGLEV);
-    let mut strict = web.clone();
+    let mut strict = (**web).clone();
     strict.strict = true;
     assert_eq!(
         plan::service_flags(&strict),
@@ -1103,7 +1108,10 @@ fn the_strict_map_follows_the_strict_services() {
 
     // Add: web becomes strict.
     let mut strict_web = plain.clone();
-    for s in strict_web.services.values_mut().filter(|s| s.name == "web") {
+    for s in (strict_web.services.values_mut())
+        .filter(|s| s.name == "web")
+        .map(Arc::make_mut)
+    {
         s.strict = true;
     }
     let p = plan(&agent, &strict_web);

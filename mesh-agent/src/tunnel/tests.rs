@@ -568,7 +568,9 @@ backends = [{ address = "127.0.0.1:15020" }, { address = "10.0.0.5:8080" }]
         address: "10.0.0.5:22".parse().unwrap(),
         weight: 1,
     });
-    let local = Announcement::local(&services, &Registrations::default()).reachable_by_peers();
+    let strict = std::collections::HashSet::from(["pay"]);
+    let local =
+        Announcement::local(&services, &Registrations::default()).reachable_by_peers(&strict);
     let hosted = |s: &str, b: SocketAddr| local.contains(&(s.to_owned(), b));
     let authz = Authz::new(
         &crate::tunnel::authz::mtls_services(&merged, &services, &hosted),
