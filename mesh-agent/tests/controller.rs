@@ -790,16 +790,23 @@ impl Mesh {
 }
 
 /// What a node's controller shows and its kernel holds, for comparing two of them: every
-/// frontend the kernel serves and what a connect to it reaches (in slot order), the VIP
-/// markers, and the reports (services, conflicts, degraded reasons, endpoints; the ejections'
+/// frontend the kernel serves, the name flows give it and what a connect to it reaches (in
+/// slot order), the VIP markers, and the reports (services, conflicts, degraded reasons, endpoints; the ejections'
 /// end times, which depend on when each ran, left out).
 fn observed(node: &Node, controller: &Controller) -> serde_json::Value {
     let state = node.kernel.maps().state.clone();
+    let names = controller.names().current();
     let kernel: Vec<String> = (state.services.iter())
-        .map(|(key, service)| match service.flags & SERVICE_FLAG_VIP_MARKER {
-            0 => format!("{key:?} -> {:?}", state.resolve(key)),
-            _ => format!("{key:?} marker"),
-        })
+        .map(
+            |(key, service)| match service.flags & SERVICE_FLAG_VIP_MARKER {
+                0 => format!(
+                    "{key:?} {:?} -> {:?}",
+                    names.get(&service.id),
+                    state.resolve(key)
+                ),
+                _ => format!("{key:?} marker"),
+            },
+        )
         .collect();
     let view = controller.view();
     let status = view.status().unwrap();
@@ -826,7 +833,10 @@ fn without_ids(text: &str) -> String {
             "backend" | "slot" | "service" if w[1].starts_with(|c: char| c.is_ascii_digit()) => "#",
             _ => w[1],
         })
-        .fold(text.split(' ').next().unwrap_or("").to_owned(), |out, word| out + " " + word)
+        .fold(
+            text.split(' ').next().unwrap_or("").to_owned(),
+            |out, word| out + " " + word,
+        )
 }
 
 /// The incremental pipeline held to the whole one: two nodes given the same config and the
@@ -865,7 +875,10 @@ async fn the_incremental_pipeline_reaches_what_the_whole_pipeline_does_after_eve
             2 => {
                 let service = rng.pick(&NAMES).to_string();
                 let address: SocketAddr = rng.pick(&BACKENDS).parse().unwrap();
-                let (x, y) = (a.deregister(&service, address), b.deregister(&service, address));
+                let (x, y) = (
+                    a.deregister(&service, address),
+                    b.deregister(&service, address),
+                );
                 assert_eq!(x, y, "step {step}: deregister");
             }
             3 => {

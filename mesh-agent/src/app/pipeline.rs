@@ -190,7 +190,6 @@ impl Controller {
         self.generation += 1;
         let scoped = (scope.filter(|_| !self.whole_pipeline()))
             .and_then(|frontends| plan::plan_scoped(&self.kernel, &desired, frontends));
-        let renamed = scope.is_some();
         let plan = scoped.unwrap_or_else(|| reconcile::plan(&self.kernel, &desired));
         // The ids the plan's removals free, read before the writes.
         let removed: Vec<(ServiceKey, u32)> = (plan.groups.iter())
@@ -205,7 +204,7 @@ impl Controller {
             false => reconcile::apply(&plan, &mut *self.maps, Arc::make_mut(&mut self.kernel)),
         };
         // Whatever was applied is in the kernel now; name it for flows either way.
-        self.rename(&plan, &removed, &desired, !renamed);
+        self.rename(&plan, &removed, &desired, scope);
         // A failed write leaves the state in force behind what the sources and health say,
         // and a failed delete leaves entries only a full plan finds.
         self.whole_pipeline_due = !matches!(&result, Ok(report) if report.warnings.is_empty());
@@ -213,10 +212,8 @@ impl Controller {
         self.desired = Arc::new(desired);
         // Published and logged after the maps were written, with what the kernel holds now
         // (the benches follow `GET /v1/applied` to time changes).
-        let services = self.kernel.services.keys();
-        let services = services
-            .filter(|k| !reconcile::addr::is_vip_marker_key(k))
-            .count();
+        // Every desired service is in the kernel now.
+        let services = self.desired.services.len();
         let applied =
             (self.applied).publish(started.elapsed(), services, self.kernel.backends.len());
         tracing::info!(
@@ -235,13 +232,13 @@ impl Controller {
     /// the services whose header was written or whose name changed are named from `desired`.
     /// After a restart or a resume (no names yet, or a kernel read afresh) every service is
     /// named, from `desired` or the state in force. Names only change where definitions do:
-    /// with `renamed` false (an event that changed none) they are not compared.
+    /// with a `scope` (an event that changed none) they are not compared.
     fn rename(
         &mut self,
         plan: &Plan,
         removed: &[(ServiceKey, u32)],
         desired: &Desired,
-        renamed: bool,
+        scope: Option<&BTreeSet<Frontend>>,
     ) {
         let by_key = |d: &Desired, keys: Option<&HashSet<ServiceKey>>| {
             (d.services.iter())
@@ -273,7 +270,7 @@ impl Controller {
                 _ => None,
             })
             .collect();
-        if renamed {
+        if scope.is_none() {
             keys.extend(
                 (desired.services.iter())
                     .filter(|(frontend, s)| {
@@ -282,22 +279,37 @@ impl Controller {
                     .map(|(frontend, _)| reconcile::addr::frontend_key(*frontend)),
             );
         }
-        let mut gone = removed
-            .iter()
-            .filter(|(key, _)| !self.kernel.services.contains_key(key))
-            .peekable();
-        if keys.is_empty() && gone.peek().is_none() {
+        let current = self.names.current();
+        let gone = (removed.iter())
+            .filter(|(key, id)| !self.kernel.services.contains_key(key) && current.contains_key(id))
+            .map(|&(_, id)| (id, None));
+        // An event's plan writes the services in its scope (a full plan it fell back to may
+        // write others): looked up directly when it did.
+        let scoped: Option<HashMap<ServiceKey, String>> = scope.map(|scope| {
+            (scope.iter())
+                .filter_map(|f| Some((reconcile::addr::frontend_key(*f), desired.services.get(f)?)))
+                .filter(|(key, _)| keys.contains(key))
+                .map(|(key, s)| (key, s.name.clone()))
+                .collect()
+        });
+        let new = match scoped {
+            Some(scoped) if scoped.len() == keys.len() => scoped,
+            _ => by_key(desired, Some(&keys)),
+        };
+        let named = (keys.iter())
+            .filter_map(|key| Some((self.kernel.services.get(key)?.id, new.get(key)?)))
+            .filter(|(id, name)| current.get(id) != Some(*name))
+            .map(|(id, name)| (id, Some(name.clone())));
+        let changes: Vec<(u32, Option<String>)> = gone.chain(named).collect();
+        if changes.is_empty() {
             return;
         }
-        let new = by_key(desired, Some(&keys));
-        let mut names = (*self.names.current()).clone();
-        for (_, id) in gone {
-            names.remove(id);
-        }
-        for key in &keys {
-            if let (Some(service), Some(name)) = (self.kernel.services.get(key), new.get(key)) {
-                names.insert(service.id, name.clone());
-            }
+        let mut names = (*current).clone();
+        for (id, name) in changes {
+            match name {
+                Some(name) => names.insert(id, name),
+                None => names.remove(&id),
+            };
         }
         self.names.publish(names);
     }

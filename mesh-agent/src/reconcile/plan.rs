@@ -187,11 +187,13 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
 /// `current` to `desired`, with their VIPs' markers; `None` when they cannot be planned
 /// apart from the rest, and [`plan()`] must run instead.
 ///
-/// The groups are those [`plan()`] would make for these services, but the rest of the maps
-/// is not read: the garbage of other services stays for the next full plan, and new ids are
-/// taken above every id in use (not the smallest free ones), so an id freed by this plan is
-/// not reused by it either. Strict services are always planned in full: the strict-inbound
-/// map is a function of every strict service at once.
+/// `current` must be clean, as a plan applied without a failed write leaves the maps: every
+/// service owns a unique id, every backend is named by a slot of its service, no slot is
+/// dangling. Then the rest of the maps need not be read: these services' entries are found
+/// from their headers and slots, and new ids are taken above every id in use (not the smallest
+/// free ones), so an id freed by this plan is not reused by it either. The groups are those
+/// [`plan()`] would make for these services. Strict services are always planned in full: the
+/// strict-inbound map is a function of every strict service at once.
 pub fn plan_scoped(
     current: &KernelState,
     desired: &Desired,
@@ -366,42 +368,39 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// The index of the services at `keys` only, for [`plan_scoped`]: each owns its id
-    /// unless a service before it in key order has that id too (as in [`Planner::new`]); new
-    /// ids are taken above every id in use.
+    /// The index of the services at `keys` only, for [`plan_scoped`], read from a clean
+    /// `current` (see there): each service owns its id, its backends are those its slots
+    /// name, and new ids are taken above the largest in use, so nothing else is read.
     fn scoped<'k>(current: &'a KernelState, keys: impl Iterator<Item = &'k ServiceKey>) -> Self {
-        let keys: BTreeSet<&ServiceKey> = keys.collect();
-        let mut first_with_id: BTreeMap<u32, ServiceKey> = BTreeMap::new();
-        let mut services = BTreeMap::new();
-        let headers = current.services.iter();
-        for (key, service) in headers.filter(|(k, _)| !addr::is_vip_marker_key(k)) {
-            let first = *first_with_id.entry(service.id).or_insert(*key) == *key;
-            if keys.contains(key) {
-                services.insert(*key, (*service, service.id != 0 && first));
-            }
-        }
+        let services: BTreeMap<ServiceKey, (Service, bool)> = keys
+            .filter_map(|key| Some((*key, (*current.services.get(key)?, true))))
+            .collect();
         let owners: BTreeMap<u32, ServiceKey> = (services.iter())
-            .filter(|(_, (_, owns))| *owns)
             .map(|(key, (service, _))| (service.id, *key))
             .collect();
-        let mut backends_by_service: Vec<(u32, BackendAddr, u32)> = (current.backends.iter())
-            .filter(|(_, b)| owners.contains_key(&b.service_id))
-            .map(|(&id, b)| (b.service_id, (b.addr, b.port, b.family), id))
-            .collect();
+        let mut backends_by_service: Vec<(u32, BackendAddr, u32)> = Vec::new();
+        for &sid in owners.keys() {
+            let mut ids: Vec<u32> = Self::slots_in(current, sid).map(|(_, id)| id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let backends = ids
+                .iter()
+                .filter_map(|id| Some((id, current.backends.get(id)?)));
+            backends_by_service
+                .extend(backends.map(|(&id, b)| (sid, (b.addr, b.port, b.family), id)));
+        }
         backends_by_service.sort_unstable();
+        // Every service has slots but one with no backend of weight: its header is read.
         let service_ids = (current.services.values().map(|s| s.id))
-            .chain(current.slots.last_key_value().map(|(k, _)| k.service_id))
-            .chain(current.backends.values().map(|b| b.service_id));
-        let backend_ids = (current.backends.last_key_value().map(|(&id, _)| id))
-            .into_iter()
-            .chain(current.slots.values().copied());
+            .chain(current.slots.last_key_value().map(|(k, _)| k.service_id));
+        let backend_id = current.backends.last_key_value().map(|(&id, _)| id);
         Planner {
             current,
             services,
             owners,
             backends_by_service,
             service_ids: IdAllocator::above(service_ids.max().unwrap_or(0)),
-            backend_ids: IdAllocator::above(backend_ids.max().unwrap_or(0)),
+            backend_ids: IdAllocator::above(backend_id.unwrap_or(0)),
             ids: BTreeMap::new(),
         }
     }
@@ -440,6 +439,11 @@ impl<'a> Planner<'a> {
 
     /// Slots of service `sid`, both generations, in key order.
     fn slots_of(&self, sid: u32) -> impl Iterator<Item = (SlotKey, u32)> + 'a {
+        Self::slots_in(self.current, sid)
+    }
+
+    /// Slots of service `sid` in `current`, both generations, in key order.
+    fn slots_in(current: &'a KernelState, sid: u32) -> impl Iterator<Item = (SlotKey, u32)> + 'a {
         let lo = SlotKey {
             service_id: sid,
             generation: 0,
@@ -450,7 +454,7 @@ impl<'a> Planner<'a> {
             generation: u32::MAX,
             slot: u32::MAX,
         };
-        self.current.slots.range(lo..=hi).map(|(k, v)| (*k, *v))
+        current.slots.range(lo..=hi).map(|(k, v)| (*k, *v))
     }
 
     /// (service id, address, backend id) of the backends of service `sid`, by address.
