@@ -242,7 +242,7 @@ async fn registrations_apply_survive_a_restart_without_a_write_and_hostile_ones_
     let mut node = Node::new("register", WEB);
     let mut controller = node.start();
     let endpoint = |address: &str| Endpoint {
-        service: "web".to_owned(),
+        service: "web".into(),
         address: address.parse().unwrap(),
         weight: 1,
     };
@@ -265,7 +265,7 @@ async fn registrations_apply_survive_a_restart_without_a_write_and_hostile_ones_
     assert!(loopback.contains("loopback"), "{loopback}");
     let unknown = controller
         .register(Endpoint {
-            service: "nobody".to_owned(),
+            service: "nobody".into(),
             ..endpoint("10.0.0.9:8080")
         })
         .unwrap_err();
@@ -318,7 +318,7 @@ fn peer(name: &str, alive: bool, endpoints: &[&str]) -> Member {
             endpoints: endpoints
                 .iter()
                 .map(|a| Endpoint {
-                    service: "web".to_owned(),
+                    service: "web".into(),
                     address: a.parse().unwrap(),
                     weight: 1,
                 })
@@ -771,14 +771,15 @@ impl Mesh {
                 let service = rng.pick(&NAMES).to_string();
                 let address: SocketAddr = rng.pick(&BACKENDS).parse().unwrap();
                 let endpoints = &mut announcement.endpoints;
-                match (endpoints.iter()).position(|e| e.service == service && e.address == address)
+                match (endpoints.iter())
+                    .position(|e| *e.service == *service && e.address == address)
                 {
                     Some(i) if rng.below(2) == 0 => endpoints[i].weight = rng.below(3) as u32,
                     Some(i) => {
                         endpoints.remove(i);
                     }
                     None => endpoints.push(Endpoint {
-                        service,
+                        service: service.into(),
                         address,
                         weight: 1,
                     }),
@@ -865,7 +866,7 @@ async fn the_incremental_pipeline_reaches_what_the_whole_pipeline_does_after_eve
         match event {
             0 | 1 => {
                 let endpoint = Endpoint {
-                    service: rng.pick(&NAMES).to_string(),
+                    service: (*rng.pick(&NAMES)).into(),
                     address: rng.pick(&BACKENDS).parse().unwrap(),
                     weight: rng.below(3) as u32,
                 };

@@ -64,7 +64,7 @@ pub fn bench(c: &mut Criterion) {
     group.bench_function("20k services, register then deregister", |b| {
         b.iter(|| {
             let endpoint = Endpoint {
-                service: service.clone(),
+                service: service.as_str().into(),
                 address: registered,
                 weight: 1,
             };

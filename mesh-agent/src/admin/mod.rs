@@ -332,7 +332,7 @@ fn post(request: &Request<Incoming>, agent: &dyn AgentView) -> Response<Body> {
             );
         }
         ("/v1/endpoints/register", Ok(q)) => agent.register(Endpoint {
-            service: q.service,
+            service: q.service.into(),
             address: q.address,
             weight: q.weight.unwrap_or(1),
         }),

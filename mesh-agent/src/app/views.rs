@@ -321,7 +321,7 @@ impl View {
         for (node, announcement) in members {
             for e in &announcement.endpoints {
                 announcers
-                    .entry((e.service.as_str(), e.address))
+                    .entry((&*e.service, e.address))
                     .or_default()
                     .push(node.to_owned());
             }

@@ -85,7 +85,8 @@ impl ServiceDef {
 /// One endpoint a node hosts for a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
-    pub service: String,
+    /// Shared: an announcement copied whole (to change one endpoint) copies no name.
+    pub service: Arc<str>,
     pub address: SocketAddr,
     /// 0..=[`MAX_WEIGHT`](crate::model::limits::MAX_WEIGHT); 0: drained.
     pub weight: u32,
@@ -112,7 +113,7 @@ pub fn check_registration(services: &[Service], endpoint: &Endpoint) -> Result<(
     let addr = endpoint.address;
     let service = services
         .iter()
-        .find(|s| s.name == endpoint.service)
+        .find(|s| *s.name == *endpoint.service)
         .ok_or_else(|| {
             format!(
                 "service {}: not in the catalog (define it in a config first)",
@@ -154,19 +155,20 @@ impl Announcement {
                 .collect(),
             endpoints: Vec::new(),
         };
-        // Each (service, address) once, the first announcement of it kept.
+        // Each (service, address) once, the first announcement of it kept; one name per
+        // service, shared by its endpoints.
         let mut seen: HashSet<(&str, SocketAddr)> = HashSet::new();
         let configured = services.iter().flat_map(|s| {
-            s.backends
-                .iter()
-                .map(move |b| (s.name.as_str(), b.address, b.weight))
+            let name: Arc<str> = Arc::from(s.name.as_str());
+            (s.backends.iter()).map(move |b| (s.name.as_str(), Arc::clone(&name), b))
         });
-        let registered =
-            (registered.endpoints.iter()).map(|e| (e.service.as_str(), e.address, e.weight));
-        for (service, address, weight) in configured.chain(registered) {
-            if seen.insert((service, address)) {
+        let configured = configured.map(|(key, name, b)| (key, name, b.address, b.weight));
+        let registered = (registered.endpoints.iter())
+            .map(|e| (&*e.service, Arc::clone(&e.service), e.address, e.weight));
+        for (key, service, address, weight) in configured.chain(registered) {
+            if seen.insert((key, address)) {
                 announcement.endpoints.push(Endpoint {
-                    service: service.to_owned(),
+                    service,
                     address,
                     weight,
                 });
@@ -186,8 +188,8 @@ impl Announcement {
         }
         self.endpoints
             .iter()
-            .filter(|e| services.contains(e.service.as_str()) && e.check().is_ok())
-            .map(|e| (e.service.clone(), e.address))
+            .filter(|e| services.contains(&*e.service) && e.check().is_ok())
+            .map(|e| (e.service.to_string(), e.address))
             .collect()
     }
 
@@ -207,13 +209,14 @@ impl Announcement {
         if configured {
             return false;
         }
-        let at = (self.endpoints.iter()).position(|e| e.address == address && e.service == service);
+        let at =
+            (self.endpoints.iter()).position(|e| e.address == address && &*e.service == service);
         match (at, weight) {
             (Some(at), Some(weight)) if self.endpoints[at].weight != weight => {
                 self.endpoints[at].weight = weight;
             }
             (None, Some(weight)) => self.endpoints.push(Endpoint {
-                service: service.to_owned(),
+                service: service.into(),
                 address,
                 weight,
             }),
@@ -285,7 +288,7 @@ impl Change {
 }
 
 fn services_of(endpoints: &[Endpoint]) -> BTreeSet<String> {
-    endpoints.iter().map(|e| e.service.clone()).collect()
+    endpoints.iter().map(|e| e.service.to_string()).collect()
 }
 
 /// Everything this node's catalog is made of.
@@ -388,7 +391,7 @@ impl Registrations {
     pub fn deregister(&mut self, service: &str, address: SocketAddr) -> bool {
         let before = self.endpoints.len();
         self.endpoints
-            .retain(|e| !(e.service == service && e.address == address));
+            .retain(|e| !(&*e.service == service && e.address == address));
         self.endpoints.len() != before
     }
 }
@@ -535,7 +538,7 @@ pub fn merge(local: &str, members: &[(&str, &Announcement)]) -> Catalog {
     for (node, announcement) in &members {
         let mut run: Option<(&str, Option<&ServiceDef>)> = None;
         for (i, endpoint) in announcement.endpoints.iter().enumerate() {
-            let name = endpoint.service.as_str();
+            let name = &*endpoint.service;
             let def = match run {
                 Some((last, def)) if last == name => def,
                 _ => {
@@ -589,8 +592,8 @@ pub fn merge_service(
     let mut conflicts = Vec::new();
     let mut merged = Merged::new();
     for (node, announcement) in &members {
-        let of_service =
-            (announcement.endpoints.iter().enumerate()).filter(|(_, e)| e.service == previous.name);
+        let of_service = (announcement.endpoints.iter().enumerate())
+            .filter(|(_, e)| *e.service == *previous.name);
         for (i, endpoint) in of_service {
             let order = if *node == local { (0, i) } else { (1, 0) };
             add_endpoint(&mut merged, node, endpoint, order, &def, &mut conflicts);
@@ -617,7 +620,7 @@ fn add_endpoint(
 ) {
     if !rules::same_family(endpoint.address, def.vip) {
         conflicts.push(Conflict {
-            service: endpoint.service.clone(),
+            service: endpoint.service.to_string(),
             kind: ConflictKind::Endpoint,
             detail: format!(
                 "{} (from {node}) is not of the VIP {}'s family; left out",

@@ -107,7 +107,7 @@ impl Registry {
                 .register(endpoint)
                 .map_err(|cause| RegistryError::Endpoint {
                     path: path.clone(),
-                    service,
+                    service: service.to_string(),
                     address,
                     cause,
                 })?;
@@ -176,7 +176,7 @@ mod tests {
 
     fn endpoint(service: &str, address: &str, weight: u32) -> Endpoint {
         Endpoint {
-            service: service.to_owned(),
+            service: service.into(),
             address: address.parse().unwrap(),
             weight,
         }

@@ -302,7 +302,7 @@ fn decode_one(decoded: &mut Decoded, key: &str, value: &str) -> Result<(), Strin
             .map_err(|_| format!("{address:?} is not an IP:port"))?;
         let r: EndpointRecord = serde_json::from_str(value).map_err(|e| e.to_string())?;
         let endpoint = Endpoint {
-            service: service.to_owned(),
+            service: service.into(),
             address,
             weight: r.weight,
         };
