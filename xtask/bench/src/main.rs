@@ -26,6 +26,8 @@
 //! | [`bpfstats`] | the kernel's per-program run time of the agent's hooks |
 //! | [`msgsize`] | message-size sweeps over one path (ping-pong and iperf3 per size), for the loopback sockmap decision |
 //! | [`sockmap`] | the loopback sockmap suite: mTLS path with `loopback_sockmap` off vs on, per message size |
+//! | [`admin`] | one request to an agent's admin API over its Unix socket |
+//! | [`fillers`] | filler catalogs: many services of 10 backends, for the large-config suites |
 //! | [`reload`] | the reload suite: the admin API's and a tunneled flow's round trips while a 20,000-service config is applied |
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
@@ -33,8 +35,10 @@
 //! an error, and the test bed's drop tears everything down; a suite that fails keeps the bed's
 //! configs and logs (see [`keep_files`]).
 
+pub mod admin;
 pub mod bpfstats;
 pub mod cpu;
+pub mod fillers;
 pub mod gossip;
 pub mod iperf;
 pub mod iptables;

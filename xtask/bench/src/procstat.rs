@@ -1,5 +1,5 @@
 //! What a process has used so far, from `/proc/PID`: CPU seconds (`stat`) and resident
-//! memory (`status`'s `VmRSS`), for the agents a suite runs.
+//! memory (`status`'s `VmRSS`, and its peak `VmHWM`), for the agents a suite runs.
 
 use anyhow::{ensure, Context, Result};
 
@@ -29,13 +29,26 @@ pub fn cpu_s(pid: i32) -> Result<f64> {
 
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
 pub fn rss_bytes(pid: i32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    rss_in(&text).with_context(|| format!("no VmRSS in {path}"))
+    status_bytes(pid, "VmRSS")
 }
 
-fn rss_in(status: &str) -> Option<u64> {
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+/// The most resident memory process `pid` has had so far, in bytes (`VmHWM` of
+/// `/proc/PID/status`).
+pub fn peak_rss_bytes(pid: i32) -> Result<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// Field `field` (in kB) of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: i32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    kb_field(&text, field).with_context(|| format!("no {field} in {path}"))
+}
+
+fn kb_field(status: &str, field: &str) -> Option<u64> {
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
     let kb: u64 = kb.trim().strip_suffix("kB")?.trim().parse().ok()?;
     Some(kb * 1024)
 }
@@ -57,8 +70,11 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(cpu_s(me).unwrap() >= 0.0);
         assert!(rss_bytes(me).unwrap() > 0);
+        assert!(peak_rss_bytes(me).unwrap() >= rss_bytes(me).unwrap());
         assert!(open_fds(me).unwrap() >= 3);
-        assert_eq!(rss_in("Name:\tx\nVmRSS:\t   1234 kB\n"), Some(1234 * 1024));
-        assert_eq!(rss_in("Name:\tx\n"), None);
+        let status = "Name:\tx\nVmHWM:\t   2000 kB\nVmRSS:\t   1234 kB\n";
+        assert_eq!(kb_field(status, "VmRSS"), Some(1234 * 1024));
+        assert_eq!(kb_field(status, "VmHWM"), Some(2000 * 1024));
+        assert_eq!(kb_field("Name:\tx\n", "VmRSS"), None);
     }
 }

@@ -15,9 +15,7 @@
 //! the ratios baseline / current of the median worst cases.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,7 +28,7 @@ use mesh_tests::{
     Agent, Node, TestBed,
 };
 
-use crate::{check_interrupted, in_bed, iptables, stats, wait_services, Artifacts};
+use crate::{admin, check_interrupted, fillers, in_bed, stats, wait_services, Artifacts};
 
 /// What `cargo xtask bench reload` takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -52,8 +50,6 @@ const PHASE: Duration = Duration::from_secs(8);
 const CHANGE_AT: Duration = Duration::from_secs(1);
 /// Between two admin requests, and between two round trips of the flow.
 const PACE: Duration = Duration::from_millis(10);
-/// Backends per filler service.
-const FILLER_BACKENDS: u8 = 10;
 /// The tunneled service the flow uses.
 const ECHO: &str = "echo";
 const ECHO_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 7000);
@@ -116,7 +112,7 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
             workloads: &[],
             options: "",
         };
-        let mut services = fillers_of(fillers);
+        let mut services = fillers::services(fillers);
         services.push(echo.clone());
         mtls::config(node, &services, &table, "")
     };
@@ -149,20 +145,6 @@ fn scenario(bed: &TestBed, artifacts: &Artifacts, args: &Args) -> Result<()> {
     }
     println!("{}", render(&samples, args));
     Ok(())
-}
-
-/// The fillers: `count` services on the iptables suite's filler VIPs, each with the same 10
-/// backends (on no host: nothing connects to them).
-fn fillers_of(count: u32) -> Vec<Service> {
-    let backends: Vec<SocketAddr> = (1..=FILLER_BACKENDS)
-        .map(|n| SocketAddr::new(Ipv4Addr::new(10, 200, 0, n).into(), 8080))
-        .collect();
-    (0..count)
-        .map(|n| {
-            let vip = SocketAddr::new(iptables::filler_vip(n).into(), 80);
-            Service::tcp(&format!("filler{n}"), vip, &backends)
-        })
-        .collect()
 }
 
 /// One phase on `agent`: the admin poller and the flow run for [`PHASE`]; `change` (a config)
@@ -212,7 +194,7 @@ fn measure(
         }
         Ok(Sample {
             admin_worst: admin.last().copied().unwrap_or(0.0),
-            admin_p99: quantile(&admin, 0.99),
+            admin_p99: stats::quantile(&admin, 0.99),
             flow_worst: flow.max_us / 1000.0,
             flow_p99: flow.p99_us / 1000.0,
             apply,
@@ -221,25 +203,14 @@ fn measure(
     })
 }
 
-/// Asks the admin API for `/v1/policies` (a small answer: the request's own cost stays out of it) every [`PACE`] until `stop`; returns the round trips in
-/// milliseconds, sorted. A request that fails fails the phase.
+/// Asks the admin API for `/v1/policies` (a small answer: the request's own cost stays out of
+/// it) every [`PACE`] until `stop`; returns the round trips in milliseconds, sorted. A request
+/// that fails fails the phase.
 fn poll_admin(socket: &Path, stop: &AtomicBool) -> Result<Vec<f64>> {
     let mut times = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
-        let mut stream = UnixStream::connect(socket)
-            .with_context(|| format!("connecting to {}", socket.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        stream
-            .write_all(b"GET /v1/policies HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer)?;
-        if !answer.starts_with(b"HTTP/1.1 200") {
-            bail!(
-                "the admin API answered {:?}",
-                String::from_utf8_lossy(&answer[..answer.len().min(80)])
-            );
-        }
+        admin::request(socket, "GET", "/v1/policies")?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(PACE.saturating_sub(started.elapsed()));
     }
@@ -247,20 +218,14 @@ fn poll_admin(socket: &Path, stop: &AtomicBool) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-/// The `q` quantile of sorted values (0 when empty).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    match sorted.len() {
-        0 => 0.0,
-        n => sorted[((n - 1) as f64 * q).round() as usize],
-    }
-}
-
 fn render(samples: &BTreeMap<(&str, Phase), Vec<Sample>>, args: &Args) -> String {
     let mut out = format!(
-        "reload suite: {} filler services x {FILLER_BACKENDS} backends, {} rounds; admin = GET \
+        "reload suite: {} filler services x {} backends, {} rounds; admin = GET \
          /v1/policies every 10 ms, flow = one tunneled connection, a 64-byte round trip every \
          10 ms; milliseconds, each round's value\n\n",
-        args.services, args.rounds
+        args.services,
+        fillers::BACKENDS,
+        args.rounds
     );
     let per_round = |values: Vec<f64>| {
         values
@@ -308,24 +273,4 @@ fn render(samples: &BTreeMap<(&str, Phase), Vec<Sample>>, args: &Args) -> String
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fillers_have_distinct_vips_and_ten_backends() {
-        let fillers = fillers_of(300);
-        let vips: std::collections::HashSet<_> = fillers.iter().map(|s| &s.vip).collect();
-        assert_eq!(vips.len(), 300);
-        assert!(fillers.iter().all(|s| s.backends.len() == 10));
-    }
-
-    #[test]
-    fn quantiles_of_sorted_values() {
-        assert_eq!(quantile(&[], 0.99), 0.0);
-        assert_eq!(quantile(&[1.0, 2.0, 3.0], 1.0), 3.0);
-        assert_eq!(quantile(&[1.0, 2.0, 3.0], 0.5), 2.0);
-    }
 }

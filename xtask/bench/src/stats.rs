@@ -13,6 +13,15 @@ pub fn median(v: &[f64]) -> Option<f64> {
     }
 }
 
+/// The `q` quantile of sorted values, nearest rank (0 when empty): of 50 values or fewer,
+/// the 0.99 quantile is the largest.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n - 1) as f64 * q).round() as usize],
+    }
+}
+
 /// (max - min) / median of `v`; 0 when the median is 0, `None` when empty.
 pub fn spread(v: &[f64]) -> Option<f64> {
     let max = v.iter().copied().reduce(f64::max)?;
@@ -56,5 +65,15 @@ mod tests {
         assert!(target_line("a", Some(0.5), 0.4).ends_with("0.50x  (>= 0.4x) met\n"));
         assert!(target_line("a", Some(0.3), 0.4).ends_with("0.30x  (>= 0.4x) NOT met\n"));
         assert!(target_line("a", None, 0.4).ends_with("-  (>= 0.4x) not measured\n"));
+    }
+
+    #[test]
+    fn quantiles_of_sorted_values() {
+        assert_eq!(quantile(&[], 0.99), 0.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0], 1.0), 3.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0], 0.5), 2.0);
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&hundred, 0.99), 99.0);
+        assert_eq!(quantile(&hundred[..50], 0.99), 50.0);
     }
 }
