@@ -413,6 +413,14 @@ impl Agent {
         self.proc.as_ref().map(Proc::pid)
     }
 
+    /// When the running agent was spawned (wall clock, comparable with [`Applied::at`]), if
+    /// started.
+    ///
+    /// [`Applied::at`]: crate::applied::Applied::at
+    pub fn spawned_at(&self) -> Option<std::time::SystemTime> {
+        self.proc.as_ref().map(Proc::spawned_at)
+    }
+
     /// Starts the agent again with the same arguments (stopping it with SIGTERM first if it is
     /// still running) and waits until it is ready.
     pub fn restart(&mut self) -> Result<()> {
@@ -426,10 +434,19 @@ impl Agent {
     /// Replaces the config file atomically (write a sibling, then rename over it), as an
     /// editor or a config manager would; a running agent sees one complete file.
     pub fn write_config(&self, config_toml: &str) -> Result<()> {
+        self.stage_config(config_toml)?.commit()
+    }
+
+    /// The first half of [`Agent::write_config`]: writes the sibling file and returns the
+    /// rename still to be done, so a bench can time a change from the moment the agent can
+    /// see it (the rename) rather than from the start of a large write.
+    pub fn stage_config(&self, config_toml: &str) -> Result<StagedConfig> {
         let tmp = self.config_path.with_extension("toml.tmp");
         std::fs::write(&tmp, config_toml).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.config_path)
-            .with_context(|| format!("renaming to {}", self.config_path.display()))
+        Ok(StagedConfig {
+            tmp,
+            path: self.config_path.clone(),
+        })
     }
 
     /// `mesh-agent check --config PATH`, whatever its exit status.
@@ -471,6 +488,23 @@ impl Agent {
     /// Follows the agent's writes of its kernel maps (`GET /v1/applied`), across restarts.
     pub fn follow_applied(&self) -> Follower {
         Follower::start(&self.socket)
+    }
+}
+
+/// A config file written beside the agent's, not yet renamed over it ([`Agent::stage_config`]).
+#[derive(Debug)]
+#[must_use = "the agent sees nothing until commit"]
+pub struct StagedConfig {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl StagedConfig {
+    /// Renames the staged file over the agent's config (atomically: the agent sees one whole
+    /// file).
+    pub fn commit(self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("renaming to {}", self.path.display()))
     }
 }
 

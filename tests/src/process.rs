@@ -21,7 +21,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 
@@ -114,6 +114,8 @@ pub type ChildHandle = Arc<Mutex<Child>>;
 pub struct Proc {
     label: String,
     pid: i32,
+    /// The wall clock just before the child was forked.
+    spawned_at: SystemTime,
     child: ChildHandle,
     stdout: Option<Arc<Lines>>,
     stderr: Option<Arc<Lines>>,
@@ -211,6 +213,7 @@ pub fn spawn(
             cmd.stdout(f).stderr(f2);
         }
     }
+    let spawned_at = SystemTime::now();
     let mut child =
         spawn_retrying_busy(&mut cmd).with_context(|| format!("spawning {label}: {cmd:?}"))?;
     drop(procs);
@@ -228,6 +231,7 @@ pub fn spawn(
     Ok(Proc {
         label: label.to_string(),
         pid,
+        spawned_at,
         child: Arc::new(Mutex::new(child)),
         stdout,
         stderr,
@@ -243,6 +247,11 @@ impl Proc {
     /// The process id.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The wall clock just before the child was forked (a bench times a start from it).
+    pub fn spawned_at(&self) -> SystemTime {
+        self.spawned_at
     }
 
     /// A weak handle for teardown registries.
