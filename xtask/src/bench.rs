@@ -1,7 +1,7 @@
 //! `cargo xtask bench SUITE [OPTIONS]`: set up, build, then hand over to the benchmark crate.
 //!
 //! The suites and their options belong to `mesh-bench` (`xtask/bench/`); this module only
-//! launches them. For `lb`, `gossip`, `mtls` and `sockmap` it sets up, builds the workspace in
+//! launches them. For each suite of [`SUITES`] it sets up, builds the workspace in
 //! release (the `mesh-bench` binary included), and replaces this process with
 //! `target/release/mesh-bench SUITE [OPTIONS]`, naming the binaries under test in
 //! `MESH_AGENT_BIN` and `MESH_WORKLOAD_BIN` as `cargo xtask test` does. `exec` keeps the
@@ -26,7 +26,7 @@ use crate::setup;
 use crate::util::{cmd, display, run_checked};
 
 /// The suites of `mesh-bench`, checked here so a typo fails before the build.
-const SUITES: [&str; 5] = ["lb", "gossip", "mtls", "sockmap", "reload"];
+const SUITES: [&str; 6] = ["lb", "gossip", "mtls", "sockmap", "reload", "scale"];
 
 /// The suite that runs `cargo bench` instead of `mesh-bench`.
 const MICRO: &str = "micro";

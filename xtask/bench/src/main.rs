@@ -29,6 +29,7 @@
 //! | [`admin`] | one request to an agent's admin API over its Unix socket |
 //! | [`fillers`] | filler catalogs: many services of 10 backends, for the large-config suites |
 //! | [`reload`] | the reload suite: the admin API's and a tunneled flow's round trips while a 20,000-service config is applied |
+//! | [`scale`] | the scale suite: load time, memory over reloads and single-change latency at 1,000 and 20,000 services |
 //!
 //! A suite's processes are children in their own process groups, so Ctrl-C reaches only the
 //! bench: it notes the interrupt, finishes the run in progress (each is bounded) and returns
@@ -48,6 +49,7 @@ pub mod mtls;
 pub mod procstat;
 pub mod reload;
 pub mod roles;
+pub mod scale;
 pub mod servers;
 pub mod sockmap;
 pub mod stats;
@@ -96,6 +98,10 @@ pub enum Suite {
     /// What a large reload costs the rest of the agent: the admin API's and a tunneled flow's
     /// round trips while 20,000 services come and go (optionally vs a baseline binary).
     Reload(reload::Args),
+    /// What a large catalog costs one agent, per size: cold-start load time, memory over 20
+    /// reloads, and the latency of one registration or one-service config change to the
+    /// kernel (p50/p99/max).
+    Scale(scale::Args),
 }
 
 /// The binaries under test.
@@ -139,6 +145,7 @@ fn run(suite: Suite) -> Result<()> {
         Suite::Mtls(args) => mtls::run(&built, &args),
         Suite::Sockmap(args) => sockmap::run(&built, &args),
         Suite::Reload(args) => reload::run(&built, &args),
+        Suite::Scale(args) => scale::run(&built, &args),
     }
 }
 
