@@ -1,5 +1,5 @@
 //! What a process has used so far, from `/proc/PID`: CPU seconds (`stat`) and resident
-//! memory (`status`'s `VmRSS`, and its peak `VmHWM`), for the agents a suite runs.
+//! memory (`status`'s `VmRSS` and its peak, `VmHWM`), for the agents a suite runs.
 
 use anyhow::{ensure, Context, Result};
 
@@ -29,20 +29,28 @@ pub fn cpu_s(pid: i32) -> Result<f64> {
 
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
 pub fn rss_bytes(pid: i32) -> Result<u64> {
-    status_bytes(pid, "VmRSS")
+    Ok(memory(pid)?.rss)
 }
 
-/// The most resident memory process `pid` has had so far, in bytes (`VmHWM` of
-/// `/proc/PID/status`).
-pub fn peak_rss_bytes(pid: i32) -> Result<u64> {
-    status_bytes(pid, "VmHWM")
+/// A process's resident memory, in bytes, from one read of `/proc/PID/status` (so the peak is
+/// at least the current value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// `VmRSS`: resident now.
+    pub rss: u64,
+    /// `VmHWM`: the most it has been resident so far.
+    pub peak: u64,
 }
 
-/// Field `field` (in kB) of `/proc/PID/status`, in bytes.
-fn status_bytes(pid: i32, field: &str) -> Result<u64> {
+/// The resident memory of process `pid`, now and at its peak.
+pub fn memory(pid: i32) -> Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    kb_field(&text, field).with_context(|| format!("no {field} in {path}"))
+    let field = |name: &str| kb_field(&text, name).with_context(|| format!("no {name} in {path}"));
+    Ok(Memory {
+        rss: field("VmRSS")?,
+        peak: field("VmHWM")?,
+    })
 }
 
 fn kb_field(status: &str, field: &str) -> Option<u64> {
@@ -70,7 +78,8 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(cpu_s(me).unwrap() >= 0.0);
         assert!(rss_bytes(me).unwrap() > 0);
-        assert!(peak_rss_bytes(me).unwrap() >= rss_bytes(me).unwrap());
+        let memory = memory(me).unwrap();
+        assert!(memory.peak >= memory.rss, "{memory:?}");
         assert!(open_fds(me).unwrap() >= 3);
         let status = "Name:\tx\nVmHWM:\t   2000 kB\nVmRSS:\t   1234 kB\n";
         assert_eq!(kb_field(status, "VmRSS"), Some(1234 * 1024));

@@ -299,10 +299,8 @@ fn timed_change(
 /// The agent's (VmRSS, VmHWM) in MiB.
 fn memory(pid: i32) -> Result<(f64, f64)> {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-    Ok((
-        mib(procstat::rss_bytes(pid)?),
-        mib(procstat::peak_rss_bytes(pid)?),
-    ))
+    let memory = procstat::memory(pid)?;
+    Ok((mib(memory.rss), mib(memory.peak)))
 }
 
 /// `error`, with the agent's config error if it has one (a rejected config is the usual
