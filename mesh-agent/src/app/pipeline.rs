@@ -66,7 +66,8 @@ impl Controller {
             return Err(error);
         }
         self.services = merged.services;
-        self.settle(catalog, merged.conflicts, local);
+        self.catalog = catalog;
+        self.settle(merged.conflicts, local);
         Ok(())
     }
 
@@ -91,16 +92,15 @@ impl Controller {
             merged.push((at, service));
         }
         conflicts.sort();
-        let mut catalog = self.catalog.clone();
         let mut desired = (*self.desired).clone();
-        let mut frontends = BTreeSet::new();
+        let mut wanted = Vec::with_capacity(merged.len());
         for (_, service) in &merged {
             self.health.sync_service(service);
             let want = Arc::new(DesiredService::from_config(service));
-            frontends.insert(want.frontend());
-            catalog.services.insert(want.frontend(), Arc::clone(&want));
-            desired.services.insert(want.frontend(), want);
+            desired.services.insert(want.frontend(), Arc::clone(&want));
+            wanted.push(want);
         }
+        let frontends: BTreeSet<Frontend> = wanted.iter().map(|w| w.frontend()).collect();
         self.health.apply_to(&mut desired, names);
         if let Err(error) = self.apply(desired, Some(&frontends)) {
             for (at, _) in &merged {
@@ -111,13 +111,16 @@ impl Controller {
         for (at, service) in merged {
             self.services[at] = service;
         }
-        self.settle(catalog, conflicts, local);
+        for want in wanted {
+            self.catalog.services.insert(want.frontend(), want);
+        }
+        self.settle(conflicts, local);
         Ok(())
     }
 
     /// Takes a catalog that reached the kernel into force (its services already in
-    /// `self.services`): its conflicts, the tunnel's services, the checks.
-    fn settle(&mut self, catalog: Desired, conflicts: Vec<Conflict>, local: Arc<Announcement>) {
+    /// `self.services` and `self.catalog`): its conflicts, the tunnel's services, the checks.
+    fn settle(&mut self, conflicts: Vec<Conflict>, local: Arc<Announcement>) {
         for conflict in &conflicts {
             if !self.conflicts.contains(conflict) {
                 tracing::warn!(%conflict, "catalog conflict");
@@ -143,7 +146,6 @@ impl Controller {
         }
         self.conflicts = conflicts;
         self.checker.sync(self.health.targets());
-        self.catalog = catalog;
         self.announcement = local;
     }
 
