@@ -2,7 +2,6 @@
 //! read the programs' counts through [`KernelCounters`].
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -55,7 +54,7 @@ impl KernelMaps {
         fn collect<K: aya::Pod + Ord, V: aya::Pod>(
             map: &HashMap<MapData, K, V>,
             name: &'static str,
-        ) -> Result<BTreeMap<K, V>, DataPlaneError> {
+        ) -> Result<imbl::OrdMap<K, V>, DataPlaneError> {
             map.iter()
                 .collect::<Result<_, _>>()
                 .map_err(|cause| DataPlaneError::Map { name, cause })

@@ -41,7 +41,7 @@ pub mod plan;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -61,13 +61,13 @@ pub use plan::plan;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelState {
     /// Services and VIP markers.
-    pub services: BTreeMap<ServiceKey, Service>,
+    pub services: OrdMap<ServiceKey, Service>,
     /// Slots of both generations → backend id.
-    pub slots: BTreeMap<SlotKey, u32>,
+    pub slots: OrdMap<SlotKey, u32>,
     /// Backend id → backend.
-    pub backends: BTreeMap<u32, Backend>,
+    pub backends: OrdMap<u32, Backend>,
     /// The strict-inbound map: backend address of a strict service → service id.
-    pub strict: BTreeMap<SockKey, u32>,
+    pub strict: OrdMap<SockKey, u32>,
 }
 
 impl KernelState {

@@ -162,7 +162,7 @@ pub fn plan(current: &KernelState, desired: &Desired) -> Plan {
         .collect();
     let mut ops: Vec<MapOp> = strict
         .iter()
-        .filter(|(key, sid)| current.strict.get(key) != Some(sid))
+        .filter(|&(key, sid)| current.strict.get(key) != Some(sid))
         .map(|(&key, &sid)| MapOp::PutStrict(key, sid))
         .collect();
     ops.extend(
@@ -392,8 +392,8 @@ impl<'a> Planner<'a> {
         backends_by_service.sort_unstable();
         // Every service has slots but one with no backend of weight: its header is read.
         let service_ids = (current.services.values().map(|s| s.id))
-            .chain(current.slots.last_key_value().map(|(k, _)| k.service_id));
-        let backend_id = current.backends.last_key_value().map(|(&id, _)| id);
+            .chain(current.slots.get_max().map(|(k, _)| k.service_id));
+        let backend_id = current.backends.get_max().map(|&(id, _)| id);
         Planner {
             current,
             services,
