@@ -23,6 +23,9 @@ use crate::{
     reconcile::{self, plan, plan::Plan, MapOp},
 };
 
+/// The most services an event merges one by one; a change of more merges the whole catalog.
+const MAX_SCOPED_SERVICES: usize = 32;
+
 impl Controller {
     /// Makes the catalog again after `change` of its sources, `local` this node's
     /// announcement now, applies health and brings the kernel to the result. On error the
@@ -34,8 +37,13 @@ impl Controller {
     ) -> anyhow::Result<()> {
         match change {
             // Services outside the catalog (undefined, or left out for their frontend) take
-            // part in conflicts the whole catalog decides.
-            Change::Services(names) if names.iter().all(|n| self.service_index(n).is_some()) => {
+            // part in conflicts the whole catalog decides. Each service merged alone reads
+            // every announcement: past a few, one merge of all is cheaper (and a peer that
+            // rewrites all its endpoints cannot make the merge quadratic).
+            Change::Services(names)
+                if names.len() <= MAX_SCOPED_SERVICES
+                    && names.iter().all(|n| self.service_index(n).is_some()) =>
+            {
                 self.recompute_services(&names, local)
             }
             _ => self.recompute_all(local),
