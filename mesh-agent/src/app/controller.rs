@@ -316,9 +316,9 @@ impl Controller {
         }
         let before = self.announcement();
         let mut local = (*before).clone();
+        let change = || Change::Services(BTreeSet::from([service.to_owned()]));
         if local.follow_registration(&self.sources.config, service, address, weight) {
-            let change = Change::Services(BTreeSet::from([service.to_owned()]));
-            if let Err(error) = self.recompute(change, Arc::new(local)) {
+            if let Err(error) = self.recompute(change(), Arc::new(local)) {
                 self.sources.registered = previous;
                 return Err(format!("{error:#}"));
             }
@@ -326,8 +326,7 @@ impl Controller {
         if let Err(error) = self.registry.save(&self.sources.registered) {
             self.sources.registered = previous;
             if !Arc::ptr_eq(&before, &self.announcement) {
-                let change = Change::Services(BTreeSet::from([service.to_owned()]));
-                if let Err(undo) = self.recompute(change, before) {
+                if let Err(undo) = self.recompute(change(), before) {
                     tracing::error!("cannot restore the previous registrations: {undo:#}");
                 }
             }
@@ -429,35 +428,41 @@ impl Controller {
 }
 
 /// What changed between two lists of the peers' announcements (both by node name).
-fn peers_change(
-    old: &[(String, Arc<Announcement>)],
-    new: &[(String, Arc<Announcement>)],
+fn peers_change<'a>(
+    old: &'a [(String, Arc<Announcement>)],
+    new: &'a [(String, Arc<Announcement>)],
 ) -> Change {
-    let old: BTreeMap<&str, &Arc<Announcement>> =
-        old.iter().map(|(n, a)| (n.as_str(), a)).collect();
-    let new: BTreeMap<&str, &Arc<Announcement>> =
-        new.iter().map(|(n, a)| (n.as_str(), a)).collect();
-    let nodes: BTreeSet<&str> = old.keys().chain(new.keys()).copied().collect();
-    nodes
+    let by_node = |(n, a): &'a (String, Arc<Announcement>)| (n.as_str(), &**a);
+    pair_by_name(old.iter().map(by_node), new.iter().map(by_node))
         .into_iter()
-        .map(|node| (old.get(node), new.get(node)))
-        .filter(|(a, b)| !matches!((a, b), (Some(a), Some(b)) if Arc::ptr_eq(a, b)))
-        .fold(Change::none(), |change, (a, b)| {
-            change.and(Change::between(a.map(|a| &***a), b.map(|b| &***b)))
+        .filter(|(_, a, b)| !matches!((a, b), (Some(a), Some(b)) if std::ptr::eq(*a, *b)))
+        .fold(Change::none(), |change, (_, a, b)| {
+            change.and(Change::between(a, b))
         })
 }
 
 /// The services a config change touches (their definitions are compared by the caller,
 /// through this node's announcement): those whose entry differs.
-fn config_change(old: &[Service], new: &[Service]) -> Change {
-    let old: BTreeMap<&str, &Service> = old.iter().map(|s| (s.name.as_str(), s)).collect();
-    let new: BTreeMap<&str, &Service> = new.iter().map(|s| (s.name.as_str(), s)).collect();
-    let names: BTreeSet<&str> = old.keys().chain(new.keys()).copied().collect();
+fn config_change<'a>(old: &'a [Service], new: &'a [Service]) -> Change {
+    let by_name = |s: &'a Service| (s.name.as_str(), s);
     Change::Services(
-        names
+        pair_by_name(old.iter().map(by_name), new.iter().map(by_name))
             .into_iter()
-            .filter(|name| old.get(name) != new.get(name))
-            .map(str::to_owned)
+            .filter(|(_, a, b)| a != b)
+            .map(|(name, _, _)| name.to_owned())
             .collect(),
     )
+}
+
+/// Every name of `old` or `new`, in name order, with its entry on each side.
+fn pair_by_name<'a, T>(
+    old: impl Iterator<Item = (&'a str, &'a T)>,
+    new: impl Iterator<Item = (&'a str, &'a T)>,
+) -> Vec<(&'a str, Option<&'a T>, Option<&'a T>)> {
+    let old: BTreeMap<&str, &T> = old.collect();
+    let new: BTreeMap<&str, &T> = new.collect();
+    let names: BTreeSet<&str> = old.keys().chain(new.keys()).copied().collect();
+    (names.into_iter())
+        .map(|name| (name, old.get(name).copied(), new.get(name).copied()))
+        .collect()
 }

@@ -220,9 +220,8 @@ impl Controller {
         self.whole_pipeline_due = !matches!(&result, Ok(report) if report.warnings.is_empty());
         let report = result?;
         self.desired = Arc::new(desired);
-        // Published and logged after the maps were written, with what the kernel holds now
-        // (the benches follow `GET /v1/applied` to time changes).
-        // Every desired service is in the kernel now.
+        // Published and logged after the maps were written, with what the kernel holds now:
+        // every desired service (the benches follow `GET /v1/applied` to time changes).
         let services = self.desired.services.len();
         let applied =
             (self.applied).publish(started.elapsed(), services, self.kernel.backends.len());
